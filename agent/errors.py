@@ -1,0 +1,138 @@
+"""The one exception tree of edge-agent.
+
+Classified by what the caller should do::
+
+    AgentError                      base of everything the agent raises on purpose
+    ├── ConfigError (ValueError)    fix the config file; the CLI exits 78 (EX_CONFIG)
+    ├── StoreError                  local state is unusable (disk full, corrupt db): fatal
+    ├── DeploymentRejected          the spec or bundle is bad: report, keep the old version
+    │                               wire type ``deployment_rejected``
+    └── EdgeExecutionError          one invocation failed; the agent keeps running
+        ├── FunctionTimeout (TimeoutError)       ``timeout``: killed at the deadline
+        ├── MemoryLimitExceeded (MemoryError)    ``memory_exceeded``: hit its memory_mb
+        ├── HandlerError                         ``handler_error``: the handler raised
+        ├── WorkerCrashed                        ``worker_crashed``: the worker died
+        ├── FunctionNotFound (ValueError)        ``function_not_found``
+        ├── BadRequest (ValueError)              ``bad_request``: malformed input
+        └── Overloaded                           ``overloaded``: queue full, retry later
+
+Errors cross process boundaries and the wire as ``{"type": ..., "message": ...}``
+(:func:`error_to_dict` / :func:`error_from_dict`); the ``type`` strings are part of the
+fixed wire contract. This module is pure: the worker imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class AgentError(Exception):
+    """Base class of every error edge-agent raises on purpose."""
+
+    type: ClassVar[str] = "agent_error"
+
+
+class ConfigError(AgentError, ValueError):
+    """The configuration is invalid; the message names the dotted key and the bad value."""
+
+    type = "config_error"
+
+
+class StoreError(AgentError):
+    """The local state database could not be read or written."""
+
+    type = "store_error"
+
+
+class DeploymentRejected(AgentError):
+    """A function spec or its code bundle was refused (bad digest, bad zip, bad entrypoint)."""
+
+    type = "deployment_rejected"
+
+
+class EdgeExecutionError(AgentError):
+    """Error during edge function execution (the seed's name, kept).
+
+    Subclasses say why; ``type`` is the wire name of the reason.
+    """
+
+    type = "handler_error"
+
+
+class FunctionTimeout(EdgeExecutionError, TimeoutError):
+    """The invocation ran past ``timeout_seconds``; its worker was killed."""
+
+    type = "timeout"
+
+
+class MemoryLimitExceeded(EdgeExecutionError, MemoryError):
+    """The handler needed more than ``memory_mb``; its worker was replaced."""
+
+    type = "memory_exceeded"
+
+
+class HandlerError(EdgeExecutionError):
+    """The handler raised an exception (chained as ``__cause__`` where it can be rebuilt)."""
+
+    type = "handler_error"
+
+
+class WorkerCrashed(EdgeExecutionError):
+    """The worker process died during the invocation (exit code or signal in the message)."""
+
+    type = "worker_crashed"
+
+    def __init__(
+        self, message: str, *, exit_code: int | None = None, signal: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.signal = signal
+
+
+class FunctionNotFound(EdgeExecutionError, ValueError):
+    """No function with that id is deployed ("Function not found", as the seed said)."""
+
+    type = "function_not_found"
+
+
+class BadRequest(EdgeExecutionError, ValueError):
+    """The request could not be parsed or failed validation."""
+
+    type = "bad_request"
+
+
+class Overloaded(EdgeExecutionError):
+    """Too many invocations are queued; the caller should retry later."""
+
+    type = "overloaded"
+
+
+#: Wire ``type`` -> exception class; the contract's eight names, no more, no fewer.
+ERROR_TYPES: dict[str, type[AgentError]] = {
+    cls.type: cls
+    for cls in (
+        FunctionTimeout,
+        MemoryLimitExceeded,
+        HandlerError,
+        WorkerCrashed,
+        FunctionNotFound,
+        BadRequest,
+        Overloaded,
+        DeploymentRejected,
+    )
+}
+
+
+def error_to_dict(exc: BaseException) -> dict[str, str]:
+    """The wire form ``{type, message}`` of an exception; unknown ones are handler errors."""
+    kind = exc.type if isinstance(exc, AgentError) and exc.type in ERROR_TYPES else None
+    return {"type": kind or HandlerError.type, "message": str(exc) or exc.__class__.__name__}
+
+
+def error_from_dict(data: Any) -> AgentError:
+    """Rebuild an exception from its wire form; anything malformed becomes a HandlerError."""
+    if not isinstance(data, dict):
+        return HandlerError(f"malformed error: {data!r}")
+    cls = ERROR_TYPES.get(str(data.get("type")), HandlerError)
+    return cls(str(data.get("message", "")))
