@@ -1,0 +1,71 @@
+"""edge-agent: the IoT gateway agent and the seed's Python API.
+
+Names are imported lazily so that ``python -m agent.worker`` (a fresh interpreter per
+function worker) pays only for what the worker needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "EdgeNodeStatus": "agent.models",
+    "EdgeNode": "agent.models",
+    "EdgeFunction": "agent.models",
+    "PackagedHandler": "agent.models",
+    "SyncState": "agent.models",
+    "EdgeExecutionError": "agent.errors",
+    "FunctionTimeout": "agent.errors",
+    "MemoryLimitExceeded": "agent.errors",
+    "HandlerError": "agent.errors",
+    "WorkerCrashed": "agent.errors",
+    "FunctionNotFound": "agent.errors",
+    "BadRequest": "agent.errors",
+    "Overloaded": "agent.errors",
+    "DeploymentRejected": "agent.errors",
+    "ConfigError": "agent.errors",
+    "AgentError": "agent.errors",
+    "EdgeRuntime": "agent.runtime",
+    "EdgeSynchronizer": "agent.sync",
+    "EdgeMetrics": "agent.metrics",
+    "InvocationRecord": "agent.metrics",
+    "EdgeCluster": "agent.cluster",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from agent.cluster import EdgeCluster
+    from agent.errors import (
+        AgentError,
+        BadRequest,
+        ConfigError,
+        DeploymentRejected,
+        EdgeExecutionError,
+        FunctionNotFound,
+        FunctionTimeout,
+        HandlerError,
+        MemoryLimitExceeded,
+        Overloaded,
+        WorkerCrashed,
+    )
+    from agent.metrics import EdgeMetrics, InvocationRecord
+    from agent.models import EdgeFunction, EdgeNode, EdgeNodeStatus, PackagedHandler, SyncState
+    from agent.runtime import EdgeRuntime
+    from agent.sync import EdgeSynchronizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
