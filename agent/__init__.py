@@ -35,7 +35,29 @@ _EXPORTS = {
     "EdgeCluster": "agent.cluster",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AgentError",
+    "BadRequest",
+    "ConfigError",
+    "DeploymentRejected",
+    "EdgeCluster",
+    "EdgeExecutionError",
+    "EdgeFunction",
+    "EdgeMetrics",
+    "EdgeNode",
+    "EdgeNodeStatus",
+    "EdgeRuntime",
+    "EdgeSynchronizer",
+    "FunctionNotFound",
+    "FunctionTimeout",
+    "HandlerError",
+    "InvocationRecord",
+    "MemoryLimitExceeded",
+    "Overloaded",
+    "PackagedHandler",
+    "SyncState",
+    "WorkerCrashed",
+]
 
 if TYPE_CHECKING:
     from agent.cluster import EdgeCluster

@@ -1,0 +1,680 @@
+"""Worker processes: spawning, limiting, killing and reaping. The only module that does so.
+
+Every invocation runs in a worker, a fresh interpreter (``python -I``, never a fork of the
+multi-threaded agent) in its own session, so its process group is its own and a SIGKILL to
+the group takes grandchildren with it. A worker loads one function and stays warm for more
+invocations of it until it is killed (timeout, memory), crashes, or is recycled.
+
+The calling thread does the pipe I/O with its checked-out worker itself (no relay thread),
+waiting with ``poll`` on the monotonic deadline: at the deadline the parent SIGKILLs the
+group and reaps it, whatever the worker is doing. A small set of pre-started generic
+interpreters (``prestart``) makes a cold start pay only for loading the handler.
+
+Worker states (``WorkerState``), changed only through ``Worker.change_state``::
+
+    STARTING -> GENERIC    booted, no function yet (prestart pool)
+    GENERIC  -> LOADING    a function's code and limits were sent
+    LOADING  -> IDLE       handler loaded: warm and parked for its function
+    IDLE     -> BUSY       checked out by one invocation
+    BUSY     -> IDLE       answered and still healthy
+    any      -> DEAD       killed (deadline, memory, recycle, close) or died; always reaped
+
+Never call user code in this process; never block while holding the pool lock.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import wire
+from agent.errors import (
+    AgentError,
+    EdgeExecutionError,
+    FunctionNotFound,
+    FunctionTimeout,
+    HandlerError,
+    MemoryLimitExceeded,
+    Overloaded,
+    WorkerCrashed,
+)
+from agent.worker import EX_MEMORY
+
+log = logging.getLogger(__name__)
+
+#: The clean base environment of every worker; a function's ``environment`` goes on top.
+BASE_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+_AGENT_ROOT = str(Path(__file__).resolve().parent.parent)
+# -I: no PYTHONPATH, no user site, no cwd on sys.path. The agent's own root is appended so
+# a source checkout works too; an installed agent is found first on the normal path.
+_BOOTSTRAP = (
+    "import sys; sys.path.append(sys.argv[1]); from agent.worker import main; main(sys.argv[2:])"
+)
+_READ_CHUNK = 1 << 16
+#: A dead worker whose peak RSS reached this share of its limit died of memory.
+_MEMORY_DEATH_SHARE = 0.9
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    GENERIC = "generic"
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """rlimits besides memory, applied in the worker before user code is loaded."""
+
+    nofile: int = 1024
+    fsize_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    """What the pool needs to run one function (the runtime and the daemon build these)."""
+
+    function_id: str
+    memory_mb: int
+    timeout_s: float
+    concurrency: int = 1
+    environment: Mapping[str, str] = field(default_factory=dict)
+    #: ``pickle``: ``handler_blob`` is a cloudpickled callable. ``package``: path + entrypoint.
+    kind: str = "pickle"
+    handler_blob: bytes = b""
+    path: str = ""
+    entrypoint: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    value: Any
+    cold_start: bool
+    duration_ms: float
+    rss_kb: int
+    worker_pid: int
+    accepts_context: bool
+
+
+class _Deadline(Exception):
+    pass
+
+
+class Worker:
+    """One worker process and its pipes; used by one thread at a time."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], rfd: int, wfd: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.rfd = rfd
+        self.wfd = wfd
+        self.state = WorkerState.STARTING
+        self.function_id = ""
+        self.generation = 0
+        self.invocations = 0
+        self.memory_limit_kb = 0
+        self.accepts_context = False
+        self.exit_status: int | None = None
+        self.maxrss_kb = 0
+        self._buf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(rfd, select.POLLIN)
+
+    def change_state(self, new: WorkerState) -> None:
+        log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
+        self.state = new
+
+    def send(self, header: dict[str, Any], blob: bytes = b"") -> None:
+        try:
+            wire.write_all(self.wfd, wire.encode_frame(header, blob))
+        except OSError as exc:  # EPIPE: it died; the read that follows says how
+            raise wire.FrameError(f"worker {self.pid} pipe closed: {exc}", eof=True) from exc
+
+    def recv(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
+        """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof)."""
+        while True:
+            if len(self._buf) >= wire.PREFIX_SIZE:
+                head_len, blob_len = wire.parse_prefix(self._buf)
+                end = wire.PREFIX_SIZE + head_len + blob_len
+                if len(self._buf) >= end:
+                    frame = wire.decode_body(
+                        memoryview(self._buf)[wire.PREFIX_SIZE : end], head_len
+                    )
+                    del self._buf[:end]
+                    return frame
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Deadline
+                if not self._poll.poll(max(1, int(remaining * 1000 + 0.999))):
+                    continue
+            chunk = os.read(self.rfd, _READ_CHUNK)
+            if not chunk:
+                raise wire.FrameError(f"worker {self.pid} closed its pipe", eof=True)
+            self._buf += chunk
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, reap, close the pipes. Idempotent."""
+        if self.state is WorkerState.DEAD:
+            return
+        self.change_state(WorkerState.DEAD)
+        # The group outlives the leader while grandchildren remain, so killing the group
+        # first and reaping second never signals a recycled pid.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._reap()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # stragglers forked during the reap
+        for fd in (self.rfd, self.wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                _, status, rusage = os.wait4(self.pid, 0)
+            except ChildProcessError:
+                self.exit_status = self.proc.returncode
+                return
+            except InterruptedError:
+                continue
+            self.exit_status = status
+            self.maxrss_kb = int(rusage.ru_maxrss)
+            # Tell Popen so it neither warns nor tries to reap the pid again.
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+            return
+
+    def death_error(self, function_id: str) -> EdgeExecutionError:
+        """Classify a worker that died on its own (after ``kill`` has reaped it)."""
+        status = self.exit_status
+        near_limit = bool(self.memory_limit_kb) and (
+            self.maxrss_kb >= _MEMORY_DEATH_SHARE * self.memory_limit_kb
+        )
+        if status is None:
+            return WorkerCrashed(f"worker of {function_id} vanished")
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if near_limit:
+                return MemoryLimitExceeded(
+                    f"function {function_id} exceeded its memory limit "
+                    f"(worker killed by {signal.Signals(sig).name} at {self.maxrss_kb} KiB RSS)"
+                )
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return WorkerCrashed(f"worker of {function_id} died from {name} ({sig})", signal=sig)
+        code = os.WEXITSTATUS(status)
+        if code == EX_MEMORY or near_limit:
+            return MemoryLimitExceeded(f"function {function_id} exceeded its memory limit")
+        return WorkerCrashed(f"worker of {function_id} exited with code {code}", exit_code=code)
+
+
+class _Slot:
+    """A deployed function's share of the pool."""
+
+    def __init__(self, config: FunctionConfig, generation: int) -> None:
+        self.config = config
+        self.generation = generation
+        self.idle: list[Worker] = []
+        self.busy = 0
+        self.waiting = 0
+        self.load_failures = 0
+        self.load_retry_at = 0.0
+        self.load_error: EdgeExecutionError | None = None
+
+
+class WorkerPool:
+    """Workers for many functions under one cap. Construction starts nothing: ``start()``."""
+
+    def __init__(
+        self,
+        *,
+        max_workers: int = 8,
+        prestart: int = 1,
+        max_queue: int = 64,
+        max_invocations: int = 10_000,
+        codec: str = "pickle",
+        python: str = sys.executable,
+        user: str | None = None,
+        cwd: str | None = None,
+        limits: WorkerLimits | None = None,
+        sys_path: list[str] | None = None,
+    ) -> None:
+        if codec not in ("pickle", "json"):
+            raise ValueError(f"codec must be pickle or json, got {codec!r}")
+        self.max_workers = max_workers
+        self.prestart = prestart
+        self.max_queue = max_queue
+        self.max_invocations = max_invocations
+        self.codec = codec
+        self.python = python
+        self.user = user or None
+        self.cwd = cwd
+        self.limits = limits or WorkerLimits()
+        self.sys_path = list(sys_path or [])
+        self._slots: dict[str, _Slot] = {}
+        self._generations = itertools.count(1)
+        self._live = 0  # function workers alive or being created (the max_workers cap)
+        self._generic: deque[Worker] = deque()
+        self._all: set[Worker] = set()
+        self._cond = threading.Condition()
+        self._spawn_wanted = threading.Event()
+        self._spawner: threading.Thread | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._spawner is not None or self._closed:
+            return
+        self._spawner = threading.Thread(target=self._spawn_loop, name="edge-prestart", daemon=True)
+        self._spawner.start()
+        self._spawn_wanted.set()
+
+    def close(self) -> None:
+        """Kill and reap every worker; no zombie or orphan remains."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._slots.clear()
+            self._generic.clear()
+            self._cond.notify_all()
+        self._spawn_wanted.set()
+        if self._spawner is not None:
+            self._spawner.join(timeout=30)
+        with self._cond:  # after the join: the spawner adds no worker past this point
+            workers = list(self._all)
+        for worker in workers:
+            self._discard(worker)
+
+    def wait_prestarted(self, timeout: float = 10.0) -> bool:
+        """Block until the prestart pool is full (benchmarks and tests)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._generic) < self.prestart and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def worker_pids(self) -> list[int]:
+        with self._cond:
+            return [w.pid for w in self._all if w.state is not WorkerState.DEAD]
+
+    # -- functions -------------------------------------------------------------------------
+
+    def register(self, config: FunctionConfig) -> None:
+        """Deploy (or replace) a function; warm workers of an older config are retired."""
+        with self._cond:
+            old = self._slots.get(config.function_id)
+            slot = _Slot(config, next(self._generations))
+            # In-flight invocations of the old config finish and are discarded on release.
+            retired = old.idle if old is not None else []
+            self._slots[config.function_id] = slot
+            self._live -= len(retired)
+            self._cond.notify_all()
+        for worker in retired:
+            self._discard(worker)
+
+    def unregister(self, function_id: str) -> bool:
+        with self._cond:
+            slot = self._slots.pop(function_id, None)
+            if slot is None:
+                return False
+            self._live -= len(slot.idle)
+            retired = slot.idle
+            self._cond.notify_all()
+        for worker in retired:
+            self._discard(worker)
+        return True
+
+    def functions(self) -> list[str]:
+        with self._cond:
+            return list(self._slots)
+
+    # -- invocation ------------------------------------------------------------------------
+
+    def invoke(
+        self,
+        function_id: str,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        request_id: str = "",
+        queue_timeout: float | None = None,
+    ) -> InvokeResult:
+        """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure."""
+        started = time.monotonic()
+        worker, slot, reserved = self._acquire(function_id, queue_timeout)
+        config = slot.config
+        cold = worker is None
+        healthy = False
+        try:
+            if worker is None:
+                worker = self._load(slot, reserved)
+            blob = pickle.dumps((args, kwargs or {}), protocol=pickle.HIGHEST_PROTOCOL)
+            worker.change_state(WorkerState.BUSY)
+            deadline = time.monotonic() + config.timeout_s
+            worker.send({"op": "invoke", "request_id": request_id}, blob)
+            try:
+                header, result_blob = worker.recv(deadline)
+            except _Deadline:
+                worker.kill()
+                raise FunctionTimeout(
+                    f"function {function_id} timed out after {config.timeout_s:g}s; "
+                    f"its worker (pid {worker.pid}) was killed"
+                ) from None
+            except wire.FrameError as exc:
+                worker.kill()
+                if exc.eof:
+                    raise worker.death_error(function_id) from None
+                raise WorkerCrashed(f"worker of {function_id} broke protocol: {exc}") from None
+            worker.invocations += 1
+            rss_kb = int(header.get("rss_kb", 0))
+            if header.get("ok"):
+                value = header.get("result") if self.codec == "json" else _loads(result_blob)
+                healthy = True
+                return InvokeResult(
+                    value=value,
+                    cold_start=cold,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    rss_kb=rss_kb,
+                    worker_pid=worker.pid,
+                    accepts_context=worker.accepts_context,
+                )
+            error = header.get("error") or {}
+            if error.get("type") == "memory_exceeded":
+                worker.kill()
+                raise MemoryLimitExceeded(str(error.get("message")))
+            healthy = True  # the handler raised; the worker itself is fine
+            raise self._handler_error(error, result_blob)
+        finally:
+            self._release(slot, worker, healthy and worker is not None)
+
+    def _acquire(
+        self, function_id: str, queue_timeout: float | None
+    ) -> tuple[Worker | None, _Slot, Worker | None]:
+        """A warm worker, or (None, slot, generic-or-None) when a cold start is reserved."""
+        with self._cond:
+            slot = self._slots.get(function_id)
+            if slot is None or self._closed:
+                raise FunctionNotFound(f"Function not found: {function_id}")
+            wait_for = slot.config.timeout_s if queue_timeout is None else queue_timeout
+            deadline = time.monotonic() + wait_for
+            queued: _Slot | None = None
+            try:
+                while True:
+                    current = self._slots.get(function_id)
+                    if current is None or self._closed:
+                        raise FunctionNotFound(f"Function not found: {function_id}")
+                    slot = current
+                    if slot.idle:
+                        worker = slot.idle.pop()
+                        slot.busy += 1
+                        return worker, slot, None
+                    if slot.busy < slot.config.concurrency:
+                        now = time.monotonic()
+                        if slot.load_error is not None and now < slot.load_retry_at:
+                            raise slot.load_error
+                        if self._live < self.max_workers or self._evict_idle_locked():
+                            self._live += 1
+                            slot.busy += 1
+                            generic = self._generic.popleft() if self._generic else None
+                            if generic is not None:
+                                self._spawn_wanted.set()
+                            return None, slot, generic
+                    if queued is None:
+                        if slot.waiting >= self.max_queue:
+                            raise Overloaded(
+                                f"function {function_id}: {slot.waiting} invocations already "
+                                f"queued (max_queue={self.max_queue})"
+                            )
+                        slot.waiting += 1
+                        queued = slot
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise Overloaded(
+                            f"function {function_id}: no worker free within {wait_for:g}s"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                if queued is not None:
+                    queued.waiting -= 1
+
+    def _evict_idle_locked(self) -> bool:
+        """Free one function-worker place by retiring the least used idle worker elsewhere."""
+        victims = [(s, w) for s in self._slots.values() for w in s.idle]
+        if not victims:
+            return False
+        slot, worker = min(victims, key=lambda sw: sw[1].invocations)
+        slot.idle.remove(worker)
+        self._live -= 1
+        threading.Thread(target=self._discard, args=(worker,), daemon=True).start()
+        return True
+
+    def _release(self, slot: _Slot, worker: Worker | None, healthy: bool) -> None:
+        discard = worker is not None and not healthy
+        with self._cond:
+            slot.busy -= 1
+            current = self._slots.get(slot.config.function_id)
+            if worker is not None and healthy:
+                if (
+                    current is slot
+                    and not self._closed
+                    and worker.invocations < self.max_invocations
+                ):
+                    worker.change_state(WorkerState.IDLE)
+                    slot.idle.append(worker)
+                else:
+                    discard = True  # redeployed, undeployed, closed or due for recycling
+            if worker is None or discard:
+                self._live -= 1
+            self._cond.notify_all()
+        if discard and worker is not None:
+            self._discard(worker)
+
+    def _load(self, slot: _Slot, reserved: Worker | None) -> Worker:
+        config = slot.config
+        worker = reserved or self._spawn()
+        deadline = time.monotonic() + max(config.timeout_s, 10.0)
+        try:
+            if worker.state is WorkerState.STARTING:
+                self._await_ready(worker, deadline)
+            worker.change_state(WorkerState.LOADING)
+            worker.function_id = config.function_id
+            worker.generation = slot.generation
+            worker.memory_limit_kb = config.memory_mb * 1024
+            header: dict[str, Any] = {
+                "op": "load",
+                "function_id": config.function_id,
+                "codec": self.codec,
+                "kind": config.kind,
+                "path": config.path,
+                "entrypoint": config.entrypoint,
+                "environment": dict(config.environment),
+                "memory_bytes": config.memory_mb * 1024 * 1024,
+                "rlimits": {"nofile": self.limits.nofile, "fsize": self.limits.fsize_bytes},
+                "sys_path": self.sys_path,
+            }
+            worker.send(header, config.handler_blob)
+            reply, _ = worker.recv(deadline)
+        except _Deadline:
+            self._discard(worker)
+            error: EdgeExecutionError = FunctionTimeout(
+                f"function {config.function_id}: loading the handler took longer than "
+                f"{max(config.timeout_s, 10.0):g}s"
+            )
+            self._note_load_failure(slot, error)
+            raise error from None
+        except wire.FrameError:
+            self._discard(worker)
+            error = worker.death_error(config.function_id)
+            self._note_load_failure(slot, error)
+            raise error from None
+        if reply.get("op") != "loaded":
+            self._discard(worker)
+            details = reply.get("error") or {}
+            if details.get("type") == "memory_exceeded":
+                error = MemoryLimitExceeded(str(details.get("message")))
+            else:
+                error = HandlerError(str(details.get("message", "failed to load handler")))
+                error.remote_traceback = str(details.get("traceback", ""))  # type: ignore[attr-defined]
+            self._note_load_failure(slot, error)
+            raise error
+        worker.accepts_context = bool(reply.get("context"))
+        with self._cond:
+            slot.load_failures = 0
+            slot.load_error = None
+        return worker
+
+    def _note_load_failure(self, slot: _Slot, error: EdgeExecutionError) -> None:
+        """Rate-limit reloading a handler that cannot load: no hot respawn loop."""
+        with self._cond:
+            slot.load_failures += 1
+            backoff = min(0.1 * 2 ** (slot.load_failures - 1), 30.0)
+            slot.load_retry_at = time.monotonic() + backoff
+            slot.load_error = error
+        log.warning(
+            "function %s failed to load (%d in a row, next try in %.1fs): %s",
+            slot.config.function_id,
+            slot.load_failures,
+            backoff,
+            error,
+            extra={"function_id": slot.config.function_id},
+        )
+
+    def _handler_error(self, error: Mapping[str, Any], blob: bytes) -> EdgeExecutionError:
+        name = str(error.get("exc_name", "Exception"))
+        message = str(error.get("message", ""))
+        exc = HandlerError(f"Edge function failed: {name}: {message}")
+        exc.remote_traceback = str(error.get("traceback", ""))  # type: ignore[attr-defined]
+        cause: BaseException | None = None
+        if blob and self.codec == "pickle":
+            with contextlib.suppress(Exception):
+                loaded = pickle.loads(blob)
+                if isinstance(loaded, BaseException):
+                    cause = loaded
+        if cause is None and error.get("exc_module") == "builtins":
+            cls = getattr(builtins, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                with contextlib.suppress(Exception):
+                    cause = cls(message)
+        exc.__cause__ = cause
+        return exc
+
+    # -- spawning --------------------------------------------------------------------------
+
+    def _spawn(self) -> Worker:
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-I", "-c", _BOOTSTRAP, _AGENT_ROOT, str(child_r), str(child_w)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child_r, child_w),
+                close_fds=True,
+                start_new_session=True,
+                env=dict(BASE_ENV),
+                cwd=self.cwd or "/",
+                user=self.user,
+                group=_user_group(self.user),
+                extra_groups=[] if self.user else None,
+            )
+        except BaseException:
+            for fd in (parent_r, parent_w):
+                os.close(fd)
+            raise
+        finally:
+            os.close(child_r)
+            os.close(child_w)
+        worker = Worker(proc, parent_r, parent_w)
+        with self._cond:
+            self._all.add(worker)
+        return worker
+
+    def _await_ready(self, worker: Worker, deadline: float) -> None:
+        header, _ = worker.recv(deadline)
+        if header.get("op") != "ready":
+            raise wire.FrameError(f"worker {worker.pid} said {header!r} instead of ready")
+        worker.change_state(WorkerState.GENERIC)
+
+    def _discard(self, worker: Worker) -> None:
+        worker.kill()
+        with self._cond:
+            self._all.discard(worker)
+
+    def _spawn_loop(self) -> None:
+        """Keep ``prestart`` generic interpreters booted so cold starts skip interpreter start."""
+        while not self._closed:
+            self._spawn_wanted.wait()
+            self._spawn_wanted.clear()
+            self._fill_prestart()
+
+    def _fill_prestart(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                if self._closed or len(self._generic) >= self.prestart:
+                    return
+            worker: Worker | None = None
+            try:
+                worker = self._spawn()
+                self._await_ready(worker, time.monotonic() + 30)
+            except (OSError, wire.FrameError, _Deadline, AgentError) as exc:
+                if worker is not None:
+                    self._discard(worker)
+                failures += 1
+                log.error("could not pre-start a worker (%d): %s", failures, exc)
+                if failures > 5:
+                    return  # cold starts spawn on demand; the next one retries here
+                time.sleep(min(0.1 * 2**failures, 5.0))  # spawn backoff, not a sync wait
+                continue
+            failures = 0
+            with self._cond:
+                if self._is_closed():  # may have flipped while spawning
+                    return  # close() kills it with the rest: it is in self._all
+                self._generic.append(worker)
+                self._cond.notify_all()
+
+
+def _loads(blob: bytes) -> Any:
+    return pickle.loads(blob) if blob else None
+
+
+def _user_group(user: str | None) -> int | None:
+    if not user:
+        return None
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid

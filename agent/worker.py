@@ -1,0 +1,249 @@
+"""The worker side: a fresh interpreter that loads one function and runs its invocations.
+
+Started by :mod:`agent.pool` as ``python -I -c <bootstrap> <read fd> <write fd>`` in its own
+session. It talks to the agent only through the two pipe fds (framing in :mod:`agent.wire`);
+stdout is pointed at stderr so a handler's ``print`` can never corrupt the channel.
+
+Limits are applied here *before* user code is loaded (rlimits only go down), but they are
+only the first line: the parent enforces the deadline with SIGKILL to this process group
+and classifies the death itself. This module must never import anything heavy at start-up
+beyond what a cold start needs (pickle, cloudpickle), and never talks to the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import pickle
+import resource
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from agent import wire
+
+#: Named exit codes (billiard/gunicorn habit) the parent reads on reap.
+EX_MEMORY = 88  # exceeded memory_mb; the worker cannot be trusted to keep running
+EX_PROTOCOL = 89  # the parent sent something unreadable
+EX_LOAD_FAILED = 90  # the handler could not be loaded (reported before exiting)
+
+#: Released on MemoryError so the worker has room to report it.
+_RESERVE_BYTES = 1 << 20
+
+
+def read_vmdata_bytes() -> int:
+    """The process's current data segment size (what RLIMIT_DATA counts), from /proc."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _set_limit(which: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+
+def apply_limits(header: dict[str, Any]) -> int:
+    """Apply the load message's rlimits; returns the RLIMIT_DATA set (0 = none)."""
+    _set_limit(resource.RLIMIT_CORE, 0)
+    for name, which in (("nofile", resource.RLIMIT_NOFILE), ("fsize", resource.RLIMIT_FSIZE)):
+        value = int(header.get("rlimits", {}).get(name, 0))
+        if value > 0:
+            _set_limit(which, value)
+    memory_bytes = int(header.get("memory_bytes", 0))
+    if memory_bytes <= 0:
+        return 0
+    # RLIMIT_DATA counts private writable memory (heap, anonymous mmaps, thread stacks) but
+    # not shared libraries or file-backed code, so on top of what this interpreter already
+    # uses the handler gets what it asked for. See docs/runtime.md for the measurements.
+    limit = read_vmdata_bytes() + memory_bytes + _RESERVE_BYTES
+    _set_limit(resource.RLIMIT_DATA, limit)
+    return limit
+
+
+def resolve_entrypoint(path: str, entrypoint: str) -> Callable[..., Any]:
+    module_name, _, attr_path = entrypoint.partition(":")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    target: Any = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        target = getattr(target, attr)
+    if not callable(target):
+        raise TypeError(f"entrypoint {entrypoint} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _accepts_context(handler: Callable[..., Any]) -> bool:
+    """True for ``handler(event, context)`` (two positional parameters)."""
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) >= 2
+
+
+class WorkerMain:
+    """The worker's loop: load once, then answer invoke frames until told to exit."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.handler: Callable[..., Any] | None = None
+        self.codec = "pickle"
+        self.function_id = ""
+        self.memory_mb = 0
+        self.reserve: bytearray | None = None
+
+    def send(self, header: dict[str, Any], blob: bytes = b"") -> None:
+        wire.write_all(self.wfd, wire.encode_frame(header, blob))
+
+    def run(self) -> int:
+        self.send({"op": "ready", "pid": os.getpid()})
+        while True:
+            try:
+                header, blob = wire.read_frame_blocking(self.rfd)
+            except wire.FrameError as exc:
+                return 0 if exc.eof else EX_PROTOCOL
+            op = header.get("op")
+            if op == "invoke":
+                code = self.invoke(header, blob)
+                if code is not None:
+                    return code
+            elif op == "load":
+                if not self.load(header, blob):
+                    return EX_LOAD_FAILED
+            elif op == "exit":
+                return 0
+            else:
+                return EX_PROTOCOL
+
+    def load(self, header: dict[str, Any], blob: bytes) -> bool:
+        try:
+            self.function_id = str(header["function_id"])
+            self.codec = str(header.get("codec", "pickle"))
+            self.memory_mb = int(header.get("memory_bytes", 0)) >> 20
+            os.environ.update({str(k): str(v) for k, v in header.get("environment", {}).items()})
+            for entry in header.get("sys_path", []):
+                if entry not in sys.path:
+                    sys.path.append(entry)
+            if header.get("cwd"):
+                os.chdir(header["cwd"])
+            apply_limits(header)
+            self.reserve = bytearray(_RESERVE_BYTES)
+            if header.get("kind") == "package":
+                self.handler = resolve_entrypoint(str(header["path"]), str(header["entrypoint"]))
+            else:
+                self.handler = pickle.loads(blob)
+                if not callable(self.handler):
+                    raise TypeError(f"handler is not callable: {self.handler!r}")
+        except BaseException as exc:
+            kind = "memory_exceeded" if isinstance(exc, MemoryError) else "handler_error"
+            self.reserve = None
+            self.send(
+                {
+                    "op": "load_failed",
+                    "error": {
+                        "type": kind,
+                        "message": f"failed to load handler: {type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=20),
+                    },
+                }
+            )
+            return False
+        self.send({"op": "loaded", "context": _accepts_context(self.handler)})
+        return True
+
+    def invoke(self, header: dict[str, Any], blob: bytes) -> int | None:
+        """Run one invocation and answer it; returns an exit code when the worker must die."""
+        if self.handler is None:
+            return EX_PROTOCOL
+        try:
+            args, kwargs = pickle.loads(blob)
+            result = self.handler(*args, **kwargs)
+            reply, out = self.encode_result(result)
+            del result
+        except MemoryError:
+            self.reserve = None  # room to report
+            self.send(
+                {
+                    "op": "result",
+                    "ok": False,
+                    "error": {
+                        "type": "memory_exceeded",
+                        "message": f"function {self.function_id} exceeded memory_mb="
+                        f"{self.memory_mb} (MemoryError)",
+                    },
+                    "rss_kb": _maxrss_kb(),
+                }
+            )
+            return EX_MEMORY
+        except BaseException as exc:  # handlers may raise SystemExit, KeyboardInterrupt, ...
+            reply, out = self.encode_error(exc)
+        reply["rss_kb"] = _maxrss_kb()
+        self.send(reply, out)
+        return None
+
+    def encode_result(self, result: Any) -> tuple[dict[str, Any], bytes]:
+        if self.codec == "json":
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"handler result is not JSON-serialisable: {exc}") from exc
+            return {"op": "result", "ok": True, "result": result}, b""
+        try:
+            blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise TypeError(f"handler result cannot be pickled: {exc}") from exc
+        return {"op": "result", "ok": True}, blob
+
+    def encode_error(self, exc: BaseException) -> tuple[dict[str, Any], bytes]:
+        cls = type(exc)
+        error = {
+            "type": "handler_error",
+            "message": str(exc),
+            "exc_module": cls.__module__,
+            "exc_name": cls.__qualname__,
+            "traceback": "".join(traceback.format_exception(exc, limit=20)),
+        }
+        blob = b""
+        if self.codec == "pickle":
+            try:
+                blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                blob = b""
+        return {"op": "result", "ok": False, "error": error}, blob
+
+
+def _maxrss_kb() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    rfd, wfd = int(args[0]), int(args[1])
+    os.dup2(2, 1)  # print() in a handler goes to the log, never into the pipe
+    with contextlib.suppress(ImportError):
+        import cloudpickle  # noqa: F401  (pre-import: lambdas and closures load fast)
+    code = WorkerMain(rfd, wfd).run()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
