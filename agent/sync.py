@@ -1,0 +1,95 @@
+"""``EdgeSynchronizer``: the seed's edge<->cloud state sync API, with what it got wrong fixed.
+
+- Copy on write: the caller's dict is never aliased (``SyncState.from_data`` deep-copies and
+  ``get_local_state`` returns a copy).
+- ``apply_remote`` verifies the checksum and only takes a strictly newer version.
+- Pending entries carry a real delta (``changes``: changed keys to new values, deleted keys
+  to ``None``) between consecutive versions, ready for ``sync/delta`` on the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from agent.models import SyncState
+
+_MISSING = object()
+
+
+def compute_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys that changed (to their new value) or were deleted (to ``None``)."""
+    changes: dict[str, Any] = {
+        k: copy.deepcopy(v) for k, v in after.items() if before.get(k, _MISSING) != v
+    }
+    changes.update({k: None for k in before if k not in after})
+    return changes
+
+
+def apply_delta(state: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A new document: ``state`` with ``changes`` applied (``None`` deletes the key)."""
+    result = copy.deepcopy(state)
+    for key, value in changes.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+class EdgeSynchronizer:
+    """Synchronize state between edge and cloud."""
+
+    def __init__(self) -> None:
+        self._local_state: SyncState | None = None
+        self._remote_version = 0
+        self._pending_changes: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def get_local_state(self) -> SyncState | None:
+        """A copy of the current local state (None before the first update)."""
+        with self._lock:
+            return copy.deepcopy(self._local_state)
+
+    def update_local(self, data: dict[str, Any]) -> SyncState:
+        """Replace the local state with ``data`` as the next version; queue its delta."""
+        with self._lock:
+            before = self._local_state.data if self._local_state else {}
+            version = (self._local_state.version if self._local_state else 0) + 1
+            state = SyncState.from_data(data, version)
+            self._local_state = state
+            self._pending_changes.append(
+                {
+                    "type": "update",
+                    "version": version,
+                    "from_version": version - 1,
+                    "data": copy.deepcopy(state.data),
+                    "changes": compute_delta(before, state.data),
+                    "checksum": state.checksum,
+                }
+            )
+            return copy.deepcopy(state)
+
+    def apply_remote(self, state: SyncState) -> bool:
+        """Take a remote state if it is strictly newer and its checksum is right."""
+        if not state.verify():
+            return False
+        with self._lock:
+            if self._local_state is None or state.version > self._local_state.version:
+                self._local_state = SyncState.from_data(state.data, state.version)
+                self._remote_version = state.version
+                return True
+        return False
+
+    def get_pending_changes(self) -> list[dict[str, Any]]:
+        """Changes to sync to remote (a copy)."""
+        with self._lock:
+            return copy.deepcopy(self._pending_changes)
+
+    def confirm_sync(self, up_to_version: int) -> None:
+        """Drop pending changes up to and including ``up_to_version``."""
+        with self._lock:
+            self._pending_changes = [
+                c for c in self._pending_changes if c["version"] > up_to_version
+            ]
