@@ -109,7 +109,9 @@ MIGRATIONS: list[str] = [
         retain     INTEGER NOT NULL,
         kind       TEXT NOT NULL,
         key        TEXT,
-        created_ts REAL NOT NULL
+        created_ts REAL NOT NULL,
+        -- MQTT 5 Correlation Data to echo on a reply (NULL otherwise).
+        correlation BLOB
     );
     CREATE INDEX outbox_by_key ON outbox (key) WHERE key IS NOT NULL;
 
@@ -155,6 +157,7 @@ class OutboxItem:
     kind: str
     key: str | None
     created_ts: float
+    correlation: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,8 @@ _DEPLOYMENT_UPSERT = (
     + ", ".join(f"{c} = excluded.{c}" for c in _DEPLOYMENT_COLUMNS[1:])
 )
 _OUTBOX_INSERT = (
-    "INSERT INTO outbox (topic, payload, qos, retain, kind, key, created_ts)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (topic, payload, qos, retain, kind, key, created_ts, correlation)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DEDUPE_UPSERT = (
     "INSERT INTO dedupe (request_id, reply_topic, reply, ts) VALUES (?, ?, ?, ?)"
@@ -449,6 +452,7 @@ class Store:
         kind: str,
         key: str | None = None,
         ts: float | None = None,
+        correlation: bytes | None = None,
     ) -> int:
         """Queue a message before publishing it; its id. Raises OutboxFull (see policy)."""
         _check_qos(qos)
@@ -456,13 +460,20 @@ class Store:
         with self._lock:
             with self._transaction("outbox_put") as conn:
                 item_id, depth = self._enqueue(
-                    conn, topic, payload, qos, retain, kind, key, created_ts
+                    conn, topic, payload, qos, retain, kind, key, created_ts, correlation
                 )
             self._depth = depth
         return item_id
 
     def record_reply(
-        self, request_id: str, topic: str, payload: bytes, *, qos: int = 1, ts: float
+        self,
+        request_id: str,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        ts: float,
+        correlation: bytes | None = None,
     ) -> int:
         """Queue a reply and remember its request, atomically; the outbox id.
 
@@ -471,7 +482,9 @@ class Store:
         _check_qos(qos)
         with self._lock:
             with self._transaction("record_reply") as conn:
-                item_id, depth = self._enqueue(conn, topic, payload, qos, False, "reply", None, ts)
+                item_id, depth = self._enqueue(
+                    conn, topic, payload, qos, False, "reply", None, ts, correlation
+                )
                 conn.execute(_DEDUPE_UPSERT, (request_id, topic, payload, ts))
             self._depth = depth
         return item_id
@@ -486,6 +499,7 @@ class Store:
         kind: str,
         key: str | None,
         created_ts: float,
+        correlation: bytes | None = None,
     ) -> tuple[int, tuple[int, int]]:
         """Insert inside the caller's transaction; the id and the depth once committed."""
         count, nbytes = self._depth
@@ -507,7 +521,7 @@ class Store:
         if gone_count:
             conn.execute("DELETE FROM outbox WHERE key = ?", (key,))
         cursor = conn.execute(
-            _OUTBOX_INSERT, (topic, payload, qos, int(retain), kind, key, created_ts)
+            _OUTBOX_INSERT, (topic, payload, qos, int(retain), kind, key, created_ts, correlation)
         )
         assert cursor.lastrowid is not None  # an INSERT into a rowid table always sets it
         return cursor.lastrowid, (new_count, new_bytes)
@@ -518,13 +532,23 @@ class Store:
             raise ValueError(f"limit must be >= 0, got {limit}")
         rows = self._read(
             "outbox_peek",
-            "SELECT id, topic, payload, qos, retain, kind, key, created_ts FROM outbox"
-            " WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+            " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         )
         return [
-            OutboxItem(i, topic, bytes(payload), qos, bool(retain), kind, key, created_ts)
-            for i, topic, payload, qos, retain, kind, key, created_ts in rows
+            OutboxItem(
+                i,
+                topic,
+                bytes(payload),
+                qos,
+                bool(retain),
+                kind,
+                key,
+                created_ts,
+                None if corr is None else bytes(corr),
+            )
+            for i, topic, payload, qos, retain, kind, key, created_ts, corr in rows
         ]
 
     def outbox_ack(self, item_id: int) -> bool:
