@@ -1,0 +1,661 @@
+"""The agent's TOML configuration: schema, validation and the annotated default file.
+
+Owns the frozen :class:`Config` tree and the one table that knows every key: each dataclass
+field carries its default, its converter (one small validator per field type, as supervisor's
+``datatypes.py`` has) and the comment written above it in the default file. The reference
+``config/agent.toml`` is :func:`render_default_config` output, so code and file cannot drift.
+
+A loaded ``Config`` holds *effective* values: ``node.name`` is filled from ``node.id`` and
+``mqtt.client_id`` from :func:`effective_client_id` when left empty.
+
+Every problem raises :class:`~agent.errors.ConfigError`, one line per problem, each naming
+the source, the dotted key and the bad value (``agent.toml: mqtt.keepalive: expected an
+integer from 5 to 3600, got "ten"``). This module must never touch anything but the one file
+it is given: it does not read the password file, create directories, log, or hand back a
+partly validated config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import textwrap
+import tomllib
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
+
+#: Node and function ids (wire contract). Test with ``ID_RE.fullmatch`` or :func:`is_valid_id`,
+#: never ``ID_RE.match``: ``$`` also matches before a trailing newline.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+ID_RE = re.compile(ID_PATTERN)
+
+#: The node id written into a freshly rendered default file.
+EXAMPLE_NODE_ID = "gw-01"
+
+_MAX_MQTT_PAYLOAD = 268_435_455  # the largest remaining length an MQTT packet can declare
+
+
+def is_valid_id(value: object) -> bool:
+    """True when ``value`` is a string that is a valid node or function id."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def effective_client_id(node_id: str, client_id: str = "") -> str:
+    """The MQTT client id to connect with: ``client_id``, or ``edge-agent-<node_id>``."""
+    return client_id or f"edge-agent-{node_id}"
+
+
+# --- converters: each takes the raw TOML value and returns the typed one or raises _Invalid
+
+
+Convert = Callable[[Any], Any]
+
+
+class _Invalid(Exception):
+    """A value broke its key's rule; ``at`` locates it inside the value (``[2]``)."""
+
+    def __init__(self, problem: str, value: Any, at: str = "") -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.value = value
+        self.at = at
+
+
+def _show(value: Any) -> str:
+    """A value as the operator wrote it in TOML, cut short when long."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, Mapping):
+        text = "a table"
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_show(item) for item in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+
+
+def integer(minimum: int, maximum: int | None = None) -> Convert:
+    """An integer in ``minimum..maximum`` (TOML integers only: no bools, no floats)."""
+    if maximum is not None:
+        want = f"expected an integer from {minimum} to {maximum}"
+    elif minimum == 1:
+        want = "expected a positive integer"
+    else:
+        want = f"expected an integer >= {minimum}"
+
+    def convert(value: Any) -> int:
+        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+            raise _Invalid(want, value)
+        return int(value)
+
+    return convert
+
+
+def number(minimum: float = 0.0, *, exclusive: bool = False) -> Convert:
+    """A finite number ``>= minimum`` (``> minimum`` when exclusive), as a float."""
+    if minimum == 0:
+        want = "expected a positive number" if exclusive else "expected a non-negative number"
+    else:
+        want = f"expected a number {'>' if exclusive else '>='} {minimum:g}"
+
+    def convert(value: Any) -> float:
+        if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+            raise _Invalid(want, value)
+        if value < minimum or (exclusive and value == minimum):
+            raise _Invalid(want, value)
+        return float(value)
+
+    return convert
+
+
+def flag(value: Any) -> bool:
+    """A TOML boolean; "yes", "true" and 1 are refused so typos cannot flip a switch."""
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false", value)
+    return value
+
+
+def string(*, empty: bool = True, blanks: bool = True, noun: str = "string") -> Convert:
+    """A string without control characters; optionally non-empty and without whitespace."""
+    noun = noun if empty else f"non-empty {noun}"
+    want = f"expected a {noun}" + ("" if blanks else " without whitespace")
+
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or (not empty and not value):
+            raise _Invalid(want, value)
+        if not blanks and any(ch.isspace() for ch in value):
+            raise _Invalid(want, value)
+        if any(unicodedata.category(ch) == "Cc" for ch in value):
+            raise _Invalid(f"expected a {noun} without control characters", value)
+        return value
+
+    return convert
+
+
+def path(*, required: bool = False) -> Convert:
+    """A file system path, kept as a string; empty means "not set" unless required."""
+    return string(empty=not required, noun="path")
+
+
+def identifier(value: Any) -> str:
+    """A node or function id (:data:`ID_PATTERN`)."""
+    if not is_valid_id(value):
+        raise _Invalid(
+            "expected an id of 1-64 letters, digits, '_' or '-' starting with a letter or "
+            f"digit ({ID_PATTERN})",
+            value,
+        )
+    return str(value)
+
+
+_word = string(empty=False, blanks=False)
+
+
+def string_list(value: Any) -> tuple[str, ...]:
+    """A list of distinct non-empty strings without whitespace, kept as a tuple."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid("expected a list of strings", value)
+    items: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            word = _word(item)
+        except _Invalid as exc:
+            raise _Invalid(exc.problem, item, at=f"[{index}]") from None
+        if word in items:
+            raise _Invalid("duplicate entry", item, at=f"[{index}]")
+        items.append(word)
+    return tuple(items)
+
+
+def choice(*options: str) -> Convert:
+    """One of a few fixed strings, matched exactly."""
+    shown = [json.dumps(option) for option in options]
+    if len(shown) == 2:
+        want = f"expected {shown[0]} or {shown[1]}"
+    else:
+        want = "expected one of " + ", ".join(shown)
+
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(want, value)
+        return value
+
+    return convert
+
+
+_protocol_choice = choice("5", "3.1.1")
+
+
+def protocol(value: Any) -> str:
+    """The MQTT version, "5" or "3.1.1"; a bare TOML ``5`` means "5"."""
+    if _is_int(value) and value == 5:
+        return "5"
+    return str(_protocol_choice(value))
+
+
+def topic_prefix(value: Any) -> str:
+    """The first topic level(s): usable as a literal prefix of every topic the agent uses."""
+    if not isinstance(value, str) or not value:
+        raise _Invalid("expected a non-empty topic prefix", value)
+    if "+" in value or "#" in value:
+        raise _Invalid('must not contain the wildcards "+" or "#"', value)
+    if "\x00" in value:
+        raise _Invalid("must not contain NUL", value)
+    if value.startswith("/") or value.endswith("/"):
+        raise _Invalid('must not start or end with "/"', value)
+    if "//" in value:
+        raise _Invalid('must not contain an empty level ("//")', value)
+    if value.startswith("$"):
+        raise _Invalid('must not start with "$" (reserved for the broker)', value)
+    return value
+
+
+# --- the schema: every key's default, converter and documentation live on its field
+
+
+def _meta(convert: Convert, doc: str) -> dict[str, Any]:
+    return {"convert": convert, "doc": doc}
+
+
+def _key(default: Any, convert: Convert, doc: str) -> Any:
+    """A config key: a dataclass field whose metadata holds its converter and its comment."""
+    return field(default=default, metadata=_meta(convert, doc))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: this gateway's identity."""
+
+    id: str = field(
+        metadata=_meta(
+            identifier,
+            "This node's id (required): 1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit; no dots, spaces, '+', '#' or '/'. It names this node's MQTT "
+            "topics and must be unique in the fleet: two agents with one id take over each "
+            "other's connection.",
+        )
+    )
+    name: str = _key("", string(), "Display name for the status message; empty means the id.")
+    location: str = _key("", string(), 'Free-form location for the status message ("line 4").')
+    capabilities: tuple[str, ...] = _key(
+        (),
+        string_list,
+        'What this node offers, e.g. ["gpio", "camera"]: a function whose spec requires a '
+        "capability not listed here is skipped. Entries are non-empty, without spaces.",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.id)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """``[mqtt]``: the cloud broker and how to reach it."""
+
+    host: str = _key("127.0.0.1", _word, "Broker host name or IP address.")
+    port: int = _key(1883, integer(1, 65535), "Broker TCP port: usually 1883, 8883 for TLS.")
+    topic_prefix: str = _key(
+        "edge",
+        topic_prefix,
+        "First level(s) of every topic: <prefix>/nodes/<node.id>/... No '+', '#' or NUL, "
+        "no leading, trailing or doubled '/', no leading '$'.",
+    )
+    client_id: str = _key(
+        "",
+        string(blanks=False),
+        'MQTT client id; empty means "edge-agent-<node.id>", unique in the fleet. Leave it '
+        "empty unless the broker assigns ids.",
+    )
+    keepalive: int = _key(
+        30,
+        integer(5, 3600),
+        "Seconds between pings on an idle connection (5-3600). The broker sends the "
+        "offline Last Will when it hears nothing for 1.5 times this.",
+    )
+    protocol: str = _key("5", protocol, 'MQTT version: "5" or "3.1.1".')
+    username: str = _key("", string(), "Broker user name; empty for none.")
+    password_file: str = _key(
+        "",
+        path(),
+        "File holding the broker password; empty for none. The password itself never goes "
+        "in this file.",
+    )
+    tls: bool = _key(
+        False,
+        flag,
+        "Connect with TLS. Must be true when ca_file, cert_file, key_file or tls_insecure is set.",
+    )
+    ca_file: str = _key(
+        "", path(), "CA certificates (PEM) to verify the broker; empty means the system store."
+    )
+    cert_file: str = _key(
+        "", path(), "Client certificate (PEM) for mutual TLS; set it together with key_file."
+    )
+    key_file: str = _key("", path(), "Private key (PEM) of cert_file; set both or neither.")
+    tls_insecure: bool = _key(
+        False,
+        flag,
+        "Do not check the broker's host name against its certificate. For tests only: anyone "
+        "holding any certificate that ca_file (or the system store) trusts can pose as the "
+        "broker.",
+    )
+    reconnect_min_s: float = _key(
+        0.5,
+        number(exclusive=True),
+        "Seconds before the first reconnect attempt after the connection drops; the delay "
+        "doubles on each failure up to reconnect_max_s.",
+    )
+    reconnect_max_s: float = _key(
+        60.0,
+        number(exclusive=True),
+        "Longest delay between reconnect attempts, in seconds (>= reconnect_min_s).",
+    )
+    session_expiry_s: int = _key(
+        3600,
+        integer(0, 2**32 - 1),
+        "MQTT 5 only (ignored with 3.1.1): seconds the broker keeps this node's session and "
+        "queued QoS 1 messages after a disconnect; 0 ends it at once.",
+    )
+    connect_timeout_s: float = _key(
+        10.0,
+        number(exclusive=True),
+        "Seconds to wait for the broker to accept a connection before trying again.",
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """``[agent]``: the agent process itself."""
+
+    state_dir: str = _key(
+        "/var/lib/edge-agent",
+        path(required=True),
+        "Directory of state.db (deployed functions, outbox, sync state) and of the unpacked "
+        "function code. Use an absolute path.",
+    )
+    heartbeat_interval_s: float = _key(
+        30.0, number(1.0), "Seconds between heartbeat messages (>= 1)."
+    )
+    max_payload_bytes: int = _key(
+        262144,
+        integer(1024, _MAX_MQTT_PAYLOAD),
+        f"Largest MQTT payload accepted or published, in bytes (1024-{_MAX_MQTT_PAYLOAD}).",
+    )
+    log_level: str = _key(
+        "info",
+        choice("debug", "info", "warning", "error"),
+        'Least severe log messages written: "debug", "info", "warning" or "error".',
+    )
+    shutdown_grace_s: float = _key(
+        10.0,
+        number(),
+        "On stop, seconds running invocations get to finish before their workers are killed.",
+    )
+    dedupe_window_s: float = _key(
+        600.0,
+        number(),
+        "Seconds a request_id is remembered, so an invoke the broker delivers twice (QoS 1) "
+        "runs once.",
+    )
+    durability: str = _key(
+        "normal",
+        choice("normal", "full"),
+        "How hard SQLite works to keep state.db on disk:\n"
+        '  "normal" (synchronous=NORMAL, WAL): survives agent crashes and kill -9, but a '
+        "power loss may lose the last few commits (a queued message, a recent deployment).\n"
+        '  "full" (synchronous=FULL): fsyncs every commit, so nothing committed is lost on '
+        "power loss, at the cost of more writes to the flash storage.",
+    )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``[runtime]``: the worker processes that run invocations."""
+
+    default_memory_mb: int = _key(
+        128, integer(1), "Memory limit (MB) of a function whose spec sets none."
+    )
+    max_memory_mb: int = _key(
+        1024,
+        integer(1),
+        "Largest memory_mb a function spec may ask for; a spec asking more is rejected.",
+    )
+    default_timeout_s: float = _key(
+        30.0, number(exclusive=True), "Timeout (seconds) of a function whose spec sets none."
+    )
+    max_timeout_s: float = _key(
+        900.0,
+        number(exclusive=True),
+        "Largest timeout_seconds a function spec may ask for; a spec asking more is rejected.",
+    )
+    max_workers: int = _key(
+        8, integer(1), "Most worker processes alive at once, across all functions."
+    )
+    prestart: int = _key(
+        1,
+        integer(0, 16),
+        "Generic interpreters started ahead of need, so a cold start only loads the handler "
+        "(0-16, at most max_workers).",
+    )
+    max_queue: int = _key(
+        64,
+        integer(1),
+        'Invocations that may wait per function; beyond that callers get "overloaded".',
+    )
+    worker_user: str = _key(
+        "",
+        string(blanks=False),
+        "User (name or uid) the workers run as; empty runs them as the agent's own user. "
+        "Switching users needs the agent to start as root.",
+    )
+    worker_max_invocations: int = _key(
+        10000,
+        integer(1),
+        "Replace a worker after this many invocations, bounding leaks in handlers.",
+    )
+    max_bundle_bytes: int = _key(
+        52428800,
+        integer(1),
+        "Largest function code bundle, in bytes (50 MiB); a bigger deployment is rejected.",
+    )
+    max_bundle_files: int = _key(
+        10000, integer(1), "Most files in one code bundle; a bigger deployment is rejected."
+    )
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """``[outbox]``: messages kept in state.db while the broker is unreachable."""
+
+    max_messages: int = _key(10000, integer(1), "Most messages held in the outbox.")
+    max_bytes: int = _key(
+        67108864,
+        integer(1),
+        "Most payload bytes held in the outbox (64 MiB; at least agent.max_payload_bytes).",
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; see each section's class."""
+
+    node: NodeConfig = field(metadata={"doc": "This gateway's identity, as the cloud sees it."})
+    mqtt: MqttConfig = field(default_factory=MqttConfig, metadata={"doc": "The cloud broker."})
+    agent: AgentSettings = field(
+        default_factory=AgentSettings, metadata={"doc": "The agent process."}
+    )
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig, metadata={"doc": "Worker processes that run invocations."}
+    )
+    outbox: OutboxConfig = field(
+        default_factory=OutboxConfig,
+        metadata={"doc": "Messages kept in state.db while the broker is unreachable."},
+    )
+
+    def __post_init__(self) -> None:
+        client_id = effective_client_id(self.node.id, self.mqtt.client_id)
+        if client_id != self.mqtt.client_id:
+            object.__setattr__(self, "mqtt", replace(self.mqtt, client_id=client_id))
+
+
+# --- parsing
+
+
+def _hint(name: str, candidates: Mapping[str, str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {candidates[close[0]]}?)" if close else ""
+
+
+#: Section name -> its dataclass, in file order.
+SECTIONS: dict[str, type[Any]] = get_type_hints(Config)
+
+
+def _convert_section(
+    name: str, cls: type[Any], table: Mapping[str, Any], source: str, problems: list[str]
+) -> dict[str, Any]:
+    """Convert one section's keys, appending a line to ``problems`` for each bad one."""
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            hint = _hint(str(key), {k: f"{name}.{k}" for k in known})
+            problems.append(f"{source}: {name}.{key}: unknown key{hint}")
+    values: dict[str, Any] = {}
+    for key, spec in known.items():
+        if key not in table:
+            if spec.default is MISSING:
+                problems.append(f"{source}: {name}.{key}: required, but missing from [{name}]")
+            continue
+        try:
+            values[key] = spec.metadata["convert"](table[key])
+        except _Invalid as exc:
+            where = f"{name}.{key}{exc.at}"
+            problems.append(f"{source}: {where}: {exc.problem}, got {_show(exc.value)}")
+    return values
+
+
+def _check_relations(cfg: Config) -> list[str]:
+    """Rules that tie keys together, as ``key: problem, got value`` lines."""
+    mqtt, runtime = cfg.mqtt, cfg.runtime
+    lines: list[str] = []
+
+    def bad(key: str, problem: str, value: Any) -> None:
+        lines.append(f"{key}: {problem}, got {_show(value)}")
+
+    if not mqtt.tls:
+        for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if getattr(mqtt, key):
+                bad("mqtt.tls", f"must be true when mqtt.{key} is set", mqtt.tls)
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        missing, present = (
+            ("key_file", "cert_file") if mqtt.cert_file else ("cert_file", "key_file")
+        )
+        bad(f"mqtt.{missing}", f"must be set together with mqtt.{present}", "")
+    if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+        bound = f"mqtt.reconnect_min_s ({mqtt.reconnect_min_s:g})"
+        bad("mqtt.reconnect_max_s", f"expected a number >= {bound}", mqtt.reconnect_max_s)
+    if mqtt.protocol == "3.1.1" and mqtt.password_file and not mqtt.username:
+        # MQTT 3.1.1 forbids the password flag without the user name flag; 5 allows it.
+        need = "MQTT 3.1.1 needs a user name when mqtt.password_file is set"
+        bad("mqtt.username", need, mqtt.username)
+    for kind in ("memory_mb", "timeout_s"):
+        default, maximum = getattr(runtime, f"default_{kind}"), getattr(runtime, f"max_{kind}")
+        if default > maximum:
+            bad(
+                f"runtime.default_{kind}",
+                f"expected at most runtime.max_{kind} ({maximum})",
+                default,
+            )
+    if runtime.prestart > runtime.max_workers:
+        cap = f"expected at most runtime.max_workers ({runtime.max_workers})"
+        bad("runtime.prestart", cap, runtime.prestart)
+    if cfg.outbox.max_bytes < cfg.agent.max_payload_bytes:
+        floor = f"expected at least agent.max_payload_bytes ({cfg.agent.max_payload_bytes})"
+        bad("outbox.max_bytes", floor, cfg.outbox.max_bytes)
+    return lines
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate parsed TOML into a :class:`Config`; every problem in one ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a table of sections, got {_show(data)}")
+    # A stray top-level key is usually a key written above its [section] header.
+    top_level = {name: f"[{name}]" for name in SECTIONS}
+    for name, cls in SECTIONS.items():
+        for spec in fields(cls):
+            top_level.setdefault(spec.name, f"{name}.{spec.name}")
+    problems: list[str] = []
+    for name, value in data.items():
+        if name not in SECTIONS:
+            kind = "unknown section" if isinstance(value, Mapping) else "unknown key"
+            problems.append(f"{source}: {name}: {kind}{_hint(str(name), top_level)}")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, Mapping):
+            problems.append(f"{source}: {name}: expected a table [{name}], got {_show(table)}")
+            continue
+        values = _convert_section(name, cls, table, source, problems)
+        if not problems:
+            sections[name] = cls(**values)
+    if not problems:
+        cfg = Config(**sections)
+        problems = [f"{source}: {line}" for line in _check_relations(cfg)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at ``path``; any failure is a ConfigError."""
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # -sig: tolerate an editor's BOM
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    return parse_config(data, source)
+
+
+# --- writing
+
+
+def _toml_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain TOML data (``tomli_w.dumps`` writes it; no None)."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        out[name] = {f.name: _toml_value(getattr(section, f.name)) for f in fields(section)}
+    return out
+
+
+def _comment(doc: str) -> list[str]:
+    """``doc`` as comment lines; a line starting with spaces keeps them on its wrapped lines."""
+    lines = []
+    for para in doc.split("\n"):
+        indent = " " * (len(para) - len(para.lstrip(" ")))
+        lines += textwrap.wrap(
+            para.lstrip(" "), 88, initial_indent=indent, subsequent_indent=indent + "  "
+        )
+    return ["# " + line for line in lines]
+
+
+_HEADER = (
+    "edge-agent configuration, normally /etc/edge-agent/agent.toml (root:edge-agent, 0640).\n"
+    "Every key is listed with its default value; unknown keys are errors. Only node.id is\n"
+    "required. Durations are in seconds and may be written as integers or decimals."
+)
+
+
+def render_default_config(node_id: str = EXAMPLE_NODE_ID) -> str:
+    """The annotated default file: every key with its default, a comment above each."""
+    try:
+        identifier(node_id)
+    except _Invalid as exc:
+        raise ConfigError(f"node.id: {exc.problem}, got {_show(node_id)}") from None
+    lines = _comment(_HEADER)
+    for section in fields(Config):
+        lines += ["", *_comment(section.metadata["doc"]), f"[{section.name}]"]
+        for n, spec in enumerate(fields(SECTIONS[section.name])):
+            # Raw defaults, not effective values: a copied file must not pin client_id or
+            # name to the example node's id.
+            default = node_id if spec.default is MISSING else spec.default
+            setting = tomli_w.dumps({spec.name: _toml_value(default)}).rstrip("\n")
+            lines += [""] * (n > 0) + _comment(spec.metadata["doc"]) + [setting]
+    return "\n".join(lines) + "\n"
+
+
+def write_default_config(path: str | Path, *, node_id: str = EXAMPLE_NODE_ID) -> None:
+    """Write the annotated default file to ``path``; FileExistsError if anything is there."""
+    text = render_default_config(node_id)
+    # O_EXCL refuses an existing file and a symlink alike; 0640 as DESIGN.md asks.
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
