@@ -359,6 +359,19 @@ class WorkerPool:
             self._discard(worker)
         return True
 
+    def check_load(self, config: FunctionConfig) -> None:
+        """Load ``config`` in a throwaway worker, so a broken handler never replaces a good one.
+
+        Raises what a cold start would (HandlerError for an import error or a missing
+        entrypoint, MemoryLimitExceeded, FunctionTimeout); the worker is discarded either way.
+        """
+        self.start()
+        with self._cond:
+            generic = self._generic.popleft() if self._generic else None
+        self._spawn_wanted.set()
+        worker = self._load(_Slot(config, 0), generic)
+        self._discard(worker)
+
     def functions(self) -> list[str]:
         with self._cond:
             return list(self._slots)

@@ -1,0 +1,176 @@
+"""``edge-agent``: the command line. The composition root; nothing imports it.
+
+Exit codes: 0 success, 1 failure, 78 (EX_CONFIG) bad configuration, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    config_to_dict,
+    load_config,
+    write_default_config,
+)
+from agent.errors import AgentError, ConfigError, StoreError
+
+EX_CONFIG = 78
+
+log = logging.getLogger("agent.cli")
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"edge-agent: {line}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import build_agent
+    from agent.systemd import setup_logging
+
+    config = _load(args.config)
+    setup_logging(config.agent.log_level)
+    agent = build_agent(config, config_path=args.config)
+    agent.install_signal_handlers()
+    try:
+        return agent.run()
+    except StoreError as exc:
+        log.critical("local state unusable: %s", exc)
+        return 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    config = _load(args.config)
+    print(f"# {args.config}: OK; effective configuration:")
+    print(tomli_w.dumps(config_to_dict(config)), end="")
+    return 0
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    path = args.path or DEFAULT_CONFIG_PATH
+    try:
+        write_default_config(path, node_id=args.node_id)
+    except FileExistsError:
+        print(f"edge-agent: {path} exists; not overwriting it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"edge-agent: cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Local state from the state dir: works while the agent runs (SQLite WAL) or not."""
+    from agent.store import Store
+
+    config = _load(args.config)
+    db = Path(config.agent.state_dir) / "state.db"
+    if not db.exists():
+        print(f"edge-agent: no state at {db} (has the agent run yet?)", file=sys.stderr)
+        return 1
+    store = Store(db)
+    try:
+        store.open()
+        deployments = store.list_deployments()
+        count, nbytes = store.outbox_depth()
+        last_connect = store.get_meta("last_connect_ts")
+    except StoreError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    status = {
+        "node_id": config.node.id,
+        "state_dir": config.agent.state_dir,
+        "last_connect": last_connect,
+        "outbox": {"messages": count, "bytes": nbytes},
+        "functions": [
+            {
+                "id": d.function_id,
+                "version": d.version,
+                "state": d.state,
+                "active_version": d.active_version,
+                "error": json.loads(d.error_json) if d.error_json else None,
+            }
+            for d in deployments
+        ],
+    }
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"node:         {status['node_id']}")
+    print(f"state dir:    {status['state_dir']}")
+    print(f"last connect: {last_connect or 'never'}")
+    print(f"outbox:       {count} messages, {nbytes} bytes")
+    print(f"functions:    {len(deployments)}")
+    for fn in status["functions"]:
+        line = f"  {fn['id']:<24} {fn['version']:<12} {fn['state']:<9}"
+        if fn["active_version"] and fn["active_version"] != fn["version"]:
+            line += f" (serving {fn['active_version']})"
+        if fn["error"]:
+            line += f"  {fn['error'].get('message', '')}"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", description="The edge-agent gateway daemon and its tools."
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            "-c",
+            default=DEFAULT_CONFIG_PATH,
+            help=f"config file (default {DEFAULT_CONFIG_PATH})",
+        )
+
+    run = sub.add_parser("run", help="run the agent (what systemd starts)")
+    with_config(run)
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate a config; print the effective one")
+    with_config(check)
+    check.set_defaults(func=cmd_check_config)
+    config = sub.add_parser("config", help="config file tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    init = config_sub.add_parser("init", help="write an annotated default config")
+    init.add_argument("path", nargs="?", help=f"where (default {DEFAULT_CONFIG_PATH})")
+    init.add_argument("--node-id", default="gw-01", help="this gateway's id (default gw-01)")
+    init.set_defaults(func=cmd_config_init)
+    status = sub.add_parser("status", help="local state: functions, outbox, last connect")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,769 @@
+"""``Agent``: the gateway daemon's event loop. One thread owns all mutable state.
+
+Everything else only enqueues: paho's network thread (:mod:`agent.mqtt` events), signal
+handlers, invocation threads (results) and the deployer thread (outcomes). The loop
+dispatches each event to a ``handle_<event>`` method and runs its timers (heartbeat,
+watchdog, dedupe pruning) on the monotonic clock.
+
+Delivery guarantees:
+- An incoming QoS 1 message is acknowledged to the broker only once the loop has handled it
+  durably (a spec stored, a reply in the outbox), so a crash before that means redelivery.
+- What the agent owes the cloud (replies, function states) is written to the SQLite outbox
+  before it is published and deleted on the broker's PUBACK; it drains in order after every
+  reconnect and after a restart. Heartbeats and the online status are not queued.
+- Outbox full: new invocations are answered ``overloaded`` (published directly, not queued)
+  until it drains; a reply that finds the outbox full is published directly when connected
+  and otherwise logged as lost with its request id: the only loss path, and a loud one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, bundles, mqtt, protocol
+from agent.config import Config, load_config
+from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec, pool_config
+from agent.errors import AgentError, EdgeExecutionError, FunctionNotFound, Overloaded, error_to_dict
+from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
+from agent.pool import InvokeResult, WorkerLimits, WorkerPool
+from agent.store import DeploymentRow, OutboxFull, Store
+from agent.systemd import Notifier, set_level
+
+log = logging.getLogger(__name__)
+
+#: Outbox items handed to paho and not yet acknowledged, at most.
+OUTBOX_WINDOW = 64
+
+
+@dataclass
+class _Invocation:
+    request: protocol.InvokeRequest
+    #: (reply topic, MQTT 5 correlation data) of the request and of duplicates seen meanwhile.
+    targets: list[tuple[str, bytes | None]]
+    #: (mid, qos) of incoming messages to acknowledge once the reply is in the outbox.
+    acks: list[tuple[int, int]]
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _InvokeDone:
+    invocation: _Invocation
+    result: InvokeResult | None
+    error: EdgeExecutionError | None
+
+
+@dataclass(frozen=True)
+class _Signal:
+    signum: int
+
+
+class Agent:
+    """The daemon. Build with :func:`build_agent`; ``run()`` blocks until stopped, returns 0."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store,
+        pool: WorkerPool,
+        notifier: Notifier,
+        config_path: str | None = None,
+        metrics: EdgeMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.store = store
+        self.pool = pool
+        self.notifier = notifier
+        self.metrics = metrics or EdgeMetrics()
+        self.topics = protocol.Topics(config.mqtt.topic_prefix, config.node.id)
+        self.mqtt: mqtt.MqttClient | None = None
+        self.deployer = Deployer(
+            Path(config.agent.state_dir) / "functions", pool, config.runtime, self.post
+        )
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.runtime.max_workers * 2, thread_name_prefix="edge-invoke"
+        )
+        self._inflight: dict[str, _Invocation] = {}
+        self._mid_to_outbox: dict[int, int] = {}
+        self._last_sent_id = 0
+        self._pending_fingerprint: dict[str, str] = {}
+        self._stopping = False
+        self._stop_requested = threading.Event()
+        self._started = time.monotonic()
+        self._heartbeat_seq = 0
+        self._timers: dict[str, float] = {}
+        self._connected = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def post(self, event: object) -> None:
+        """Hand an event to the loop; safe from any thread and from signal handlers."""
+        self._events.put(event)
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda s, _f: self.post(_Signal(s)))
+
+    def request_stop(self) -> None:
+        self.post(_Signal(signal.SIGTERM))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Load local state and serve it: no broker needed. Sends READY=1."""
+        self.store.open()
+        self.pool.start()
+        restored = 0
+        for row in self.store.list_deployments():
+            if row.active_spec_json and row.active_code_dir and Path(row.active_code_dir).is_dir():
+                spec = protocol.decode_spec(row.active_spec_json.encode())
+                self.pool.register(pool_config(spec, Path(row.active_code_dir)))
+                restored += 1
+        log.info("restored %d deployed functions from %s", restored, self.store.path)
+        self.deployer.start()
+        self._reconcile_all()
+        self.notifier.ready()
+        self._update_status_line()
+        now = time.monotonic()
+        self._timers = {"heartbeat": now, "prune": now + 60.0}
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._timers["watchdog"] = now
+
+    def run(self) -> int:
+        self.boot()
+        if self.mqtt is not None:
+            self.mqtt.start()
+        while not self._stopping:
+            self._step(self._next_timer_in())
+        return self._shutdown()
+
+    def _step(self, timeout: float) -> None:
+        try:
+            event = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            event = None
+        if event is not None:
+            self._dispatch(event)
+        self._run_timers()
+
+    def _dispatch(self, event: object) -> None:
+        try:
+            if isinstance(event, mqtt.Message):
+                self.handle_message(event)
+            elif isinstance(event, _InvokeDone):
+                self.handle_invoke_done(event)
+            elif isinstance(event, mqtt.Published):
+                self.handle_published(event)
+            elif isinstance(event, DeployOutcome):
+                self.handle_deploy_outcome(event)
+            elif isinstance(event, mqtt.Connected):
+                self.handle_connected(event)
+            elif isinstance(event, mqtt.Disconnected | mqtt.ConnectFailed):
+                self.handle_disconnected(event)
+            elif isinstance(event, _Signal):
+                self.handle_signal(event)
+        except AgentError as exc:  # one bad event never stops the agent
+            log.error("while handling %s: %s", type(event).__name__, exc)
+        except Exception:
+            log.exception("bug while handling %s", type(event).__name__)
+
+    def _shutdown(self) -> int:
+        """Drain in-flight invocations and the outbox within the grace period, then exit 0."""
+        grace = self.config.agent.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        log.info("stopping: %d invocations in flight, grace %.1fs", len(self._inflight), grace)
+        while self._inflight and time.monotonic() < deadline:
+            self._step(min(0.1, deadline - time.monotonic()))
+        while (
+            self._connected
+            and (self._mid_to_outbox or self.store.outbox_depth()[0])
+            and time.monotonic() < deadline
+        ):
+            self._drain_outbox()
+            self._step(min(0.1, deadline - time.monotonic()))
+        if self.mqtt is not None:
+            if self._connected:
+                self._publish_status(
+                    "offline", wait=min(2.0, max(0.1, deadline - time.monotonic()))
+                )
+            self.mqtt.stop()
+        self.deployer.stop()
+        self.pool.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        depth = self.store.outbox_depth()
+        self.store.close()
+        log.info("stopped; %d messages left in the outbox for next time", depth[0])
+        return 0
+
+    # -- MQTT connection --------------------------------------------------------------------
+
+    def handle_connected(self, event: mqtt.Connected) -> None:
+        self._connected = True
+        self.store.set_meta("last_connect_ts", protocol.now_ts())
+        log.info("connected to the broker (session present: %s)", event.session_present)
+        self._publish_status("online")
+        self._timers["heartbeat"] = time.monotonic()
+        self._drain_outbox()
+        self._update_status_line()
+
+    def handle_disconnected(self, event: mqtt.Disconnected | mqtt.ConnectFailed) -> None:
+        if self._connected:
+            log.warning("lost the broker: %s", event.reason)
+        else:
+            log.debug("broker unreachable: %s", event.reason)
+        self._connected = False
+        self._update_status_line()
+
+    def handle_published(self, event: mqtt.Published) -> None:
+        item_id = self._mid_to_outbox.pop(event.mid, None)
+        if item_id is not None:
+            self.store.outbox_ack(item_id)
+            self._drain_outbox()
+
+    def _drain_outbox(self) -> None:
+        """Hand the next outbox items to paho, in order, keeping at most OUTBOX_WINDOW out."""
+        if not self._connected or self.mqtt is None:
+            return
+        room = OUTBOX_WINDOW - len(self._mid_to_outbox)
+        if room <= 0:
+            return
+        for item in self.store.outbox_peek(room, after_id=self._last_sent_id):
+            mid = self.mqtt.publish(
+                item.topic,
+                item.payload,
+                qos=item.qos,
+                retain=item.retain,
+                correlation_data=item.correlation,
+            )
+            self._last_sent_id = item.id
+            if item.qos == 0:
+                self.store.outbox_ack(item.id)
+            else:
+                self._mid_to_outbox[mid] = item.id
+
+    def _publish_status(self, status: str, wait: float = 0.0) -> None:
+        assert self.mqtt is not None
+        node = self.config.node
+        payload = protocol.encode_status(
+            node.id,
+            status,
+            agent_version=__version__,
+            name=node.name,
+            location=node.location,
+            capabilities=node.capabilities,
+            extra={"functions": len(self.pool.functions())},
+        )
+        mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
+        deadline = time.monotonic() + wait
+        while wait and time.monotonic() < deadline:  # shutdown only: wait for the PUBACK
+            try:
+                event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if isinstance(event, mqtt.Published) and event.mid == mid:
+                break
+            if isinstance(event, mqtt.Published):
+                self.handle_published(event)
+
+    # -- incoming messages ------------------------------------------------------------------
+
+    def handle_message(self, msg: mqtt.Message) -> None:
+        kind, fid = self.topics.classify(msg.topic)
+        if kind == "invoke":
+            self.handle_invoke(msg)
+            return  # acknowledged once answered
+        try:
+            if kind in ("fleet_spec", "node_spec") and fid is not None:
+                self.handle_spec(msg, "fleet" if kind == "fleet_spec" else "node", fid)
+            else:
+                log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
+        finally:
+            self._ack(msg.mid, msg.qos)
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if self.mqtt is not None:
+            self.mqtt.ack(mid, qos)
+
+    # -- deployments ------------------------------------------------------------------------
+
+    def handle_spec(self, msg: mqtt.Message, scope: str, fid: str) -> None:
+        if protocol.is_removal(msg.payload):
+            self.store.put_spec_source(scope, fid, None)
+        else:
+            try:
+                spec = protocol.decode_spec(msg.payload, expected_id=fid)
+            except AgentError as exc:
+                log.warning(
+                    "rejected %s spec for %s: %s", scope, fid, exc, extra={"function_id": fid}
+                )
+                self._report_state(fid, None, None, "rejected", error_to_dict(exc))
+                return
+            self.store.put_spec_source(scope, fid, protocol.encode_spec(spec).decode())
+        self._reconcile(fid)
+
+    def _reconcile_all(self) -> None:
+        sources = self.store.get_spec_sources()
+        for fid in set(sources) | {row.function_id for row in self.store.list_deployments()}:
+            self._reconcile(fid, sources.get(fid, {}))
+
+    def _reconcile(self, fid: str, sources: dict[str, str] | None = None) -> None:
+        """Bring one function to what its spec sources ask for."""
+        if sources is None:
+            sources = self.store.get_spec_sources().get(fid, {})
+        wanted = effective_spec(sources)
+        spec = protocol.decode_spec(wanted.encode()) if wanted else None
+        if spec is not None and not protocol.requires_met(spec, self.config.node.capabilities):
+            log.info("skipping %s: requires %s", fid, spec.requires, extra={"function_id": fid})
+            spec = None
+        row = self.store.get_deployment(fid)
+        if spec is None:
+            self._pending_fingerprint.pop(fid, None)
+            if row is not None:
+                self._remove(row)
+            return
+        fingerprint = protocol.spec_fingerprint(spec)
+        if (row is not None and row.fingerprint == fingerprint) or (
+            self._pending_fingerprint.get(fid) == fingerprint
+        ):
+            return  # re-delivery of what is deployed (or being deployed): a no-op
+        self._pending_fingerprint[fid] = fingerprint
+        log.info("deploying %s %s", fid, spec.version, extra={"function_id": fid})
+        self.deployer.submit(DeployJob(spec, fingerprint))
+
+    def _remove(self, row: DeploymentRow) -> None:
+        fid = row.function_id
+        self.pool.unregister(fid)
+        self.store.delete_deployment(fid)
+        self.metrics.forget(fid)
+        bundles.remove_function(self.deployer.functions_dir, fid)
+        log.info("removed %s", fid, extra={"function_id": fid})
+        self._report_state(fid, row.active_version or row.version, row.sha256, "removed", None)
+        self._update_status_line()
+
+    def handle_deploy_outcome(self, outcome: DeployOutcome) -> None:
+        spec = outcome.job.spec
+        fid = spec.id
+        if self._pending_fingerprint.get(fid) != outcome.job.fingerprint:
+            return  # superseded by a newer spec (or removed) while it was being prepared
+        del self._pending_fingerprint[fid]
+        previous = self.store.get_deployment(fid)
+        spec_json = protocol.encode_spec(spec).decode()
+        row = DeploymentRow(
+            function_id=fid,
+            version=spec.version,
+            sha256=spec.code.sha256,
+            fingerprint=outcome.job.fingerprint,
+            spec_json=spec_json,
+            code_dir=str(outcome.code_dir or ""),
+            state=outcome.state,
+            error_json=json.dumps(outcome.error) if outcome.error else None,
+            active_version=previous.active_version if previous else None,
+            active_code_dir=previous.active_code_dir if previous else None,
+            active_spec_json=previous.active_spec_json if previous else None,
+            updated_ts=time.time(),
+        )
+        if outcome.state == "active" and outcome.code_dir is not None:
+            self.pool.register(pool_config(spec, outcome.code_dir))
+            row = replace(
+                row,
+                active_version=spec.version,
+                active_code_dir=str(outcome.code_dir),
+                active_spec_json=spec_json,
+            )
+            keep = {outcome.code_dir}
+            if previous and previous.active_code_dir:
+                keep.add(Path(previous.active_code_dir))
+            self.store.put_deployment(row)
+            bundles.prune_versions(self.deployer.functions_dir, fid, keep)
+            log.info("%s %s is active", fid, spec.version, extra={"function_id": fid})
+        else:
+            self.store.put_deployment(row)
+            log.warning(
+                "%s %s %s: %s (still serving: %s)",
+                fid,
+                spec.version,
+                outcome.state,
+                (outcome.error or {}).get("message"),
+                row.active_version,
+                extra={"function_id": fid},
+            )
+        self._report_state(
+            fid, spec.version, spec.code.sha256, outcome.state, outcome.error, row.active_version
+        )
+        self._update_status_line()
+
+    def _report_state(
+        self,
+        fid: str,
+        version: str | None,
+        sha256: str | None,
+        state: str,
+        error: dict[str, str] | None,
+        active_version: str | None = None,
+    ) -> None:
+        payload = protocol.encode_function_state(
+            fid, version, sha256, state, error, extra={"active_version": active_version}
+        )
+        self._enqueue(
+            self.topics.function_state(fid), payload, retain=True, kind="state", key=f"state:{fid}"
+        )
+
+    def _enqueue(self, topic: str, payload: bytes, *, retain: bool, kind: str, key: str) -> None:
+        try:
+            self.store.outbox_put(topic, payload, qos=1, retain=retain, kind=kind, key=key)
+        except OutboxFull as exc:
+            log.error("outbox full, %s message for %s not queued: %s", kind, topic, exc)
+            return
+        self._drain_outbox()
+
+    # -- invocations ------------------------------------------------------------------------
+
+    def handle_invoke(self, msg: mqtt.Message) -> None:
+        if self._stopping:
+            return  # not acknowledged: the broker delivers it again after the restart
+        try:
+            request = protocol.decode_invoke(msg.payload, self.config.agent.max_payload_bytes)
+        except protocol.InvokeDecodeError as exc:
+            log.warning("bad invoke request: %s", exc, extra={"request_id": exc.request_id})
+            target = (
+                self.topics.reply_topic(msg.response_topic, exc.reply_to),
+                msg.correlation_data,
+            )
+            self._reply_error(exc.request_id, exc.function_id, [target], exc, durable=True)
+            self._ack(msg.mid, msg.qos)
+            return
+        target = (
+            self.topics.reply_topic(msg.response_topic, request.reply_to),
+            msg.correlation_data,
+        )
+        rid = request.request_id
+        running = self._inflight.get(rid)
+        if running is not None:  # a duplicate while the first is still running
+            running.targets.append(target)
+            running.acks.append((msg.mid, msg.qos))
+            return
+        answered = self.store.dedupe_get(rid)
+        if answered is not None:  # a duplicate of an answered request: the same reply again
+            log.info("duplicate request %s: resending its reply", rid, extra={"request_id": rid})
+            self._send_reply(rid, answered.reply, [target], durable=True, remember=False)
+            self._ack(msg.mid, msg.qos)
+            return
+        if request.function_id not in self.pool.functions():
+            missing = FunctionNotFound(f"Function not found: {request.function_id}")
+            self._reply_error(rid, request.function_id, [target], missing, durable=True)
+            self._ack(msg.mid, msg.qos)
+            return
+        if not self.store.outbox_has_room(self.config.agent.max_payload_bytes):
+            full = Overloaded("the outbox is full; retry when the agent has drained it")
+            self._reply_error(rid, request.function_id, [target], full, durable=False)
+            self._ack(msg.mid, msg.qos)
+            return
+        invocation = _Invocation(request, [target], [(msg.mid, msg.qos)])
+        self._inflight[rid] = invocation
+        self._executor.submit(self._run_invocation, invocation)
+
+    def _run_invocation(self, invocation: _Invocation) -> None:
+        """Executor thread: run it in a worker and post the outcome to the loop."""
+        request = invocation.request
+        try:
+            result = self.pool.invoke(
+                request.function_id, (request.payload,), request_id=request.request_id
+            )
+        except EdgeExecutionError as exc:
+            self.post(_InvokeDone(invocation, None, exc))
+        except Exception as exc:  # a bug must still answer the caller
+            log.exception("invocation %s failed unexpectedly", request.request_id)
+            self.post(_InvokeDone(invocation, None, EdgeExecutionError(str(exc))))
+        else:
+            self.post(_InvokeDone(invocation, result, None))
+
+    def handle_invoke_done(self, done: _InvokeDone) -> None:
+        invocation = done.invocation
+        request = invocation.request
+        rid, fid = request.request_id, request.function_id
+        self._inflight.pop(rid, None)
+        duration_ms = (time.monotonic() - invocation.started) * 1000
+        error = done.error
+        payload = b""
+        if done.result is not None:
+            try:
+                payload = protocol.encode_reply(
+                    rid,
+                    fid,
+                    ok=True,
+                    result=done.result.value,
+                    duration_ms=round(done.result.duration_ms, 3),
+                    cold_start=done.result.cold_start,
+                )
+            except (TypeError, ValueError) as exc:
+                error = EdgeExecutionError(str(exc))
+        self.metrics.record(
+            InvocationRecord(
+                function_id=fid,
+                node_id=self.config.node.id,
+                start_time=time.time() - duration_ms / 1000,
+                duration_ms=duration_ms,
+                success=error is None,
+                error=None if error is None else str(error),
+                request_id=rid,
+                cold_start=bool(done.result and done.result.cold_start),
+                peak_rss_kb=done.result.rss_kb if done.result else 0,
+                error_type=None if error is None else error_to_dict(error)["type"],
+            )
+        )
+        if error is not None:
+            log.info("%s failed: %s", fid, error, extra={"function_id": fid, "request_id": rid})
+            payload = self._error_payload(rid, fid, error, duration_ms)
+        self._send_reply(rid, payload, invocation.targets, durable=True, remember=True)
+        for mid, qos in invocation.acks:
+            self._ack(mid, qos)
+
+    def _error_payload(
+        self, rid: str | None, fid: str | None, error: BaseException, duration_ms: float = 0.0
+    ) -> bytes:
+        return protocol.encode_reply(
+            rid,
+            fid,
+            ok=False,
+            error=error_to_dict(error),
+            duration_ms=round(duration_ms, 3),
+            cold_start=False,
+        )
+
+    def _reply_error(
+        self,
+        rid: str | None,
+        fid: str | None,
+        targets: list[tuple[str, bytes | None]],
+        error: BaseException,
+        *,
+        durable: bool,
+    ) -> None:
+        payload = self._error_payload(rid, fid, error)
+        self._send_reply(rid, payload, targets, durable=durable, remember=rid is not None)
+
+    def _send_reply(
+        self,
+        rid: str | None,
+        payload: bytes,
+        targets: list[tuple[str, bytes | None]],
+        *,
+        durable: bool,
+        remember: bool,
+    ) -> None:
+        """Queue a reply per target in the outbox (the first also remembered for dedupe)."""
+        now = time.time()
+        for index, (topic, correlation) in enumerate(targets):
+            if durable:
+                try:
+                    if remember and index == 0 and rid is not None:
+                        self.store.record_reply(
+                            rid, topic, payload, ts=now, correlation=correlation
+                        )
+                    else:
+                        self.store.outbox_put(
+                            topic, payload, kind="reply", ts=now, correlation=correlation
+                        )
+                    continue
+                except OutboxFull as exc:
+                    log.error("outbox full for the reply to %s: %s", rid, exc)
+            if self._connected and self.mqtt is not None:
+                self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation)
+            else:
+                log.error(
+                    "reply to %s LOST: outbox full and broker unreachable",
+                    rid,
+                    extra={"request_id": rid},
+                )
+        self._drain_outbox()
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _next_timer_in(self) -> float:
+        if not self._timers:
+            return 1.0
+        return max(0.0, min(self._timers.values()) - time.monotonic())
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        if self._timers.get("heartbeat", now + 1) <= now:
+            self._timers["heartbeat"] = now + self.config.agent.heartbeat_interval_s
+            self._send_heartbeat()
+        if self._timers.get("watchdog", now + 1) <= now:
+            interval = self.notifier.watchdog_interval() or 1.0
+            self._timers["watchdog"] = now + interval
+            self.notifier.watchdog()  # from the loop only: a stuck loop stops the pings
+        if self._timers.get("prune", now + 1) <= now:
+            self._timers["prune"] = now + 60.0
+            self.store.dedupe_prune(time.time() - self.config.agent.dedupe_window_s)
+
+    def _send_heartbeat(self) -> None:
+        if not self._connected or self.mqtt is None:
+            return
+        self._heartbeat_seq += 1
+        functions = []
+        for row in self.store.list_deployments():
+            stats = self.metrics.function_stats(row.function_id)
+            functions.append(
+                {
+                    "id": row.function_id,
+                    "version": row.active_version or row.version,
+                    "state": row.state,
+                    "invocations": stats["invocations"],
+                    "errors": stats["errors"],
+                    "timeouts": stats["timeouts"],
+                    "p50_ms": round(stats["p50_ms"], 3),
+                    "p95_ms": round(stats["p95_ms"], 3),
+                }
+            )
+        count, nbytes = self.store.outbox_depth()
+        payload = protocol.encode_heartbeat(
+            self.config.node.id,
+            self._heartbeat_seq,
+            round(time.monotonic() - self._started, 3),
+            "online",
+            system_metrics(self.config.agent.state_dir),
+            functions,
+            extra={"outbox": {"messages": count, "bytes": nbytes}, "inflight": len(self._inflight)},
+        )
+        self.mqtt.publish(self.topics.heartbeat, payload, qos=0)
+
+    def _update_status_line(self) -> None:
+        count, _ = self.store.outbox_depth()
+        self.notifier.status(
+            f"{'connected' if self._connected else 'disconnected'}, "
+            f"{len(self.pool.functions())} functions, outbox {count}"
+        )
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def handle_signal(self, event: _Signal) -> None:
+        if event.signum == signal.SIGHUP:
+            self.reload()
+            return
+        if not self._stopping:
+            log.info("received %s: shutting down", signal.Signals(event.signum).name)
+            self._stopping = True
+            self.notifier.stopping()
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change without a restart; say what cannot."""
+        if not self.config_path:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except AgentError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.ready()
+            return
+        old = self.config
+        restart_needed = [
+            name for name in ("node", "mqtt") if getattr(old, name) != getattr(new, name)
+        ]
+        if old.agent.state_dir != new.agent.state_dir:
+            restart_needed.append("agent.state_dir")
+        set_level(new.agent.log_level)
+        self.store.set_limits(max_messages=new.outbox.max_messages, max_bytes=new.outbox.max_bytes)
+        self.pool.max_queue = new.runtime.max_queue
+        self.pool.max_invocations = new.runtime.worker_max_invocations
+        self.pool.max_workers = new.runtime.max_workers
+        self.deployer.runtime = new.runtime
+        self.config = replace(
+            new,
+            node=old.node,
+            mqtt=old.mqtt,
+            agent=replace(new.agent, state_dir=old.agent.state_dir),
+        )
+        if self._timers.get("heartbeat"):
+            self._timers["heartbeat"] = time.monotonic() + new.agent.heartbeat_interval_s
+        log.info("reloaded %s", self.config_path)
+        if restart_needed:
+            log.warning("changes to %s take effect after a restart", ", ".join(restart_needed))
+        self.notifier.ready()
+
+
+def mqtt_settings(config: Config) -> mqtt.MqttSettings:
+    m = config.mqtt
+    return mqtt.MqttSettings(
+        host=m.host,
+        port=m.port,
+        client_id=m.client_id,
+        keepalive=m.keepalive,
+        protocol=m.protocol,
+        username=m.username,
+        password_file=m.password_file,
+        tls=m.tls,
+        ca_file=m.ca_file,
+        cert_file=m.cert_file,
+        key_file=m.key_file,
+        tls_insecure=m.tls_insecure,
+        reconnect_min_s=m.reconnect_min_s,
+        reconnect_max_s=m.reconnect_max_s,
+        session_expiry_s=m.session_expiry_s,
+        connect_timeout_s=m.connect_timeout_s,
+    )
+
+
+def build_agent(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    mqtt_factory: Callable[..., mqtt.MqttClient] = mqtt.MqttClient,
+) -> Agent:
+    """The composition root's work: build the adapters and hand them to an Agent."""
+    r = config.runtime
+    pool = WorkerPool(
+        max_workers=r.max_workers,
+        prestart=r.prestart,
+        max_queue=r.max_queue,
+        max_invocations=r.worker_max_invocations,
+        codec="json",
+        user=r.worker_user or None,
+        limits=WorkerLimits(),
+    )
+    store = Store(
+        Path(config.agent.state_dir) / "state.db",
+        durability=config.agent.durability,
+        max_messages=config.outbox.max_messages,
+        max_bytes=config.outbox.max_bytes,
+    )
+    agent = Agent(
+        config,
+        store=store,
+        pool=pool,
+        notifier=notifier or Notifier.from_env(),
+        config_path=config_path,
+    )
+    topics = agent.topics
+    node = config.node
+    will = mqtt.Will(
+        topics.status,
+        protocol.encode_status(
+            node.id,
+            "offline",
+            agent_version=__version__,
+            name=node.name,
+            location=node.location,
+            capabilities=node.capabilities,
+            extra={"reason": "connection lost"},
+        ),
+    )
+    agent.mqtt = mqtt_factory(
+        mqtt_settings(config), agent.post, will=will, subscriptions=topics.subscriptions()
+    )
+    return agent
