@@ -1,0 +1,314 @@
+"""Shared fixtures: real Mosquitto brokers on free ports, real agent processes, a test cloud.
+
+Nothing here sleeps to synchronise: every wait polls a condition with a deadline and fails
+with a message that says what did not happen.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
+    """Poll ``predicate`` until truthy; fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{message} (within {timeout:g}s)")
+        time.sleep(0.01)  # polling interval, not synchronisation
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Mosquitto:
+    """A mosquitto process of the test's own on 127.0.0.1; restartable on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.log = workdir / f"mosquitto-{self.port}.log"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "set_tcp_nodelay true\n"
+            "max_queued_messages 100000\n"
+            "persistence false\n"
+        )
+
+    def start(self) -> Mosquitto:
+        if not os.path.exists(MOSQUITTO):
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(lambda: port_open(self.port), 10, f"mosquitto did not listen on {self.port}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+        wait_for(lambda: not port_open(self.port), 10, f"port {self.port} still open")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh broker per test: retained messages and sessions never leak between tests."""
+    mosq = Mosquitto(tmp_path).start()
+    yield mosq
+    mosq.stop()
+
+
+class Cloud:
+    """The cloud side for tests: a raw paho client that records everything under the prefix."""
+
+    def __init__(self, port: int, prefix: str = "edge", protocol: int = paho.MQTTv5) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.messages: list[tuple[str, bytes, Any]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"cloud-{uuid.uuid4().hex[:8]}", protocol=protocol
+        )
+        self.client.on_message = self._on_message
+        self.client.on_socket_open = lambda c, u, s: s.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
+        self.client.connect("127.0.0.1", port)
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.loop_start()
+        self.client.subscribe(f"{prefix}/#", qos=1)
+        if not self._subscribed.wait(5):
+            pytest.fail(f"test cloud could not subscribe on port {port}")
+
+    def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), msg.properties))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def on(self, topic: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(p) for t, p, _ in self.messages if t == topic and p]
+
+    def wait_message(
+        self, topic: str, predicate: Callable[[dict[str, Any]], bool] = lambda m: True,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for msg in self.on(topic):
+                if predicate(msg):
+                    return msg
+            return None
+
+        return wait_for(find, timeout, f"no matching message on {topic}")  # type: ignore[no-any-return]
+
+    def publish(self, topic: str, payload: Any, *, retain: bool = False, props: Any = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        info = self.client.publish(topic, data, qos=1, retain=retain, properties=props)
+        info.wait_for_publish(5)
+
+    def deploy(self, node: str | None, spec: dict[str, Any]) -> None:
+        topic = (
+            f"{self.prefix}/fleet/functions/{spec['id']}"
+            if node is None
+            else f"{self.prefix}/nodes/{node}/functions/{spec['id']}"
+        )
+        self.publish(topic, spec, retain=True)
+
+    def invoke(
+        self, node: str, function_id: str, payload: Any, *, request_id: str | None = None,
+        timeout: float = 10.0, reply_to: str | None = None,
+    ) -> dict[str, Any]:
+        rid = request_id or uuid.uuid4().hex
+        msg: dict[str, Any] = {"request_id": rid, "function_id": function_id, "payload": payload}
+        if reply_to:
+            msg["reply_to"] = reply_to
+        self.publish(f"{self.prefix}/nodes/{node}/invoke", msg)
+        topic = reply_to or f"{self.prefix}/nodes/{node}/replies"
+        return self.wait_message(topic, lambda m: m.get("request_id") == rid, timeout)
+
+    def invoke_v5(self, node: str, body: bytes, response_topic: str, correlation: bytes) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        self.publish(f"{self.prefix}/nodes/{node}/invoke", body, props=props)
+
+
+@pytest.fixture
+def cloud(broker: Mosquitto) -> Iterator[Cloud]:
+    c = Cloud(broker.port)
+    yield c
+    c.close()
+
+
+def source_spec(
+    fid: str, source: str, *, version: str = "1", entrypoint: str | None = None, **over: Any
+) -> dict[str, Any]:
+    """A function spec with ``format: source`` (module name = the function id's)."""
+    module = entrypoint.split(":")[0] if entrypoint else f"mod_{fid.replace('-', '_')}"
+    spec: dict[str, Any] = {
+        "id": fid,
+        "name": fid,
+        "version": version,
+        "entrypoint": entrypoint or f"{module}:handler",
+        "code": {
+            "format": "source",
+            "data": source,
+            "sha256": hashlib.sha256(source.encode()).hexdigest(),
+        },
+        "memory_mb": 64,
+        "timeout_seconds": 5,
+    }
+    spec.update(over)
+    return spec
+
+
+def zip_spec(fid: str, zip_bytes: bytes, entrypoint: str, **over: Any) -> dict[str, Any]:
+    spec = source_spec(fid, "", entrypoint=entrypoint, **over)
+    spec["code"] = {
+        "format": "zip",
+        "data": base64.b64encode(zip_bytes).decode(),
+        "sha256": hashlib.sha256(zip_bytes).hexdigest(),
+    }
+    return spec
+
+
+class AgentProcess:
+    """``python -m agent run`` as a real subprocess with its own config and state dir."""
+
+    def __init__(self, workdir: Path, port: int, node_id: str = "gw-test", **sections: Any) -> None:
+        import tomli_w
+
+        self.workdir = workdir
+        self.node_id = node_id
+        self.state_dir = workdir / f"state-{node_id}"
+        self.config_path = workdir / f"{node_id}.toml"
+        config: dict[str, Any] = {
+            "node": {"id": node_id, "capabilities": ["python"]},
+            "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1,
+                     "reconnect_max_s": 1.0, "keepalive": 5},
+            "agent": {"state_dir": str(self.state_dir), "heartbeat_interval_s": 1.0,
+                      "log_level": "debug", "shutdown_grace_s": 5.0},
+            "runtime": {"prestart": 1, "max_workers": 4},
+        }
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        self.config_path.write_text(tomli_w.dumps(config))
+        self.log_path = workdir / f"agent-{node_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: text in self.log(), timeout, f"agent log never said {text!r}:\n{self.log()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"agent did not exit within {timeout}s:\n{self.log()[-3000:]}")
+
+    def kill9(self) -> None:
+        """SIGKILL the agent (workers are in their own sessions: kill them too, as systemd would)."""
+        assert self.proc is not None
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.kill()
+        self.proc.wait(10)
+        for child in children:
+            try:
+                child.kill()
+                child.wait(5)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self.proc = None
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, broker: Mosquitto) -> Iterator[Callable[..., AgentProcess]]:
+    agents: list[AgentProcess] = []
+
+    def make(node_id: str = "gw-test", port: int | None = None, **sections: Any) -> AgentProcess:
+        agent = AgentProcess(tmp_path, port or broker.port, node_id, **sections)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
