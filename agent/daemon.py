@@ -357,6 +357,8 @@ class Agent:
         spec = outcome.job.spec
         fid = spec.id
         if self._pending_fingerprint.get(fid) != outcome.job.fingerprint:
+            if outcome.worker is not None:
+                self.pool.discard(outcome.worker)
             return  # superseded by a newer spec (or removed) while it was being prepared
         del self._pending_fingerprint[fid]
         previous = self.store.get_deployment(fid)
@@ -376,7 +378,7 @@ class Agent:
             updated_ts=time.time(),
         )
         if outcome.state == "active" and outcome.code_dir is not None:
-            self.pool.register(pool_config(spec, outcome.code_dir))
+            self.pool.register(pool_config(spec, outcome.code_dir), preloaded=outcome.worker)
             row = replace(
                 row,
                 active_version=spec.version,

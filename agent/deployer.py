@@ -21,7 +21,7 @@ from pathlib import Path
 from agent import bundles
 from agent.config import RuntimeConfig
 from agent.errors import DeploymentRejected, EdgeExecutionError, error_to_dict
-from agent.pool import FunctionConfig, WorkerPool
+from agent.pool import FunctionConfig, Worker, WorkerPool
 from agent.protocol import FunctionSpec, code_bytes
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class DeployOutcome:
     state: str  # active | rejected | failed
     code_dir: Path | None
     error: dict[str, str] | None
+    #: The worker that test-loaded the code: the function's first warm worker.
+    worker: Worker | None = None
 
 
 class Deployer:
@@ -137,10 +139,10 @@ class Deployer:
             error = {"type": "deployment_rejected", "message": f"cannot install bundle: {exc}"}
             return DeployOutcome(job, "failed", None, error)
         try:
-            self.pool.check_load(pool_config(spec, code_dir))
+            worker = self.pool.check_load(pool_config(spec, code_dir))
         except EdgeExecutionError as exc:
             message = str(exc)
             log.warning("function %s %s does not load: %s", spec.id, spec.version, message)
             error = {"type": "deployment_rejected", "message": message}
             return DeployOutcome(job, "failed", code_dir, error)
-        return DeployOutcome(job, "active", code_dir, None)
+        return DeployOutcome(job, "active", code_dir, None, worker)

@@ -334,11 +334,21 @@ class WorkerPool:
 
     # -- functions -------------------------------------------------------------------------
 
-    def register(self, config: FunctionConfig) -> None:
-        """Deploy (or replace) a function; warm workers of an older config are retired."""
+    def register(self, config: FunctionConfig, preloaded: Worker | None = None) -> None:
+        """Deploy (or replace) a function; warm workers of an older config are retired.
+
+        ``preloaded`` is a worker that :meth:`check_load` already loaded with this config:
+        it becomes the function's first warm worker, so the first invocation is not cold.
+        """
         with self._cond:
             old = self._slots.get(config.function_id)
             slot = _Slot(config, next(self._generations))
+            if preloaded is not None and self._live < self.max_workers and not self._closed:
+                preloaded.generation = slot.generation
+                preloaded.change_state(WorkerState.IDLE)
+                slot.idle.append(preloaded)
+                self._live += 1
+                preloaded = None
             # In-flight invocations of the old config finish and are discarded on release.
             retired = old.idle if old is not None else []
             self._slots[config.function_id] = slot
@@ -346,6 +356,8 @@ class WorkerPool:
             self._cond.notify_all()
         for worker in retired:
             self._discard(worker)
+        if preloaded is not None:
+            self._discard(preloaded)
 
     def unregister(self, function_id: str) -> bool:
         with self._cond:
@@ -359,17 +371,21 @@ class WorkerPool:
             self._discard(worker)
         return True
 
-    def check_load(self, config: FunctionConfig) -> None:
-        """Load ``config`` in a throwaway worker, so a broken handler never replaces a good one.
+    def check_load(self, config: FunctionConfig) -> Worker:
+        """Load ``config`` in a fresh worker, so a broken handler never replaces a good one.
 
         Raises what a cold start would (HandlerError for an import error or a missing
-        entrypoint, MemoryLimitExceeded, FunctionTimeout); the worker is discarded either way.
+        entrypoint, MemoryLimitExceeded, FunctionTimeout). On success the loaded worker is
+        returned: pass it to :meth:`register` (or :meth:`discard` it).
         """
         self.start()
         with self._cond:
             generic = self._generic.popleft() if self._generic else None
         self._spawn_wanted.set()
-        worker = self._load(_Slot(config, 0), generic)
+        return self._load(_Slot(config, 0), generic)
+
+    def discard(self, worker: Worker) -> None:
+        """Kill and reap a worker that :meth:`check_load` returned and nobody will use."""
         self._discard(worker)
 
     def functions(self) -> list[str]:
