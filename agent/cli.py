@@ -9,23 +9,31 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from agent import __version__
+from agent import __version__, protocol
 from agent.config import (
     DEFAULT_CONFIG_PATH,
+    Config,
     config_to_dict,
     load_config,
     write_default_config,
 )
+from agent.daemon import Agent
 from agent.errors import AgentError, ConfigError, StoreError
+from agent.mqtt import MqttClient, MqttSettings, Will
+from agent.pool import WorkerLimits, WorkerPool
+from agent.store import Store
+from agent.systemd import Notifier
 
 EX_CONFIG = 78
 
 log = logging.getLogger("agent.cli")
 
 
-def _load(path: str):  # type: ignore[no-untyped-def]
+def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -34,8 +42,80 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         raise SystemExit(EX_CONFIG) from None
 
 
+def mqtt_settings(config: Config) -> MqttSettings:
+    m = config.mqtt
+    return MqttSettings(
+        host=m.host,
+        port=m.port,
+        client_id=m.client_id,
+        keepalive=m.keepalive,
+        protocol=m.protocol,
+        username=m.username,
+        password_file=m.password_file,
+        tls=m.tls,
+        ca_file=m.ca_file,
+        cert_file=m.cert_file,
+        key_file=m.key_file,
+        tls_insecure=m.tls_insecure,
+        reconnect_min_s=m.reconnect_min_s,
+        reconnect_max_s=m.reconnect_max_s,
+        session_expiry_s=m.session_expiry_s,
+        connect_timeout_s=m.connect_timeout_s,
+    )
+
+
+def build_agent(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    mqtt_factory: Callable[..., MqttClient] = MqttClient,
+) -> Agent:
+    """The composition root's work: build the adapters and hand them to an Agent."""
+    r = config.runtime
+    pool = WorkerPool(
+        max_workers=r.max_workers,
+        prestart=r.prestart,
+        max_queue=r.max_queue,
+        max_invocations=r.worker_max_invocations,
+        codec="json",
+        user=r.worker_user or None,
+        limits=WorkerLimits(),
+    )
+    store = Store(
+        Path(config.agent.state_dir) / "state.db",
+        durability=config.agent.durability,
+        max_messages=config.outbox.max_messages,
+        max_bytes=config.outbox.max_bytes,
+    )
+    agent = Agent(
+        config,
+        store=store,
+        pool=pool,
+        notifier=notifier or Notifier.from_env(),
+        config_path=config_path,
+    )
+    topics = agent.topics
+    node = config.node
+    will = Will(
+        topics.status,
+        protocol.encode_status(
+            node.id,
+            "offline",
+            agent_version=__version__,
+            name=node.name,
+            location=node.location,
+            capabilities=node.capabilities,
+            extra={"reason": "connection lost"},
+        ),
+    )
+    agent.mqtt = mqtt_factory(
+        mqtt_settings(config), agent.post, will=will, subscriptions=topics.subscriptions()
+    )
+    return agent
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import build_agent
     from agent.systemd import setup_logging
 
     config = _load(args.config)
@@ -92,21 +172,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
-    status = {
+    functions: list[dict[str, Any]] = [
+        {
+            "id": d.function_id,
+            "version": d.version,
+            "state": d.state,
+            "active_version": d.active_version,
+            "error": json.loads(d.error_json) if d.error_json else None,
+        }
+        for d in deployments
+    ]
+    status: dict[str, Any] = {
         "node_id": config.node.id,
         "state_dir": config.agent.state_dir,
         "last_connect": last_connect,
         "outbox": {"messages": count, "bytes": nbytes},
-        "functions": [
-            {
-                "id": d.function_id,
-                "version": d.version,
-                "state": d.state,
-                "active_version": d.active_version,
-                "error": json.loads(d.error_json) if d.error_json else None,
-            }
-            for d in deployments
-        ],
+        "functions": functions,
     }
     if args.json:
         print(json.dumps(status, indent=2))
@@ -116,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"last connect: {last_connect or 'never'}")
     print(f"outbox:       {count} messages, {nbytes} bytes")
     print(f"functions:    {len(deployments)}")
-    for fn in status["functions"]:
+    for fn in functions:
         line = f"  {fn['id']:<24} {fn['version']:<12} {fn['state']:<9}"
         if fn["active_version"] and fn["active_version"] != fn["version"]:
             line += f" (serving {fn['active_version']})"

@@ -24,7 +24,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,14 +34,12 @@ from agent.config import Config, load_config
 from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec, pool_config
 from agent.errors import AgentError, EdgeExecutionError, FunctionNotFound, Overloaded, error_to_dict
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
-from agent.pool import InvokeResult, WorkerLimits, WorkerPool
+from agent.outbox import OutboxPump
+from agent.pool import InvokeResult, WorkerPool
 from agent.store import DeploymentRow, OutboxFull, Store
 from agent.systemd import Notifier, set_level
 
 log = logging.getLogger(__name__)
-
-#: Outbox items handed to paho and not yet acknowledged, at most.
-OUTBOX_WINDOW = 64
 
 
 @dataclass
@@ -96,8 +93,7 @@ class Agent:
             max_workers=config.runtime.max_workers * 2, thread_name_prefix="edge-invoke"
         )
         self._inflight: dict[str, _Invocation] = {}
-        self._mid_to_outbox: dict[int, int] = {}
-        self._last_sent_id = 0
+        self.outbox = OutboxPump(store, self._publish_item)
         self._pending_fingerprint: dict[str, str] = {}
         self._stopping = False
         self._stop_requested = threading.Event()
@@ -187,12 +183,8 @@ class Agent:
         log.info("stopping: %d invocations in flight, grace %.1fs", len(self._inflight), grace)
         while self._inflight and time.monotonic() < deadline:
             self._step(min(0.1, deadline - time.monotonic()))
-        while (
-            self._connected
-            and (self._mid_to_outbox or self.store.outbox_depth()[0])
-            and time.monotonic() < deadline
-        ):
-            self._drain_outbox()
+        while self._connected and not self.outbox.idle() and time.monotonic() < deadline:
+            self.outbox.drain()
             self._step(min(0.1, deadline - time.monotonic()))
         if self.mqtt is not None:
             if self._connected:
@@ -211,12 +203,12 @@ class Agent:
     # -- MQTT connection --------------------------------------------------------------------
 
     def handle_connected(self, event: mqtt.Connected) -> None:
-        self._connected = True
+        self._connected = self.outbox.connected = True
         self.store.set_meta("last_connect_ts", protocol.now_ts())
         log.info("connected to the broker (session present: %s)", event.session_present)
         self._publish_status("online")
         self._timers["heartbeat"] = time.monotonic()
-        self._drain_outbox()
+        self.outbox.drain()
         self._update_status_line()
 
     def handle_disconnected(self, event: mqtt.Disconnected | mqtt.ConnectFailed) -> None:
@@ -224,35 +216,19 @@ class Agent:
             log.warning("lost the broker: %s", event.reason)
         else:
             log.debug("broker unreachable: %s", event.reason)
-        self._connected = False
+        self._connected = self.outbox.connected = False
         self._update_status_line()
 
     def handle_published(self, event: mqtt.Published) -> None:
-        item_id = self._mid_to_outbox.pop(event.mid, None)
-        if item_id is not None:
-            self.store.outbox_ack(item_id)
-            self._drain_outbox()
+        self.outbox.acknowledged(event.mid)
 
-    def _drain_outbox(self) -> None:
-        """Hand the next outbox items to paho, in order, keeping at most OUTBOX_WINDOW out."""
-        if not self._connected or self.mqtt is None:
-            return
-        room = OUTBOX_WINDOW - len(self._mid_to_outbox)
-        if room <= 0:
-            return
-        for item in self.store.outbox_peek(room, after_id=self._last_sent_id):
-            mid = self.mqtt.publish(
-                item.topic,
-                item.payload,
-                qos=item.qos,
-                retain=item.retain,
-                correlation_data=item.correlation,
-            )
-            self._last_sent_id = item.id
-            if item.qos == 0:
-                self.store.outbox_ack(item.id)
-            else:
-                self._mid_to_outbox[mid] = item.id
+    def _publish_item(
+        self, topic: str, payload: bytes, qos: int, retain: bool, correlation: bytes | None
+    ) -> int:
+        assert self.mqtt is not None
+        return self.mqtt.publish(
+            topic, payload, qos=qos, retain=retain, correlation_data=correlation
+        )
 
     def _publish_status(self, status: str, wait: float = 0.0) -> None:
         assert self.mqtt is not None
@@ -429,7 +405,7 @@ class Agent:
         except OutboxFull as exc:
             log.error("outbox full, %s message for %s not queued: %s", kind, topic, exc)
             return
-        self._drain_outbox()
+        self.outbox.drain()
 
     # -- invocations ------------------------------------------------------------------------
 
@@ -590,7 +566,7 @@ class Agent:
                     rid,
                     extra={"request_id": rid},
                 )
-        self._drain_outbox()
+        self.outbox.drain()
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -696,76 +672,3 @@ class Agent:
         if restart_needed:
             log.warning("changes to %s take effect after a restart", ", ".join(restart_needed))
         self.notifier.ready()
-
-
-def mqtt_settings(config: Config) -> mqtt.MqttSettings:
-    m = config.mqtt
-    return mqtt.MqttSettings(
-        host=m.host,
-        port=m.port,
-        client_id=m.client_id,
-        keepalive=m.keepalive,
-        protocol=m.protocol,
-        username=m.username,
-        password_file=m.password_file,
-        tls=m.tls,
-        ca_file=m.ca_file,
-        cert_file=m.cert_file,
-        key_file=m.key_file,
-        tls_insecure=m.tls_insecure,
-        reconnect_min_s=m.reconnect_min_s,
-        reconnect_max_s=m.reconnect_max_s,
-        session_expiry_s=m.session_expiry_s,
-        connect_timeout_s=m.connect_timeout_s,
-    )
-
-
-def build_agent(
-    config: Config,
-    *,
-    config_path: str | None = None,
-    notifier: Notifier | None = None,
-    mqtt_factory: Callable[..., mqtt.MqttClient] = mqtt.MqttClient,
-) -> Agent:
-    """The composition root's work: build the adapters and hand them to an Agent."""
-    r = config.runtime
-    pool = WorkerPool(
-        max_workers=r.max_workers,
-        prestart=r.prestart,
-        max_queue=r.max_queue,
-        max_invocations=r.worker_max_invocations,
-        codec="json",
-        user=r.worker_user or None,
-        limits=WorkerLimits(),
-    )
-    store = Store(
-        Path(config.agent.state_dir) / "state.db",
-        durability=config.agent.durability,
-        max_messages=config.outbox.max_messages,
-        max_bytes=config.outbox.max_bytes,
-    )
-    agent = Agent(
-        config,
-        store=store,
-        pool=pool,
-        notifier=notifier or Notifier.from_env(),
-        config_path=config_path,
-    )
-    topics = agent.topics
-    node = config.node
-    will = mqtt.Will(
-        topics.status,
-        protocol.encode_status(
-            node.id,
-            "offline",
-            agent_version=__version__,
-            name=node.name,
-            location=node.location,
-            capabilities=node.capabilities,
-            extra={"reason": "connection lost"},
-        ),
-    )
-    agent.mqtt = mqtt_factory(
-        mqtt_settings(config), agent.post, will=will, subscriptions=topics.subscriptions()
-    )
-    return agent

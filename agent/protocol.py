@@ -1,0 +1,1065 @@
+"""The wire contract in code: topic names and message encode / decode / validate.
+
+Owns every topic string the agent (and the cloud-side controller) publishes or subscribes to, and
+the JSON of every message. Decoders take raw payload bytes and raise the contract's errors, whose
+message names the message, the field, what was wrong and the (truncated) value given::
+
+    DeploymentRejected      a function spec (decode_spec, code_bytes)
+    BadRequest              any other message (decode_status, decode_sync_desired, ...)
+    └── InvokeDecodeError   an invocation; carries the request_id / function_id / reply_to
+                            that could be salvaged so the error reply can still be sent
+
+Encoders check their message with the same rules and raise ``ValueError`` (a value outside the
+contract) or ``TypeError`` (a reply result that is not JSON): both are bugs in the caller, and
+the agent never publishes a message that its own decoders would refuse.
+
+Must never: do I/O (no sockets, no paho, no files, no logging), import anything beyond the
+stdlib and the pure ``agent.errors`` / ``agent.models``, or read any clock but ``time.time()``
+(and that only for ``ts``). The worker may import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from base64 import b64decode
+from binascii import Error as BinasciiError
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, NoReturn, TypeGuard
+
+from agent.errors import ERROR_TYPES, BadRequest, DeploymentRejected
+from agent.models import EdgeNodeStatus, canonical_json, state_checksum
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: Versions name a directory on disk (``<version>-<sha12>``): no ``/``, never ``.`` or ``..``.
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_TS_RE = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_PREFIX_LEVEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+MAX_REQUEST_ID_CHARS: Final = 128
+MAX_TOPIC_BYTES: Final = 65535
+NODE_STATUSES: Final = frozenset(s.value for s in EdgeNodeStatus)
+FUNCTION_STATES: Final = frozenset({"active", "failed", "rejected", "removed"})
+CODE_FORMATS: Final = ("source", "zip")
+
+TopicKind = Literal["fleet_spec", "node_spec", "invoke", "sync_desired", "sync_request", "unknown"]
+FleetTopicKind = Literal[
+    "status", "heartbeat", "function_state", "sync_delta", "sync_snapshot", "replies", "unknown"
+]
+_Err = type[Exception]
+
+
+# --------------------------------------------------------------------------- ids, topics, time
+
+
+def is_valid_id(s: object) -> TypeGuard[str]:
+    """True when ``s`` is a node or function id (``ID_RE``; a trailing newline does not pass)."""
+    return isinstance(s, str) and ID_RE.fullmatch(s) is not None
+
+
+def is_valid_request_id(s: object) -> TypeGuard[str]:
+    """True for 1 to 128 printable characters (no control characters, no lone surrogates)."""
+    return isinstance(s, str) and 0 < len(s) <= MAX_REQUEST_ID_CHARS and s.isprintable()
+
+
+def is_valid_publish_topic(topic: object) -> TypeGuard[str]:
+    """True when ``topic`` can be published to: non-empty UTF-8, no wildcard, NUL or ``$`` start."""
+    if not isinstance(topic, str) or not topic or topic.startswith("$"):
+        return False
+    if "+" in topic or "#" in topic or "\0" in topic:
+        return False
+    try:
+        return len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
+    except UnicodeEncodeError:  # a lone surrogate: not UTF-8, a broker would drop us
+        return False
+
+
+def is_valid_prefix(prefix: object) -> TypeGuard[str]:
+    """True for ``/``-separated levels of ``[A-Za-z0-9_-]`` (``edge``, ``acme/edge``)."""
+    return isinstance(prefix, str) and all(
+        _PREFIX_LEVEL_RE.fullmatch(level) for level in prefix.split("/")
+    )
+
+
+def now_ts(t: float | None = None) -> str:
+    """RFC 3339 UTC with milliseconds and ``Z`` from ``t`` or ``time.time()``."""
+    when = datetime.fromtimestamp(time.time() if t is None else t, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_ts(s: str) -> datetime:
+    """The aware datetime of an RFC 3339 ``ts``; ValueError when it is not one."""
+    if not isinstance(s, str) or not _TS_RE.fullmatch(s):
+        raise ValueError(f"not an RFC 3339 timestamp: {_show(s)}")
+    return datetime.fromisoformat(s)  # also rejects month 13, hour 25, ...
+
+
+def _check_prefix(prefix: str) -> None:
+    if not is_valid_prefix(prefix):
+        raise ValueError(f"topic prefix: expected levels of [A-Za-z0-9_-], got {_show(prefix)}")
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not is_valid_id(value):
+        raise ValueError(f"{kind}: expected an id matching {ID_RE.pattern}, got {_show(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one node, as the agent on that node uses them."""
+
+    prefix: str
+    node_id: str
+
+    def __post_init__(self) -> None:
+        _check_prefix(self.prefix)
+        _check_id("node id", self.node_id)
+
+    @staticmethod
+    def for_fleet(prefix: str) -> FleetTopics:
+        """The cloud side's view: filters over every node under ``prefix``."""
+        return FleetTopics(prefix)
+
+    @property
+    def _node(self) -> str:
+        return f"{self.prefix}/nodes/{self.node_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self._node}/status"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self._node}/heartbeat"
+
+    @property
+    def invoke(self) -> str:
+        return f"{self._node}/invoke"
+
+    @property
+    def replies(self) -> str:
+        """The default reply topic, used when a request names no other."""
+        return f"{self._node}/replies"
+
+    @property
+    def sync_delta(self) -> str:
+        return f"{self._node}/sync/delta"
+
+    @property
+    def sync_desired(self) -> str:
+        return f"{self._node}/sync/desired"
+
+    @property
+    def sync_request(self) -> str:
+        return f"{self._node}/sync/request"
+
+    @property
+    def sync_snapshot(self) -> str:
+        return f"{self._node}/sync/snapshot"
+
+    def node_function(self, fid: str) -> str:
+        return f"{self._node}/functions/{_check_id('function id', fid)}"
+
+    def fleet_function(self, fid: str) -> str:
+        return f"{self.prefix}/fleet/functions/{_check_id('function id', fid)}"
+
+    def function_state(self, fid: str) -> str:
+        return f"{self.node_function(fid)}/state"
+
+    def subscriptions(self) -> list[str]:
+        """The topic filters the agent subscribes to (QoS 1)."""
+        return [
+            f"{self.prefix}/fleet/functions/+",
+            f"{self._node}/functions/+",
+            self.invoke,
+            self.sync_desired,
+            self.sync_request,
+        ]
+
+    def classify(self, topic: str) -> tuple[TopicKind, str | None]:
+        """What an incoming topic is; a function id only comes back when it is a valid id."""
+        fleet = f"{self.prefix}/fleet/functions/"
+        if topic.startswith(fleet):
+            fid = topic[len(fleet) :]
+            return ("fleet_spec", fid) if is_valid_id(fid) else ("unknown", None)
+        node = f"{self._node}/"
+        if not topic.startswith(node):
+            return ("unknown", None)  # another node's topic, or not ours at all
+        rest = topic[len(node) :]
+        if rest == "invoke":
+            return ("invoke", None)
+        if rest == "sync/desired":
+            return ("sync_desired", None)
+        if rest == "sync/request":
+            return ("sync_request", None)
+        if rest.startswith("functions/"):
+            fid = rest[len("functions/") :]
+            if is_valid_id(fid):  # "f1/state" has a "/" and is no id: not a spec
+                return ("node_spec", fid)
+        return ("unknown", None)
+
+    def reply_topic(self, response_topic: str | None = None, reply_to: str | None = None) -> str:
+        """MQTT 5 Response Topic if usable, else ``reply_to`` if usable, else :attr:`replies`."""
+        for candidate in (response_topic, reply_to):
+            if is_valid_publish_topic(candidate):
+                return candidate
+        return self.replies
+
+
+def parse_node_topic(prefix: str, topic: str) -> tuple[str, str] | None:
+    """``(node_id, rest)`` of ``<prefix>/nodes/<node_id>/<rest>``, or None."""
+    head = f"{prefix}/nodes/"
+    if not topic.startswith(head):
+        return None
+    node_id, sep, rest = topic[len(head) :].partition("/")
+    if not sep or not rest or not is_valid_id(node_id):
+        return None
+    return node_id, rest
+
+
+@dataclass(frozen=True)
+class FleetTopics:
+    """The cloud side's topics: filters over every node of a prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        _check_prefix(self.prefix)
+
+    def node(self, node_id: str) -> Topics:
+        return Topics(self.prefix, node_id)
+
+    def fleet_function(self, fid: str) -> str:
+        return f"{self.prefix}/fleet/functions/{_check_id('function id', fid)}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/nodes/+/status"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.prefix}/nodes/+/heartbeat"
+
+    @property
+    def function_state(self) -> str:
+        return f"{self.prefix}/nodes/+/functions/+/state"
+
+    @property
+    def sync_delta(self) -> str:
+        return f"{self.prefix}/nodes/+/sync/delta"
+
+    @property
+    def sync_snapshot(self) -> str:
+        return f"{self.prefix}/nodes/+/sync/snapshot"
+
+    @property
+    def replies(self) -> str:
+        return f"{self.prefix}/nodes/+/replies"
+
+    def subscriptions(self) -> list[str]:
+        """The filters a controller subscribes to for everything the fleet publishes."""
+        return [
+            self.status,
+            self.heartbeat,
+            self.function_state,
+            self.sync_delta,
+            self.sync_snapshot,
+            self.replies,
+        ]
+
+    def classify(self, topic: str) -> tuple[FleetTopicKind, str | None, str | None]:
+        """``(kind, node_id, function_id)`` of a topic a node published."""
+        parsed = parse_node_topic(self.prefix, topic)
+        if parsed is None:
+            return ("unknown", None, None)
+        node_id, rest = parsed
+        simple: dict[str, FleetTopicKind] = {
+            "status": "status",
+            "heartbeat": "heartbeat",
+            "sync/delta": "sync_delta",
+            "sync/snapshot": "sync_snapshot",
+            "replies": "replies",
+        }
+        if rest in simple:
+            return (simple[rest], node_id, None)
+        parts = rest.split("/")
+        is_state = len(parts) == 3 and parts[0] == "functions" and parts[2] == "state"
+        if is_state and is_valid_id(parts[1]):
+            return ("function_state", node_id, parts[1])
+        return ("unknown", None, None)
+
+
+# --------------------------------------------------------------------------- JSON plumbing
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short, log-safe rendering of a bad value (JSON-like, truncated)."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]  # don't serialise megabytes only to cut them
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_object(payload: bytes, what: str, err: _Err) -> dict[str, Any]:
+    """Decode UTF-8 JSON that must be an object; everything else is ``err`` naming ``what``."""
+    if not payload:
+        raise err(f"{what}: payload is empty")
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = bytes(payload[exc.start : exc.start + 4])
+        raise err(f"{what}: payload is not UTF-8 (byte {exc.start}: {bad!r})") from exc
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise err(
+            f"{what}: payload is not JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # NaN, 5000-digit ints, [[[[...]]]]
+        raise err(f"{what}: payload is not usable JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise err(f"{what}: expected a JSON object, got {_show(obj)}")
+    return obj
+
+
+def _dumps(msg: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; strings holding lone surrogates fall back to ``\\u`` escapes."""
+    try:
+        return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(msg, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _copy(value: Any) -> Any:
+    """A shallow copy of a mapping; anything else unchanged, for the checker to name."""
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _merge_extra(msg: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or key in msg:
+            raise ValueError(f"extra field {key!r} is not a string or would overwrite a field")
+        msg[key] = value
+    return msg
+
+
+class _Fields:
+    """Typed reads from one JSON object; every error names the message, the field and the value."""
+
+    __slots__ = ("_err", "_obj", "_path", "_what")
+
+    def __init__(self, obj: Mapping[str, Any], what: str, err: _Err, path: str = "") -> None:
+        self._obj, self._what, self._err, self._path = obj, what, err, path
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise self._err(f"{self._what}: {self._path}{key}: {problem}")
+
+    def bad(self, key: str, expected: str, value: Any) -> NoReturn:
+        self.fail(key, f"expected {expected}, got {_show(value)}")
+
+    def raw(self, key: str) -> Any:
+        if key not in self._obj:
+            self.fail(key, "required field missing")
+        return self._obj[key]
+
+    def text(
+        self, key: str, expected: str = "a string", pattern: re.Pattern[str] | None = None
+    ) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+            self.bad(key, expected, value)
+        return value
+
+    def choice(self, key: str, choices: Iterable[str]) -> str:
+        """One of ``choices``; checked as a string first (a list is not hashable)."""
+        value = self.raw(key)
+        if not isinstance(value, str) or value not in choices:
+            self.bad(key, f"one of {', '.join(sorted(choices))}", value)
+        return value
+
+    def nullable_text(
+        self, key: str, expected: str, pattern: re.Pattern[str] | None = None
+    ) -> str | None:
+        return None if self.raw(key) is None else self.text(key, expected, pattern)
+
+    def id(self, key: str) -> str:
+        return self.text(key, f"an id matching {ID_RE.pattern}", ID_RE)
+
+    def hex64(self, key: str) -> str:
+        return self.text(key, "64 hex characters (a SHA-256)", _HEX64_RE).lower()
+
+    def ts(self, key: str = "ts") -> str:
+        value = self.text(key, "an RFC 3339 timestamp", _TS_RE)
+        try:
+            parse_ts(value)
+        except ValueError:
+            self.bad(key, "an RFC 3339 timestamp", value)
+        return value
+
+    def integer(self, key: str, minimum: int = 0) -> int:
+        value = self.raw(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.bad(key, f"an integer >= {minimum}", value)
+        return value
+
+    def number(self, key: str, *, positive: bool = False) -> float:
+        value = self.raw(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not (value > 0 if positive else value >= 0):
+            self.bad(key, "a finite number > 0" if positive else "a finite number >= 0", value)
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            self.bad(key, "true or false", value)
+        return value
+
+    def obj(self, key: str, *, optional: bool = False) -> dict[str, Any]:
+        value = self.raw(key) if not optional else self._obj.get(key)
+        if optional and value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.bad(key, "an object", value)
+        return value
+
+    def array(self, key: str, *, optional: bool = False) -> list[Any]:
+        value = self.raw(key) if not optional else self._obj.get(key)
+        if optional and value is None:
+            return []
+        if not isinstance(value, list):
+            self.bad(key, "a list", value)
+        return value
+
+    def child(self, key: str, obj: Mapping[str, Any]) -> _Fields:
+        return _Fields(obj, self._what, self._err, f"{self._path}{key}.")
+
+    def error(self, key: str = "error") -> dict[str, Any]:
+        err = self.obj(key)
+        sub = self.child(key, err)
+        sub.choice("type", ERROR_TYPES)
+        sub.text("message")
+        return err
+
+
+def _request_id(f: _Fields, key: str = "request_id") -> str:
+    value = f.raw(key)
+    if not is_valid_request_id(value):
+        f.bad(key, f"1 to {MAX_REQUEST_ID_CHARS} printable characters", value)
+    return value
+
+
+def _strings(f: _Fields, key: str, values: list[Any]) -> list[str]:
+    for i, item in enumerate(values):
+        if not isinstance(item, str) or not item:
+            f.bad(f"{key}[{i}]", "a non-empty string", item)
+    return values
+
+
+# --------------------------------------------------------------------------- function specs
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """A function's code: source text or base64 of a zip, with the SHA-256 of the raw bytes."""
+
+    format: Literal["source", "zip"]
+    data: str = field(repr=False)  # may be megabytes: keep it out of logs
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """A function spec as the cloud publishes it; ``extra`` keeps fields this version ignores."""
+
+    id: str
+    name: str
+    version: str
+    entrypoint: str
+    code: CodeSpec
+    memory_mb: int
+    timeout_seconds: float
+    environment: dict[str, str] = field(default_factory=dict, hash=False)
+    requires: list[str] = field(default_factory=list, hash=False)
+    concurrency: int = 1
+    signature: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+_SPEC_FIELDS: Final = frozenset(FunctionSpec.__dataclass_fields__) - {"extra"}
+
+
+def _spec_from_obj(obj: Mapping[str, Any], err: _Err) -> FunctionSpec:
+    """Validate in field order, so the first error reported is the first bad field."""
+    fid = _Fields(obj, "function spec", err).id("id")
+    f = _Fields(obj, f'function spec "{fid}"', err)
+    concurrency = obj.get("concurrency")
+    return FunctionSpec(
+        id=fid,
+        name=f.text("name"),
+        version=f.text("version", f"a version matching {VERSION_RE.pattern}", VERSION_RE),
+        entrypoint=_entrypoint(f),
+        code=_code(f),
+        memory_mb=f.integer("memory_mb", minimum=1),
+        timeout_seconds=f.number("timeout_seconds", positive=True),
+        environment=_environment(f),
+        requires=list(_strings(f, "requires", f.array("requires", optional=True))),
+        concurrency=1 if concurrency is None else f.integer("concurrency", minimum=1),
+        signature=f.nullable_text("signature", "a string or null") if "signature" in obj else None,
+        extra={k: v for k, v in obj.items() if k not in _SPEC_FIELDS},
+    )
+
+
+def _entrypoint(f: _Fields) -> str:
+    value = f.text("entrypoint", '"module:attr"')
+    module, sep, attr = value.partition(":")
+    if not (sep and attr.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+        f.bad("entrypoint", '"module:attr" (dotted module of identifiers, an identifier)', value)
+    return value
+
+
+def _code(f: _Fields) -> CodeSpec:
+    c = f.child("code", f.obj("code"))
+    fmt = c.choice("format", CODE_FORMATS)
+    data = c.text("data")
+    return CodeSpec(format="zip" if fmt == "zip" else "source", data=data, sha256=c.hex64("sha256"))
+
+
+def _environment(f: _Fields) -> dict[str, str]:
+    environment = f.obj("environment", optional=True)
+    e = f.child("environment", environment)
+    for key, value in environment.items():
+        if not ENV_NAME_RE.fullmatch(key):
+            e.fail(key, f"not an environment variable name (expected {ENV_NAME_RE.pattern})")
+        if not isinstance(value, str) or "\0" in value or not _is_utf8(value):
+            e.bad(key, "a UTF-8 string without NUL", value)
+    return dict(environment)
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_spec(payload: bytes, *, expected_id: str | None = None) -> FunctionSpec:
+    """Parse and validate a spec; ``expected_id`` is the id in its topic, which must match."""
+    spec = _spec_from_obj(
+        _load_object(payload, "function spec", DeploymentRejected), DeploymentRejected
+    )
+    if expected_id is not None and spec.id != expected_id:
+        raise DeploymentRejected(
+            f'function spec "{spec.id}": id: does not match the topic\'s id "{expected_id}"'
+        )
+    return spec
+
+
+def spec_to_dict(spec: FunctionSpec) -> dict[str, Any]:
+    """The wire form of a spec: every contract field (defaults included), then ``extra``."""
+    data: dict[str, Any] = {
+        "id": spec.id,
+        "name": spec.name,
+        "version": spec.version,
+        "entrypoint": spec.entrypoint,
+        "code": {"format": spec.code.format, "data": spec.code.data, "sha256": spec.code.sha256},
+        "memory_mb": spec.memory_mb,
+        "timeout_seconds": float(spec.timeout_seconds),  # 5 and 5.0: one fingerprint
+        "environment": dict(spec.environment),
+        "requires": list(spec.requires),
+        "concurrency": spec.concurrency,
+        "signature": spec.signature,
+    }
+    return _merge_extra(data, spec.extra)
+
+
+def encode_spec(spec: FunctionSpec) -> bytes:
+    """The JSON of a spec; ValueError when a field breaks the rules decode_spec enforces."""
+    data = spec_to_dict(spec)
+    _spec_from_obj(data, ValueError)
+    return _dumps(data)
+
+
+def spec_fingerprint(spec: FunctionSpec) -> str:
+    """Hex SHA-256 of the canonical spec without ``extra``: equal means a no-op re-delivery."""
+    data = {k: v for k, v in spec_to_dict(spec).items() if k in _SPEC_FIELDS}
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def code_bytes(code: CodeSpec) -> bytes:
+    """The raw bytes the ``sha256`` covers: UTF-8 of the source, or the base64-decoded zip."""
+    if code.format == "source":
+        try:
+            return code.data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DeploymentRejected(
+                f"function spec: code.data: source is not UTF-8 ({exc})"
+            ) from exc
+    try:
+        return b64decode(code.data, validate=True)
+    except (BinasciiError, ValueError) as exc:
+        raise DeploymentRejected(
+            f"function spec: code.data: expected base64 of a zip, got {_show(code.data)} ({exc})"
+        ) from exc
+
+
+def is_removal(payload: bytes) -> bool:
+    """An empty retained payload on a spec topic removes the function."""
+    return len(payload) == 0
+
+
+def requires_met(spec: FunctionSpec, capabilities: Iterable[str]) -> bool:
+    """True when the node's capabilities cover ``spec.requires`` (else the node skips the spec)."""
+    return set(spec.requires) <= set(capabilities)
+
+
+# --------------------------------------------------------------------------- invocations
+
+
+class InvokeDecodeError(BadRequest):
+    """An invocation that could not be decoded, with what was salvaged for the error reply."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        function_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.function_id = function_id
+        self.reply_to = reply_to
+
+
+@dataclass(frozen=True)
+class InvokeRequest:
+    """One invocation request: ``payload`` is any JSON value, passed to the handler."""
+
+    request_id: str
+    function_id: str
+    payload: Any
+    reply_to: str | None = None
+
+
+def decode_invoke(payload: bytes, max_bytes: int) -> InvokeRequest:
+    """Parse an invocation; InvokeDecodeError carries the valid fields of a half-valid one."""
+    if len(payload) > max_bytes:
+        raise InvokeDecodeError(
+            f"invoke: payload is {len(payload)} bytes, over the {max_bytes} limit"
+        )
+    obj = _load_object(payload, "invoke", InvokeDecodeError)
+    raw_rid, raw_fid, raw_reply_to = (obj.get(k) for k in ("request_id", "function_id", "reply_to"))
+    # Salvage every valid field first: the error reply needs whichever of them exist.
+    request_id = raw_rid if is_valid_request_id(raw_rid) else None
+    function_id = raw_fid if is_valid_id(raw_fid) else None
+    reply_to = raw_reply_to if is_valid_publish_topic(raw_reply_to) else None
+
+    def fail(key: str, problem: str) -> NoReturn:
+        raise InvokeDecodeError(
+            f"invoke: {key}: {problem}",
+            request_id=request_id,
+            function_id=function_id,
+            reply_to=reply_to,
+        )
+
+    if request_id is None:
+        fail(
+            "request_id",
+            f"expected 1 to {MAX_REQUEST_ID_CHARS} printable characters, "
+            f"got {_show(raw_rid) if 'request_id' in obj else 'nothing'}",
+        )
+    if function_id is None:
+        fail(
+            "function_id",
+            f"expected an id matching {ID_RE.pattern}, "
+            f"got {_show(raw_fid) if 'function_id' in obj else 'nothing'}",
+        )
+    if "payload" not in obj:
+        fail("payload", "required field missing (null is a valid payload)")
+    if raw_reply_to is not None and reply_to is None:
+        fail(
+            "reply_to",
+            f"expected a topic to publish to (no +, #, NUL or leading $), "
+            f"got {_show(raw_reply_to)}",
+        )
+    return InvokeRequest(request_id, function_id, obj["payload"], reply_to)
+
+
+def encode_invoke(
+    request_id: str, function_id: str, payload: Any, reply_to: str | None = None
+) -> bytes:
+    """The cloud side's invocation message."""
+    msg: dict[str, Any] = {"request_id": request_id, "function_id": function_id, "payload": payload}
+    if reply_to is not None:
+        msg["reply_to"] = reply_to
+    encoded = _dumps(msg)
+    try:
+        decode_invoke(encoded, len(encoded))
+    except InvokeDecodeError as exc:
+        raise ValueError(str(exc)) from exc
+    return encoded
+
+
+def _check_reply(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "reply", err)
+    ok = f.boolean("ok")
+    if ok:
+        _request_id(f)
+        f.id("function_id")
+        f.raw("result")
+    else:
+        kind = f.error()["type"]
+        if f.raw("request_id") is not None:
+            _request_id(f)
+        elif kind != BadRequest.type:
+            f.fail("request_id", "null is only allowed in bad_request replies")
+        if f.raw("function_id") is not None:
+            f.id("function_id")
+    f.number("duration_ms")
+    f.boolean("cold_start")
+    f.ts()
+
+
+def encode_reply(
+    request_id: str | None,
+    function_id: str | None,
+    *,
+    ok: bool,
+    result: Any = None,
+    error: Mapping[str, Any] | None = None,
+    duration_ms: float,
+    cold_start: bool,
+    node_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A reply; TypeError when ``result`` is not JSON (the daemon answers handler_error then).
+
+    ``request_id``/``function_id`` may be None only in a ``bad_request`` reply to a request
+    whose fields could not be salvaged.
+    """
+    if ok == (error is not None):
+        raise ValueError("encode_reply: pass error exactly when ok is False")
+    msg: dict[str, Any] = {"request_id": request_id, "function_id": function_id, "ok": ok}
+    if ok:
+        msg["result"] = result
+    else:
+        msg["error"] = _copy(error)
+    msg.update(duration_ms=duration_ms, cold_start=cold_start, ts=now_ts())
+    if node_id is not None:
+        msg["node_id"] = _check_id("reply node_id", node_id)
+    _check_reply(_merge_extra(msg, extra), ValueError)
+    try:
+        return _dumps(msg)
+    except (TypeError, ValueError, RecursionError) as exc:
+        try:
+            _dumps({"result": result})
+        except (TypeError, ValueError, RecursionError):
+            raise TypeError(
+                f"reply to {request_id!r}: the result of {function_id!r} "
+                f"is not JSON-serialisable: {exc}"
+            ) from exc
+        raise TypeError(
+            f"reply to {request_id!r}: extra or error is not JSON-serialisable: {exc}"
+        ) from exc
+
+
+def decode_reply(payload: bytes) -> dict[str, Any]:
+    """A validated reply (cloud side)."""
+    msg = _load_object(payload, "reply", BadRequest)
+    _check_reply(msg, BadRequest)
+    return msg
+
+
+# ------------------------------------------------------------------ status, heartbeat, state
+
+
+def _check_status(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "status", err)
+    f.id("node_id")
+    f.choice("status", NODE_STATUSES)
+    f.ts()
+    f.text("agent_version")
+    f.text("name")
+    f.text("location")
+    _strings(f, "capabilities", f.array("capabilities"))
+
+
+_SYSTEM_FIELDS: Final = (
+    "cpu_percent",
+    "memory_used_mb",
+    "memory_total_mb",
+    "disk_free_mb",
+    "load_1m",
+)
+_FUNCTION_COUNTERS: Final = ("invocations", "errors", "timeouts")
+
+
+def _check_heartbeat(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "heartbeat", err)
+    f.id("node_id")
+    f.integer("seq")
+    f.ts()
+    f.number("uptime_s")
+    f.choice("status", NODE_STATUSES)
+    system = f.child("system", f.obj("system"))
+    for key in _SYSTEM_FIELDS:
+        system.number(key)
+    for i, entry in enumerate(f.array("functions")):
+        if not isinstance(entry, dict):
+            f.bad(f"functions[{i}]", "an object", entry)
+        fn = f.child(f"functions[{i}]", entry)
+        fn.id("id")
+        fn.text("version")
+        if not fn.text("state"):
+            fn.bad("state", "a non-empty string", "")
+        for key in _FUNCTION_COUNTERS:
+            fn.integer(key)
+        for key in ("p50_ms", "p95_ms"):
+            if fn.raw(key) is not None:  # null until the function has been invoked
+                fn.number(key)
+
+
+def _check_function_state(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "function state", err)
+    f.id("function_id")
+    state = f.choice("state", FUNCTION_STATES)
+    if state in ("active", "failed"):  # a rejected or never-deployed spec may lack both
+        f.text("version")
+        f.hex64("sha256")
+    else:
+        f.nullable_text("version", "a string or null")
+        if f.raw("sha256") is not None:
+            f.hex64("sha256")
+    if state in ("failed", "rejected") or f.raw("error") is not None:
+        f.error()  # required when failed or rejected, optional otherwise
+    f.ts()
+
+
+def encode_status(
+    node_id: str,
+    status: str | EdgeNodeStatus,
+    *,
+    agent_version: str,
+    name: str,
+    location: str,
+    capabilities: Iterable[str],
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The retained status message (also the Last Will, with status ``offline``)."""
+    msg: dict[str, Any] = {
+        "node_id": node_id,
+        "status": status.value if isinstance(status, EdgeNodeStatus) else status,
+        "ts": now_ts(),
+        "agent_version": agent_version,
+        "name": name,
+        "location": location,
+        "capabilities": list(capabilities),
+    }
+    return _encode(msg, extra, _check_status)
+
+
+def encode_heartbeat(
+    node_id: str,
+    seq: int,
+    uptime_s: float,
+    status: str | EdgeNodeStatus,
+    system: Mapping[str, Any],
+    functions: Iterable[Mapping[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A heartbeat; ``system`` and each ``functions`` entry may carry extra keys."""
+    msg: dict[str, Any] = {
+        "node_id": node_id,
+        "seq": seq,
+        "ts": now_ts(),
+        "uptime_s": uptime_s,
+        "status": status.value if isinstance(status, EdgeNodeStatus) else status,
+        "system": _copy(system),
+        "functions": [_copy(entry) for entry in functions],
+    }
+    return _encode(msg, extra, _check_heartbeat)
+
+
+def encode_function_state(
+    function_id: str,
+    version: str | None,
+    sha256: str | None,
+    state: str,
+    error: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The retained state of one function here; ``error`` is required when failed/rejected."""
+    msg: dict[str, Any] = {
+        "function_id": function_id,
+        "version": version,
+        "sha256": sha256,
+        "state": state,
+        "error": _copy(error),
+        "ts": now_ts(),
+    }
+    return _encode(msg, extra, _check_function_state)
+
+
+def _encode(
+    msg: dict[str, Any],
+    extra: Mapping[str, Any] | None,
+    check: Callable[[Mapping[str, Any], _Err], None],
+) -> bytes:
+    check(_merge_extra(msg, extra), ValueError)
+    try:
+        return _dumps(msg)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"message is not JSON-serialisable: {exc}") from exc
+
+
+def _decode(
+    payload: bytes, what: str, check: Callable[[Mapping[str, Any], _Err], None]
+) -> dict[str, Any]:
+    msg = _load_object(payload, what, BadRequest)
+    check(msg, BadRequest)
+    return msg
+
+
+def decode_status(payload: bytes) -> dict[str, Any]:
+    """A validated status message (cloud side)."""
+    return _decode(payload, "status", _check_status)
+
+
+def decode_heartbeat(payload: bytes) -> dict[str, Any]:
+    """A validated heartbeat (cloud side)."""
+    return _decode(payload, "heartbeat", _check_heartbeat)
+
+
+def decode_function_state(payload: bytes) -> dict[str, Any]:
+    """A validated function state message (cloud side)."""
+    return _decode(payload, "function state", _check_function_state)
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def _check_checksum(f: _Fields, msg: Mapping[str, Any]) -> None:
+    if f.hex64("checksum") != state_checksum(msg["data"]):
+        f.bad("checksum", "the SHA-256 of the canonical JSON of data", msg["checksum"])
+
+
+def _check_sync_delta(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "sync delta", err)
+    start = f.integer("from_version")
+    if f.integer("to_version") <= start:
+        f.bad("to_version", f"an integer > from_version ({start})", msg["to_version"])
+    f.obj("changes")
+    f.hex64("checksum")
+
+
+def _check_sync_snapshot(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "sync snapshot", err)
+    _request_id(f)
+    f.integer("version")
+    f.obj("data")
+    _check_checksum(f, msg)
+
+
+def _check_sync_desired(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "sync desired", err)
+    f.integer("version")
+    f.obj("data")
+    if msg.get("checksum") is not None:  # optional; verified when the cloud sends it
+        _check_checksum(f, msg)
+
+
+def _check_sync_request(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "sync request", err)
+    _request_id(f)
+
+
+def encode_sync_delta(
+    from_version: int,
+    to_version: int,
+    changes: Mapping[str, Any],
+    checksum: str,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A state change: ``changes`` maps keys to new values, None meaning deleted."""
+    msg: dict[str, Any] = {
+        "from_version": from_version,
+        "to_version": to_version,
+        "changes": _copy(changes),
+        "checksum": checksum,
+        "ts": now_ts(),
+    }
+    return _encode(msg, extra, _check_sync_delta)
+
+
+def encode_sync_snapshot(
+    request_id: str,
+    version: int,
+    data: Mapping[str, Any],
+    checksum: str,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The whole state, answering a sync request; ``checksum`` must match ``data``."""
+    msg: dict[str, Any] = {
+        "request_id": request_id,
+        "version": version,
+        "data": _copy(data),
+        "checksum": checksum,
+        "ts": now_ts(),
+    }
+    return _encode(msg, extra, _check_sync_snapshot)
+
+
+def encode_sync_desired(version: int, data: Mapping[str, Any]) -> bytes:
+    """The cloud side's desired state (retained), with its checksum."""
+    checksum = state_checksum(data) if isinstance(data, Mapping) else None
+    msg = {"version": version, "data": _copy(data), "checksum": checksum}
+    return _encode(msg, None, _check_sync_desired)
+
+
+def encode_sync_request(request_id: str) -> bytes:
+    """The cloud side's request for a snapshot."""
+    return _encode({"request_id": request_id}, None, _check_sync_request)
+
+
+def decode_sync_desired(payload: bytes) -> tuple[int, dict[str, Any]]:
+    """``(version, data)`` of a desired-state message."""
+    msg = _decode(payload, "sync desired", _check_sync_desired)
+    return msg["version"], msg["data"]
+
+
+def decode_sync_request(payload: bytes) -> str:
+    """The ``request_id`` of a snapshot request."""
+    request_id: str = _decode(payload, "sync request", _check_sync_request)["request_id"]
+    return request_id
+
+
+def decode_sync_delta(payload: bytes) -> dict[str, Any]:
+    """A validated delta (cloud side)."""
+    return _decode(payload, "sync delta", _check_sync_delta)
+
+
+def decode_sync_snapshot(payload: bytes) -> dict[str, Any]:
+    """A validated snapshot whose checksum matches its data (cloud side)."""
+    return _decode(payload, "sync snapshot", _check_sync_snapshot)
