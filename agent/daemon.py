@@ -18,7 +18,6 @@ Delivery guarantees:
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -29,14 +28,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, bundles, mqtt, protocol
+from agent import __version__, mqtt, protocol
 from agent.config import Config, load_config
-from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec, pool_config
+from agent.deployer import Deployer, DeployOutcome
+from agent.deployments import DeploymentController
 from agent.errors import AgentError, EdgeExecutionError, FunctionNotFound, Overloaded, error_to_dict
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
-from agent.store import DeploymentRow, OutboxFull, Store
+from agent.store import OutboxFull, Store
 from agent.systemd import Notifier, set_level
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,20 @@ class Agent:
         self.deployer = Deployer(
             Path(config.agent.state_dir) / "functions", pool, config.runtime, self.post
         )
+        self.deployments = DeploymentController(
+            store,
+            pool,
+            self.deployer,
+            config.node.capabilities,
+            self._report_state,
+            forget=self.metrics.forget,
+        )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(
             max_workers=config.runtime.max_workers * 2, thread_name_prefix="edge-invoke"
         )
         self._inflight: dict[str, _Invocation] = {}
         self.outbox = OutboxPump(store, self._publish_item)
-        self._pending_fingerprint: dict[str, str] = {}
         self._stopping = False
         self._stop_requested = threading.Event()
         self._started = time.monotonic()
@@ -121,15 +128,10 @@ class Agent:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         self.store.open()
         self.pool.start()
-        restored = 0
-        for row in self.store.list_deployments():
-            if row.active_spec_json and row.active_code_dir and Path(row.active_code_dir).is_dir():
-                spec = protocol.decode_spec(row.active_spec_json.encode())
-                self.pool.register(pool_config(spec, Path(row.active_code_dir)))
-                restored += 1
+        restored = self.deployments.restore()
         log.info("restored %d deployed functions from %s", restored, self.store.path)
         self.deployer.start()
-        self._reconcile_all()
+        self.deployments.reconcile_all()
         self.notifier.ready()
         self._update_status_line()
         now = time.monotonic()
@@ -263,7 +265,9 @@ class Agent:
             return  # acknowledged once answered
         try:
             if kind in ("fleet_spec", "node_spec") and fid is not None:
-                self.handle_spec(msg, "fleet" if kind == "fleet_spec" else "node", fid)
+                scope = "fleet" if kind == "fleet_spec" else "node"
+                self.deployments.on_spec(scope, fid, msg.payload)
+                self._update_status_line()
             else:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
@@ -275,112 +279,8 @@ class Agent:
 
     # -- deployments ------------------------------------------------------------------------
 
-    def handle_spec(self, msg: mqtt.Message, scope: str, fid: str) -> None:
-        if protocol.is_removal(msg.payload):
-            self.store.put_spec_source(scope, fid, None)
-        else:
-            try:
-                spec = protocol.decode_spec(msg.payload, expected_id=fid)
-            except AgentError as exc:
-                log.warning(
-                    "rejected %s spec for %s: %s", scope, fid, exc, extra={"function_id": fid}
-                )
-                self._report_state(fid, None, None, "rejected", error_to_dict(exc))
-                return
-            self.store.put_spec_source(scope, fid, protocol.encode_spec(spec).decode())
-        self._reconcile(fid)
-
-    def _reconcile_all(self) -> None:
-        sources = self.store.get_spec_sources()
-        for fid in set(sources) | {row.function_id for row in self.store.list_deployments()}:
-            self._reconcile(fid, sources.get(fid, {}))
-
-    def _reconcile(self, fid: str, sources: dict[str, str] | None = None) -> None:
-        """Bring one function to what its spec sources ask for."""
-        if sources is None:
-            sources = self.store.get_spec_sources().get(fid, {})
-        wanted = effective_spec(sources)
-        spec = protocol.decode_spec(wanted.encode()) if wanted else None
-        if spec is not None and not protocol.requires_met(spec, self.config.node.capabilities):
-            log.info("skipping %s: requires %s", fid, spec.requires, extra={"function_id": fid})
-            spec = None
-        row = self.store.get_deployment(fid)
-        if spec is None:
-            self._pending_fingerprint.pop(fid, None)
-            if row is not None:
-                self._remove(row)
-            return
-        fingerprint = protocol.spec_fingerprint(spec)
-        if (row is not None and row.fingerprint == fingerprint) or (
-            self._pending_fingerprint.get(fid) == fingerprint
-        ):
-            return  # re-delivery of what is deployed (or being deployed): a no-op
-        self._pending_fingerprint[fid] = fingerprint
-        log.info("deploying %s %s", fid, spec.version, extra={"function_id": fid})
-        self.deployer.submit(DeployJob(spec, fingerprint))
-
-    def _remove(self, row: DeploymentRow) -> None:
-        fid = row.function_id
-        self.pool.unregister(fid)
-        self.store.delete_deployment(fid)
-        self.metrics.forget(fid)
-        bundles.remove_function(self.deployer.functions_dir, fid)
-        log.info("removed %s", fid, extra={"function_id": fid})
-        self._report_state(fid, row.active_version or row.version, row.sha256, "removed", None)
-        self._update_status_line()
-
     def handle_deploy_outcome(self, outcome: DeployOutcome) -> None:
-        spec = outcome.job.spec
-        fid = spec.id
-        if self._pending_fingerprint.get(fid) != outcome.job.fingerprint:
-            if outcome.worker is not None:
-                self.pool.discard(outcome.worker)
-            return  # superseded by a newer spec (or removed) while it was being prepared
-        del self._pending_fingerprint[fid]
-        previous = self.store.get_deployment(fid)
-        spec_json = protocol.encode_spec(spec).decode()
-        row = DeploymentRow(
-            function_id=fid,
-            version=spec.version,
-            sha256=spec.code.sha256,
-            fingerprint=outcome.job.fingerprint,
-            spec_json=spec_json,
-            code_dir=str(outcome.code_dir or ""),
-            state=outcome.state,
-            error_json=json.dumps(outcome.error) if outcome.error else None,
-            active_version=previous.active_version if previous else None,
-            active_code_dir=previous.active_code_dir if previous else None,
-            active_spec_json=previous.active_spec_json if previous else None,
-            updated_ts=time.time(),
-        )
-        if outcome.state == "active" and outcome.code_dir is not None:
-            self.pool.register(pool_config(spec, outcome.code_dir), preloaded=outcome.worker)
-            row = replace(
-                row,
-                active_version=spec.version,
-                active_code_dir=str(outcome.code_dir),
-                active_spec_json=spec_json,
-            )
-            keep = {outcome.code_dir}
-            if previous and previous.active_code_dir:
-                keep.add(Path(previous.active_code_dir))
-            self.store.put_deployment(row)
-            bundles.prune_versions(self.deployer.functions_dir, fid, keep)
-            log.info("%s %s is active", fid, spec.version, extra={"function_id": fid})
-        else:
-            self.store.put_deployment(row)
-            log.warning(
-                "%s %s %s: %s (still serving: %s)",
-                fid,
-                spec.version,
-                outcome.state,
-                (outcome.error or {}).get("message"),
-                row.active_version,
-                extra={"function_id": fid},
-            )
-        self._report_state(
-            fid, spec.version, spec.code.sha256, outcome.state, outcome.error, row.active_version
-        )
+        self.deployments.on_outcome(outcome)
         self._update_status_line()
 
     def _report_state(
