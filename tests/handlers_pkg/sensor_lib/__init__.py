@@ -1,0 +1,1 @@
+"""A helper package inside the bundle: the bundle root is on the worker's sys.path."""

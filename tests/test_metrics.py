@@ -1,0 +1,166 @@
+"""EdgeMetrics: the seed's queries, exact counters, nearest-rank percentiles, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from agent import EdgeMetrics, InvocationRecord
+from agent.metrics import DEFAULT_HISTORY, DEFAULT_WINDOW, percentile, system_metrics
+
+
+def record(
+    function_id: str = "f",
+    duration_ms: float = 1.0,
+    *,
+    success: bool = True,
+    error_type: str | None = None,
+    cold_start: bool = False,
+) -> InvocationRecord:
+    return InvocationRecord(
+        function_id=function_id,
+        node_id="gw",
+        start_time=0.0,
+        duration_ms=duration_ms,
+        success=success,
+        error=None if success else "boom",
+        error_type=error_type,
+        cold_start=cold_start,
+    )
+
+
+def test_invocation_record_seed_fields_and_defaults() -> None:
+    """InvocationRecord keeps the seed's positional fields; the additions default off."""
+    rec = InvocationRecord("f", "gw", 12.5, 3.0, True)
+    assert (rec.function_id, rec.node_id, rec.start_time, rec.duration_ms, rec.success) == (
+        "f",
+        "gw",
+        12.5,
+        3.0,
+        True,
+    )
+    assert rec.error is None and rec.request_id is None and rec.error_type is None
+    assert rec.cold_start is False and rec.peak_rss_kb == 0
+
+
+def test_empty_metrics() -> None:
+    """With no invocations: 100 % success, 0.0 ms latency, zero counts and percentiles."""
+    metrics = EdgeMetrics()
+    assert metrics.success_rate() == 100.0
+    assert metrics.avg_latency_ms() == 0.0
+    assert metrics.total_invocations() == 0
+    assert metrics.error_count() == 0
+    assert metrics.percentiles() == {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0}
+    assert metrics.success_rate("unknown") == 100.0
+    assert metrics.avg_latency_ms("unknown") == 0.0
+    assert list(metrics.records) == []
+    summary = metrics.summary()
+    assert summary["total_invocations"] == 0 and summary["functions"] == {}
+
+
+def test_counters_per_function_and_total() -> None:
+    """Success rate, mean latency, errors, time-outs and cold starts, per function and overall."""
+    metrics = EdgeMetrics()
+    metrics.record(record("a", 10.0, cold_start=True))
+    metrics.record(record("a", 20.0))
+    metrics.record(record("a", 30.0, success=False, error_type="handler_error"))
+    metrics.record(record("b", 40.0, success=False, error_type="timeout"))
+
+    assert metrics.total_invocations() == 4
+    assert metrics.total_invocations("a") == 3
+    assert metrics.success_rate() == 50.0
+    assert metrics.success_rate("a") == pytest.approx(200 / 3)
+    assert metrics.success_rate("b") == 0.0
+    assert metrics.avg_latency_ms() == 25.0
+    assert metrics.avg_latency_ms("a") == 20.0
+    assert metrics.error_count() == 2 and metrics.error_count("b") == 1
+    a = metrics.function_stats("a")
+    assert (a["invocations"], a["errors"], a["timeouts"], a["cold_starts"]) == (3, 1, 0, 1)
+    assert metrics.function_stats("b")["timeouts"] == 1
+    summary = metrics.summary()
+    assert summary["error_count"] == 2
+    assert set(summary["functions"]) == {"a", "b"}
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    """p50/p95/p99 over 1..100 ms are 50, 95 and 99 (nearest rank), whatever the order."""
+    metrics = EdgeMetrics()
+    for ms in reversed(range(1, 101)):
+        metrics.record(record("f", float(ms)))
+
+    assert metrics.percentiles() == {"p50_ms": 50.0, "p95_ms": 95.0, "p99_ms": 99.0}
+    assert metrics.percentiles("f") == metrics.percentiles()
+    assert percentile([], 50) == 0.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0], 50) == 1.0
+    assert percentile([1.0, 2.0], 100) == 2.0
+
+
+def test_memory_is_bounded_under_50000_records() -> None:
+    """50,000 records keep only the last DEFAULT_HISTORY records and DEFAULT_WINDOW latencies,
+    while the counters stay exact."""
+    metrics = EdgeMetrics()
+    n = 50_000
+    for i in range(n):
+        metrics.record(record("f", float(i)))
+
+    assert len(metrics.records) == DEFAULT_HISTORY
+    assert metrics.records[-1].duration_ms == n - 1
+    assert metrics.records[0].duration_ms == n - DEFAULT_HISTORY
+    assert metrics.total_invocations() == n
+    assert metrics.avg_latency_ms() == pytest.approx((n - 1) / 2)
+    # Percentiles come from the last DEFAULT_WINDOW latencies only: the window is bounded.
+    oldest_kept = n - DEFAULT_WINDOW
+    expected_p50 = float(oldest_kept + DEFAULT_WINDOW // 2 - 1)
+    assert metrics.percentiles()["p50_ms"] == expected_p50
+    assert metrics.percentiles("f")["p50_ms"] == expected_p50
+
+
+def test_window_and_history_are_configurable() -> None:
+    """EdgeMetrics(window=, history=) bound percentiles and the record log."""
+    metrics = EdgeMetrics(window=10, history=5)
+    for i in range(100):
+        metrics.record(record("f", float(i)))
+    assert len(metrics.records) == 5
+    assert metrics.percentiles()["p50_ms"] == 94.0  # last 10 are 90..99; rank 5 -> 94
+    assert metrics.percentiles("f")["p99_ms"] == 99.0
+
+
+def test_forget_drops_one_function() -> None:
+    """forget() drops a function's stats (an undeployed function) but not the totals."""
+    metrics = EdgeMetrics()
+    metrics.record(record("a"))
+    metrics.record(record("b"))
+    metrics.forget("a")
+    assert metrics.total_invocations("a") == 0
+    assert metrics.total_invocations("b") == 1
+    assert metrics.total_invocations() == 2
+    metrics.forget("never-seen")
+
+
+def test_record_is_thread_safe() -> None:
+    """Eight threads recording at once lose no count."""
+    metrics = EdgeMetrics()
+
+    def work(fid: str) -> None:
+        for _ in range(2000):
+            metrics.record(record(fid, 1.0))
+
+    threads = [threading.Thread(target=work, args=(f"f{i % 2}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert metrics.total_invocations() == 16_000
+    assert metrics.total_invocations("f0") == metrics.total_invocations("f1") == 8000
+
+
+def test_system_metrics_has_the_heartbeat_fields() -> None:
+    """system_metrics() gives the heartbeat's ``system`` object with numeric fields."""
+    system = system_metrics()
+    for key in ("cpu_percent", "memory_used_mb", "memory_total_mb", "disk_free_mb", "load_1m"):
+        assert isinstance(system[key], int | float), key
+    assert 0 < system["memory_used_mb"] <= system["memory_total_mb"]
+    assert system["disk_free_mb"] > 0
+    assert system_metrics("/no/such/path")["disk_free_mb"] == 0
