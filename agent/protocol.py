@@ -43,7 +43,6 @@ _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _TS_RE = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
-_PREFIX_LEVEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 MAX_REQUEST_ID_CHARS: Final = 128
 MAX_TOPIC_BYTES: Final = 65535
@@ -84,10 +83,12 @@ def is_valid_publish_topic(topic: object) -> TypeGuard[str]:
 
 
 def is_valid_prefix(prefix: object) -> TypeGuard[str]:
-    """True for ``/``-separated levels of ``[A-Za-z0-9_-]`` (``edge``, ``acme/edge``)."""
-    return isinstance(prefix, str) and all(
-        _PREFIX_LEVEL_RE.fullmatch(level) for level in prefix.split("/")
-    )
+    """True for a publishable topic with no empty level (``edge``, ``acme/edge``).
+
+    The same rule as ``agent.config.topic_prefix``, so a prefix the config accepts never
+    fails here at startup.
+    """
+    return is_valid_publish_topic(prefix) and "" not in prefix.split("/")
 
 
 def now_ts(t: float | None = None) -> str:
@@ -105,7 +106,9 @@ def parse_ts(s: str) -> datetime:
 
 def _check_prefix(prefix: str) -> None:
     if not is_valid_prefix(prefix):
-        raise ValueError(f"topic prefix: expected levels of [A-Za-z0-9_-], got {_show(prefix)}")
+        raise ValueError(
+            f"topic prefix: expected non-empty levels without +, # or NUL, got {_show(prefix)}"
+        )
 
 
 def _check_id(kind: str, value: str) -> str:
@@ -603,7 +606,11 @@ def encode_spec(spec: FunctionSpec) -> bytes:
 def spec_fingerprint(spec: FunctionSpec) -> str:
     """Hex SHA-256 of the canonical spec without ``extra``: equal means a no-op re-delivery."""
     data = {k: v for k, v in spec_to_dict(spec).items() if k in _SPEC_FIELDS}
-    return hashlib.sha256(canonical_json(data)).hexdigest()
+    try:
+        canonical = canonical_json(data)
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON, no UTF-8): hash the escapes
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def code_bytes(code: CodeSpec) -> bytes:
@@ -960,8 +967,15 @@ def decode_function_state(payload: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sync
 
 
+def _checksum(f: _Fields, data: Mapping[str, Any]) -> str:
+    try:
+        return state_checksum(data)
+    except UnicodeEncodeError as exc:  # "\ud800" is valid JSON but has no UTF-8 to hash
+        f.fail("data", f"holds a string that is not valid UTF-8 ({exc.reason})")
+
+
 def _check_checksum(f: _Fields, msg: Mapping[str, Any]) -> None:
-    if f.hex64("checksum") != state_checksum(msg["data"]):
+    if f.hex64("checksum") != _checksum(f, msg["data"]):
         f.bad("checksum", "the SHA-256 of the canonical JSON of data", msg["checksum"])
 
 
@@ -1033,8 +1047,9 @@ def encode_sync_snapshot(
 
 def encode_sync_desired(version: int, data: Mapping[str, Any]) -> bytes:
     """The cloud side's desired state (retained), with its checksum."""
-    checksum = state_checksum(data) if isinstance(data, Mapping) else None
-    msg = {"version": version, "data": _copy(data), "checksum": checksum}
+    msg: dict[str, Any] = {"version": version, "data": _copy(data), "checksum": None}
+    if isinstance(data, Mapping):
+        msg["checksum"] = _checksum(_Fields(msg, "sync desired", ValueError), data)
     return _encode(msg, None, _check_sync_desired)
 
 
