@@ -312,3 +312,43 @@ def agent_factory(tmp_path: Path, broker: Mosquitto) -> Iterator[Callable[..., A
     yield make
     for agent in agents:
         agent.stop()
+
+
+# -- helpers for the daemon, CLI and MQTT client tests --------------------------------------
+
+
+def _edge_agent_command() -> list[str]:
+    """The installed ``edge-agent`` console script, else ``python -m agent``."""
+    script = Path(sys.executable).with_name("edge-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent"]
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``edge-agent ARGS`` as a real subprocess; the result, whatever the exit code."""
+    return subprocess.run(
+        [*_edge_agent_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def cli_status(agent: AgentProcess) -> dict[str, Any]:
+    """``edge-agent status --json`` of an agent's config (works while it runs or not)."""
+    done = run_cli("status", "--json", "--config", str(agent.config_path))
+    assert done.returncode == 0, f"edge-agent status failed ({done.returncode}): {done.stderr}"
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def make_zip(members: dict[str, str | bytes]) -> bytes:
+    """A zip of exactly these member names (even hostile ones such as ``../x.py``)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
