@@ -98,8 +98,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 
 def test_memory_is_bounded_under_50000_records() -> None:
-    """50,000 records keep only the last DEFAULT_HISTORY records and DEFAULT_WINDOW latencies,
-    while the counters stay exact."""
+    """50,000 records keep a bounded log and latency window; the counters stay exact."""
     metrics = EdgeMetrics()
     n = 50_000
     for i in range(n):

@@ -4,6 +4,7 @@ recycling and redeploys, with real worker processes. Every test ends with a leak
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -303,3 +304,17 @@ def test_pool_construction_starts_nothing() -> None:
         assert pool.worker_pids() == []
         assert threading.active_count() == threads_before
         pool.close()
+
+
+def test_leak_check_catches_a_leaked_child_and_fd(tmp_path: Path) -> None:
+    """The leak check itself fails on a child left running and on an fd left open."""
+    import subprocess
+
+    with pytest.raises(pytest.fail.Exception, match="leaked"), leak_check(timeout=0.2):
+        zombie = subprocess.Popen(["sleep", "30"])
+        zombie.kill()  # killed but not reaped: a zombie is a leak too
+    zombie.wait()
+
+    with pytest.raises(AssertionError, match="fds leaked"), leak_check(timeout=0.2):
+        fd = os.open(tmp_path, os.O_RDONLY)
+    os.close(fd)

@@ -203,10 +203,12 @@ def test_local_update_after_remote_continues_from_its_version() -> None:
 
 # -- deltas ------------------------------------------------------------------------------------
 
-scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+# No booleans or floats next to integers here: Python's False == 0 == 0.0 hides changes that
+# JSON sees (see test_delta_sees_changes_that_python_equality_hides).
+scalars = st.none() | st.integers() | st.text(max_size=5)
 nested = st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=3), scalars, max_size=3)
 # Top-level values are never None: on the wire a null in ``changes`` means "deleted".
-top_level = st.booleans() | st.integers() | st.text(max_size=5) | nested
+top_level = st.integers() | st.text(max_size=5) | nested
 keys = st.sampled_from(["a", "b", "c", "d", "é"])
 documents = st.dictionaries(keys, top_level, max_size=5)
 
@@ -237,6 +239,26 @@ def test_delta_of_a_none_value_reproduces_the_checksum() -> None:
         sync.update_local({"a": 1, "calibration": None})
     except ValueError:
         return  # refusing what the wire cannot carry is a fine fix
+    first, second = sync.get_pending_changes()
+    rebuilt = apply_delta(first["data"], second["changes"])
+    assert state_checksum(rebuilt) == second["checksum"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: sync.compute_delta compares values with Python ==, so False -> 0, 1 -> 1.0 or "
+    "[1] -> [True] is 'no change' although the canonical JSON (and the checksum) changed",
+)
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(False, 0), (1, True), (1, 1.0), ([1], [True])],
+    ids=["F-0", "1-T", "1-1.0", "list"],
+)
+def test_delta_sees_changes_that_python_equality_hides(old: Any, new: Any) -> None:
+    """A value whose JSON changes is in the delta, so the receiver's checksum matches."""
+    sync = EdgeSynchronizer()
+    sync.update_local({"a": old})
+    sync.update_local({"a": new})
     first, second = sync.get_pending_changes()
     rebuilt = apply_delta(first["data"], second["changes"])
     assert state_checksum(rebuilt) == second["checksum"]
