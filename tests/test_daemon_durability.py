@@ -5,12 +5,14 @@ the same port, the real SQLite state read back through ``edge-agent status``."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
 
 NODE = "gw-test"
@@ -159,11 +161,12 @@ def test_agent_reconnects_after_broker_restart_and_serves_again(
     assert "lost the broker" in agent.log()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_invocation_queued_in_session_while_agent_was_down_is_answered(
-    cloud: Cloud, agent_factory: AgentFactory
+    cloud: Cloud, agent_factory: AgentFactory, protocol: str
 ) -> None:
     """QoS 1 invokes sent while the agent was stopped are delivered and answered on restart."""
-    agent = agent_factory().start()
+    agent = agent_factory(mqtt={"protocol": protocol}).start()
     wait_online(cloud)
     deploy_active(cloud, source_spec("echo", ECHO))
     agent.stop()
@@ -199,3 +202,114 @@ def test_invoke_arriving_during_shutdown_is_answered_after_restart(
     agent.start()
     reply = cloud.wait_message(REPLIES, lambda m: m["request_id"] == late)
     assert reply["ok"] is True and reply["result"] == {"echo": "late"}, reply
+
+
+#: Records each run, then blocks until its gate file exists (the test opens the gate).
+GATED = """\
+import os
+import time
+
+
+def handler(event):
+    root = os.environ['GATE_DIR']
+    with open(os.path.join(root, event['name']), 'a') as runs:
+        runs.write('ran\\n')
+    while not os.path.exists(os.path.join(root, event['gate'])):
+        time.sleep(0.01)
+    return {'done': event['name']}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after a reconnect that lost the broker session, the agent acknowledges an "
+    "invoke from the old connection by its packet id, which now names a new message",
+)
+def test_ack_of_old_connection_does_not_swallow_a_new_invoke(
+    broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """Invokes received after a broker restart all survive kill -9, whatever finished before."""
+    agent = agent_factory().start()
+    wait_online(cloud)
+    deploy_active(
+        cloud,
+        source_spec("gated", GATED, timeout_seconds=60, environment={"GATE_DIR": str(tmp_path)}),
+    )
+    first = f"a-{uuid.uuid4().hex}"
+    publish_invoke(cloud, first, "gated", {"name": first, "gate": "gate-a"})
+    wait_for(lambda: runs(tmp_path, first) == 1, 10, "the first invocation never started")
+
+    broker.restart()  # the session (and its packet ids) is gone; numbering starts again
+    with fresh_cloud(broker) as cloud2:
+        wait_online(cloud2)
+        later = [f"b{n}-{uuid.uuid4().hex}" for n in range(5)]
+        for rid in later:
+            publish_invoke(cloud2, rid, "gated", {"name": rid, "gate": "gate-b"})
+        cloud2.wait_message(
+            f"edge/nodes/{NODE}/heartbeat", lambda m: m.get("inflight") == 1 + len(later)
+        )
+        (tmp_path / "gate-a").touch()
+        cloud2.wait_message(REPLIES, lambda m: m["request_id"] == first)
+
+        agent.kill9()  # none of the later five was answered: the broker must still owe them
+        (tmp_path / "gate-b").touch()
+        agent.start()
+        wait_for(
+            lambda: settled(cloud2, later),
+            15,
+            "the restarted agent never answered the redelivered invokes and went idle",
+        )
+        answered = {m["request_id"] for m in cloud2.on(REPLIES)}
+    lost = sorted(set(later) - answered)
+    assert not lost, f"acknowledged to the broker but never answered: {lost}"
+
+
+def settled(cloud: Cloud, rids: list[str]) -> bool:
+    """All but at most one of ``rids`` answered, then a heartbeat with nothing in flight."""
+    last_reply = -1
+    answered = 0
+    for i, (topic, payload, _) in enumerate(list(cloud.messages)):
+        if not payload:
+            continue
+        message = json.loads(payload)
+        if topic == REPLIES and message["request_id"] in rids:
+            last_reply, answered = i, answered + 1
+        elif (
+            topic.endswith("/heartbeat")
+            and i > last_reply
+            and answered >= len(rids) - 1
+            and message["inflight"] == 0
+        ):
+            return True
+    return False
+
+
+BIG = "def handler(event):\n    return 'x' * event\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a reply over agent.max_payload_bytes is queued anyway; a broker that refuses "
+    "it drops the connection, and the reply is resent on every reconnect, blocking the outbox",
+)
+def test_oversized_reply_does_not_block_the_outbox(
+    agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """A broker enforcing a packet size the agent promised to respect keeps getting replies."""
+    (tmp_path / "small-broker").mkdir()
+    small = Mosquitto(tmp_path / "small-broker")
+    small.conf.write_text(small.conf.read_text() + "max_packet_size 8192\n")
+    small.start()
+    cloud = Cloud(small.port)
+    try:
+        agent = agent_factory(port=small.port, agent={"max_payload_bytes": 4096}).start()
+        wait_online(cloud)
+        deploy_active(cloud, source_spec("big", BIG))
+        deploy_active(cloud, source_spec("echo", ECHO))
+        publish_invoke(cloud, f"big-{uuid.uuid4().hex}", "big", 100_000)
+        agent.wait_log("lost the broker")  # it published the 100 kB reply; the broker said no
+        reply = cloud.invoke(NODE, "echo", "behind the big one", timeout=5)
+        assert reply["ok"] is True, reply
+    finally:
+        cloud.close()
+        small.stop()

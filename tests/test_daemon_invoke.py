@@ -412,3 +412,32 @@ def test_concurrent_duplicate_request_gets_same_reply_without_rerun(
     assert first["ok"] is True and first["result"]["runs"] == 1, first
     assert second == first
     assert marker.read_text().splitlines() == ["ran"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Agent.handle_invoke answers from the dedupe table without checking the "
+    "entry's age; agent.dedupe_window_s is only enforced by a prune every 60 s",
+)
+def test_request_id_repeated_after_dedupe_window_is_a_new_request(
+    cloud: Cloud, served: Served, tmp_path: Path
+) -> None:
+    """With agent.dedupe_window_s = 0 nothing is remembered: a repeated id runs again."""
+    node = "gw-nodedupe"
+    agent = AgentProcess(tmp_path, served.broker.port, node, agent={"dedupe_window_s": 0.0})
+    agent.start()
+    try:
+        cloud.wait_message(f"edge/nodes/{node}/status", lambda m: m["status"] == "online")
+        spec = source_spec("counted", COUNTED, environment={"COUNT_DIR": str(tmp_path)})
+        cloud.deploy(node, spec)
+        cloud.wait_message(
+            f"edge/nodes/{node}/functions/counted/state", lambda m: m["state"] == "active"
+        )
+        rid = f"window-{uuid.uuid4().hex}"
+        first = cloud.invoke(node, "counted", {"name": rid}, request_id=rid)
+        topic = f"edge/cloud/window/{rid}"
+        second = cloud.invoke(node, "counted", {"name": rid}, request_id=rid, reply_to=topic)
+    finally:
+        agent.stop()
+    assert first["result"]["runs"] == 1, first
+    assert second["result"]["runs"] == 2, "the repeat was answered from the dedupe table"

@@ -4,6 +4,8 @@ bad config, heartbeats, and the systemd notify protocol, all against real proces
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import signal
 import socket
 import threading
@@ -264,3 +266,31 @@ def test_systemd_ready_before_broker_then_status_watchdog_and_stopping(
     ready = notify_socket.first("READY=1")
     stopping = notify_socket.first("STOPPING=1")
     assert ready is not None and stopping is not None and ready < stopping
+
+
+WHOAMI = "import os\n\n\ndef handler(event):\n    return os.getuid()\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Agent.reload neither applies a changed runtime.worker_user nor says it needs "
+    "a restart: the log says 'reloaded' and workers keep running as the old user",
+)
+def test_sighup_changing_worker_user_is_applied_or_reported(
+    cloud: Cloud, agent_factory: AgentFactory
+) -> None:
+    """A reload that changes runtime.worker_user either applies it or says it needs a restart."""
+    if os.geteuid() != 0:
+        pytest.skip("switching worker users needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    agent = online(cloud, agent_factory)
+    _rewrite_config(agent, lambda c: c["runtime"].update(worker_user="nobody"))
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    deploy_active(cloud, source_spec("whoami", WHOAMI))
+    uid = cloud.invoke(NODE, "whoami", None)["result"]
+    reported = "runtime.worker_user" in agent.log().split("reloaded", 1)[1]
+    assert uid == nobody or reported, (
+        f"workers still run as uid {uid} and the reload did not say runtime.worker_user "
+        "needs a restart"
+    )
