@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import pickle
+import resource
 import select
 import signal
 import subprocess
@@ -46,6 +47,7 @@ from typing import Any
 from agent import wire
 from agent.errors import (
     AgentError,
+    BadRequest,
     EdgeExecutionError,
     FunctionNotFound,
     FunctionTimeout,
@@ -141,6 +143,11 @@ class Worker:
         self.accepts_context = False
         self.exit_status: int | None = None
         self.maxrss_kb = 0
+        #: ru_maxrss survives exec: the agent's own peak at spawn time, seen in the worker's.
+        self.inherited_maxrss_kb = _own_maxrss_kb()
+        #: The worker's peak RSS once its handler was loaded (VmHWM, reported on load).
+        self.baseline_rss_kb = 0
+        self._kill_lock = threading.Lock()
         self._buf = bytearray()
         self._poll = select.poll()
         self._poll.register(rfd, select.POLLIN)
@@ -178,10 +185,23 @@ class Worker:
                 raise wire.FrameError(f"worker {self.pid} closed its pipe", eof=True)
             self._buf += chunk
 
+    def signal_kill(self) -> None:
+        """SIGKILL the process group only; the thread that owns the worker reaps it.
+
+        Used on a worker another thread is talking to: closing its fds under that thread
+        would break its read (or worse, hand it a recycled fd).
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
     def kill(self) -> None:
-        """SIGKILL the whole process group, reap, close the pipes. Idempotent."""
-        if self.state is WorkerState.DEAD:
-            return
+        """SIGKILL the whole process group, reap, close the pipes. Idempotent, thread-safe."""
+        with self._kill_lock:
+            if self.state is WorkerState.DEAD:
+                return
+            self._kill_locked()
+
+    def _kill_locked(self) -> None:
         self.change_state(WorkerState.DEAD)
         # The group outlives the leader while grandchildren remain, so killing the group
         # first and reaping second never signals a recycled pid.
@@ -210,10 +230,19 @@ class Worker:
             return
 
     def death_error(self, function_id: str) -> EdgeExecutionError:
-        """Classify a worker that died on its own (after ``kill`` has reaped it)."""
+        """Classify a worker that died on its own (after ``kill`` has reaped it).
+
+        Memory: the worker's own exit code EX_MEMORY, or a signal death whose peak RSS grew
+        past 90% of memory_mb above what the loaded worker used. ru_maxrss is only the
+        worker's own when it exceeds what it inherited from the agent at spawn.
+        """
         status = self.exit_status
-        near_limit = bool(self.memory_limit_kb) and (
-            self.maxrss_kb >= _MEMORY_DEATH_SHARE * self.memory_limit_kb
+        own_peak = self.maxrss_kb > self.inherited_maxrss_kb
+        grown_kb = self.maxrss_kb - self.baseline_rss_kb
+        near_limit = (
+            bool(self.memory_limit_kb)
+            and own_peak
+            and grown_kb >= _MEMORY_DEATH_SHARE * self.memory_limit_kb
         )
         if status is None:
             return WorkerCrashed(f"worker of {function_id} vanished")
@@ -230,7 +259,7 @@ class Worker:
                 name = f"signal {sig}"
             return WorkerCrashed(f"worker of {function_id} died from {name} ({sig})", signal=sig)
         code = os.WEXITSTATUS(status)
-        if code == EX_MEMORY or near_limit:
+        if code == EX_MEMORY:
             return MemoryLimitExceeded(f"function {function_id} exceeded its memory limit")
         return WorkerCrashed(f"worker of {function_id} exited with code {code}", exit_code=code)
 
@@ -297,8 +326,13 @@ class WorkerPool:
         self._spawner.start()
         self._spawn_wanted.set()
 
-    def close(self) -> None:
-        """Kill and reap every worker; no zombie or orphan remains."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Kill and reap every worker; no zombie or orphan remains.
+
+        Workers in use by an invocation thread are only SIGKILLed here: that thread sees the
+        pipe close, reaps the worker and closes its fds itself (closing them under it could
+        hand it a recycled fd). We wait for that, then sweep whatever is left.
+        """
         with self._cond:
             if self._closed:
                 return
@@ -311,7 +345,18 @@ class WorkerPool:
             self._spawner.join(timeout=30)
         with self._cond:  # after the join: the spawner adds no worker past this point
             workers = list(self._all)
+        busy = {WorkerState.BUSY, WorkerState.LOADING}
         for worker in workers:
+            if worker.state in busy:
+                worker.signal_kill()
+            else:
+                self._discard(worker)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any(w.state in busy for w in self._all) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            leftovers = list(self._all)
+        for worker in leftovers:
             self._discard(worker)
 
     def wait_prestarted(self, timeout: float = 10.0) -> bool:
@@ -405,51 +450,88 @@ class WorkerPool:
     ) -> InvokeResult:
         """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure."""
         started = time.monotonic()
-        worker, slot, reserved = self._acquire(function_id, queue_timeout)
-        config = slot.config
-        cold = worker is None
-        healthy = False
-        try:
-            if worker is None:
-                worker = self._load(slot, reserved)
-            blob = pickle.dumps((args, kwargs or {}), protocol=pickle.HIGHEST_PROTOCOL)
-            worker.change_state(WorkerState.BUSY)
-            deadline = time.monotonic() + config.timeout_s
-            worker.send({"op": "invoke", "request_id": request_id}, blob)
+        blob = self._dumps_arguments(function_id, args, kwargs or {})
+        # A warm worker found dead at send time never started the invocation: retry once.
+        for attempt in (1, 2):
+            worker, slot, reserved = self._acquire(function_id, queue_timeout)
+            cold = worker is None
+            healthy = False
             try:
-                header, result_blob = worker.recv(deadline)
-            except _Deadline:
-                worker.kill()
-                raise FunctionTimeout(
-                    f"function {function_id} timed out after {config.timeout_s:g}s; "
-                    f"its worker (pid {worker.pid}) was killed"
-                ) from None
-            except wire.FrameError as exc:
-                worker.kill()
-                if exc.eof:
+                if worker is None:
+                    worker = self._load(slot, reserved)
+                worker.change_state(WorkerState.BUSY)
+                try:
+                    worker.send({"op": "invoke", "request_id": request_id}, blob)
+                except wire.FrameError:
+                    worker.kill()
+                    if attempt == 1 and not cold:
+                        log.info("warm worker %d of %s had died; retrying", worker.pid, function_id)
+                        continue
                     raise worker.death_error(function_id) from None
-                raise WorkerCrashed(f"worker of {function_id} broke protocol: {exc}") from None
-            worker.invocations += 1
-            rss_kb = int(header.get("rss_kb", 0))
-            if header.get("ok"):
-                value = header.get("result") if self.codec == "json" else _loads(result_blob)
-                healthy = True
-                return InvokeResult(
-                    value=value,
-                    cold_start=cold,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    rss_kb=rss_kb,
-                    worker_pid=worker.pid,
-                    accepts_context=worker.accepts_context,
-                )
-            error = header.get("error") or {}
-            if error.get("type") == "memory_exceeded":
-                worker.kill()
-                raise MemoryLimitExceeded(str(error.get("message")))
-            healthy = True  # the handler raised; the worker itself is fine
-            raise self._handler_error(error, result_blob)
-        finally:
-            self._release(slot, worker, healthy and worker is not None)
+                header, result_blob = self._await_result(worker, slot.config)
+                worker.invocations += 1
+                healthy = True  # from here on the worker answered: it is fine
+                if header.get("ok"):
+                    return InvokeResult(
+                        value=self._result_value(function_id, header, result_blob),
+                        cold_start=cold,
+                        duration_ms=(time.monotonic() - started) * 1000,
+                        rss_kb=int(header.get("rss_kb", 0)),
+                        worker_pid=worker.pid,
+                        accepts_context=worker.accepts_context,
+                    )
+                error = header.get("error") or {}
+                if error.get("type") == "memory_exceeded":
+                    healthy = False
+                    worker.kill()
+                    raise MemoryLimitExceeded(str(error.get("message")))
+                raise self._handler_error(error, result_blob)
+            finally:
+                self._release(slot, worker, healthy and worker is not None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _dumps_arguments(
+        self, function_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bytes:
+        try:
+            return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass
+        try:
+            import cloudpickle
+
+            return bytes(cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            raise BadRequest(
+                f"arguments for {function_id} cannot be sent to a worker: {exc}"
+            ) from exc
+
+    def _await_result(self, worker: Worker, config: FunctionConfig) -> tuple[dict[str, Any], bytes]:
+        """The worker's answer, or the error its death or the deadline means (worker killed)."""
+        try:
+            return worker.recv(time.monotonic() + config.timeout_s)
+        except _Deadline:
+            worker.kill()
+            raise FunctionTimeout(
+                f"function {config.function_id} timed out after {config.timeout_s:g}s; "
+                f"its worker (pid {worker.pid}) was killed"
+            ) from None
+        except wire.FrameError as exc:
+            worker.kill()
+            if exc.eof:
+                raise worker.death_error(config.function_id) from None
+            raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
+
+    def _result_value(self, function_id: str, header: dict[str, Any], blob: bytes) -> Any:
+        if self.codec == "json":
+            return header.get("result")
+        try:
+            return _loads(blob)
+        except Exception as exc:
+            raise HandlerError(
+                f"Edge function failed: {function_id} returned a value this process cannot "
+                f"load: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _acquire(
         self, function_id: str, queue_timeout: float | None
@@ -582,6 +664,8 @@ class WorkerPool:
             self._note_load_failure(slot, error)
             raise error
         worker.accepts_context = bool(reply.get("context"))
+        worker.baseline_rss_kb = int(reply.get("rss_kb", 0))
+        worker.change_state(WorkerState.IDLE)
         with self._cond:
             slot.load_failures = 0
             slot.load_error = None
@@ -662,6 +746,7 @@ class WorkerPool:
         worker.kill()
         with self._cond:
             self._all.discard(worker)
+            self._cond.notify_all()
 
     def _spawn_loop(self) -> None:
         """Keep ``prestart`` generic interpreters booted so cold starts skip interpreter start."""
@@ -695,6 +780,10 @@ class WorkerPool:
                     return  # close() kills it with the rest: it is in self._all
                 self._generic.append(worker)
                 self._cond.notify_all()
+
+
+def _own_maxrss_kb() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _loads(blob: bytes) -> Any:

@@ -13,15 +13,19 @@ import copy
 import threading
 from typing import Any
 
-from agent.models import SyncState
-
-_MISSING = object()
+from agent.models import SyncState, canonical_json
 
 
 def compute_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Top-level keys that changed (to their new value) or were deleted (to ``None``)."""
+    """Top-level keys that changed (to their new value) or were deleted (to ``None``).
+
+    Values are compared as canonical JSON, not with ``==``: ``1 == True`` and ``1 == 1.0``
+    in Python, but they are different documents with different checksums on the wire.
+    """
     changes: dict[str, Any] = {
-        k: copy.deepcopy(v) for k, v in after.items() if before.get(k, _MISSING) != v
+        k: copy.deepcopy(v)
+        for k, v in after.items()
+        if k not in before or canonical_json(before[k]) != canonical_json(v)
     }
     changes.update({k: None for k in before if k not in after})
     return changes
@@ -53,7 +57,12 @@ class EdgeSynchronizer:
             return copy.deepcopy(self._local_state)
 
     def update_local(self, data: dict[str, Any]) -> SyncState:
-        """Replace the local state with ``data`` as the next version; queue its delta."""
+        """Replace the local state with ``data`` as the next version; queue its delta.
+
+        A key whose value is ``None`` is absent: on the wire ``null`` means "deleted", so
+        storing it would give the cloud a document with a different checksum.
+        """
+        data = {k: v for k, v in data.items() if v is not None}
         with self._lock:
             before = self._local_state.data if self._local_state else {}
             version = (self._local_state.version if self._local_state else 0) + 1

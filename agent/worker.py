@@ -35,16 +35,29 @@ EX_LOAD_FAILED = 90  # the handler could not be loaded (reported before exiting)
 _RESERVE_BYTES = 1 << 20
 
 
-def read_vmdata_bytes() -> int:
-    """The process's current data segment size (what RLIMIT_DATA counts), from /proc."""
+def read_status_kb(field: bytes, fd: int | None = None) -> int:
+    """One ``kB`` field of /proc/self/status (VmData, VmHWM, ...); 0 when unavailable.
+
+    With ``fd`` (kept open by the caller) it costs one pread: this runs per invocation.
+    """
     try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmData:"):
-                    return int(line.split()[1]) * 1024
+        if fd is None:
+            with open("/proc/self/status", "rb") as status:
+                data = status.read()
+        else:
+            data = os.pread(fd, 8192, 0)
     except OSError:
-        pass
-    return 0
+        return 0
+    start = data.find(field + b":")
+    if start < 0:
+        return 0
+    end = data.find(b"\n", start)
+    return int(data[start + len(field) + 1 : end].split()[0])
+
+
+def read_vmdata_bytes() -> int:
+    """The process's current data segment size (what RLIMIT_DATA counts)."""
+    return read_status_kb(b"VmData") * 1024
 
 
 def _set_limit(which: int, value: int) -> None:
@@ -109,6 +122,7 @@ class WorkerMain:
         self.function_id = ""
         self.memory_mb = 0
         self.reserve: bytearray | None = None
+        self.status_fd: int | None = None
 
     def send(self, header: dict[str, Any], blob: bytes = b"") -> None:
         wire.write_all(self.wfd, wire.encode_frame(header, blob))
@@ -166,7 +180,11 @@ class WorkerMain:
                 }
             )
             return False
-        self.send({"op": "loaded", "context": _accepts_context(self.handler)})
+        with contextlib.suppress(OSError):
+            self.status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        self.send(
+            {"op": "loaded", "context": _accepts_context(self.handler), "rss_kb": self.peak_kb()}
+        )
         return True
 
     def invoke(self, header: dict[str, Any], blob: bytes) -> int | None:
@@ -189,15 +207,19 @@ class WorkerMain:
                         "message": f"function {self.function_id} exceeded memory_mb="
                         f"{self.memory_mb} (MemoryError)",
                     },
-                    "rss_kb": _maxrss_kb(),
+                    "rss_kb": self.peak_kb(),
                 }
             )
             return EX_MEMORY
         except BaseException as exc:  # handlers may raise SystemExit, KeyboardInterrupt, ...
             reply, out = self.encode_error(exc)
-        reply["rss_kb"] = _maxrss_kb()
+        reply["rss_kb"] = self.peak_kb()
         self.send(reply, out)
         return None
+
+    def peak_kb(self) -> int:
+        """This worker's own peak RSS (VmHWM; unlike ru_maxrss it does not survive exec)."""
+        return read_status_kb(b"VmHWM", self.status_fd)
 
     def encode_result(self, result: Any) -> tuple[dict[str, Any], bytes]:
         if self.codec == "json":
@@ -207,7 +229,7 @@ class WorkerMain:
                 raise TypeError(f"handler result is not JSON-serialisable: {exc}") from exc
             return {"op": "result", "ok": True, "result": result}, b""
         try:
-            blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            blob = _dumps(result)
         except Exception as exc:
             raise TypeError(f"handler result cannot be pickled: {exc}") from exc
         return {"op": "result", "ok": True}, blob
@@ -224,14 +246,21 @@ class WorkerMain:
         blob = b""
         if self.codec == "pickle":
             try:
-                blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+                blob = _dumps(exc)
             except Exception:
                 blob = b""
         return {"op": "result", "ok": False, "error": error}, blob
 
 
-def _maxrss_kb() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+def _dumps(value: Any) -> bytes:
+    """Pickle by reference where possible; classes of the user's ``__main__`` (which came
+    here by value) only pickle by value, with cloudpickle."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def main(argv: list[str] | None = None) -> None:

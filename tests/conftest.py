@@ -114,7 +114,9 @@ class Cloud:
         self.messages: list[tuple[str, bytes, Any]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"cloud-{uuid.uuid4().hex[:8]}", protocol=protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=f"cloud-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
         )
         self.client.on_message = self._on_message
         self.client.on_socket_open = lambda c, u, s: s.setsockopt(
@@ -141,7 +143,9 @@ class Cloud:
             return [json.loads(p) for t, p, _ in self.messages if t == topic and p]
 
     def wait_message(
-        self, topic: str, predicate: Callable[[dict[str, Any]], bool] = lambda m: True,
+        self,
+        topic: str,
+        predicate: Callable[[dict[str, Any]], bool] = lambda m: True,
         timeout: float = 10.0,
     ) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
@@ -166,8 +170,14 @@ class Cloud:
         self.publish(topic, spec, retain=True)
 
     def invoke(
-        self, node: str, function_id: str, payload: Any, *, request_id: str | None = None,
-        timeout: float = 10.0, reply_to: str | None = None,
+        self,
+        node: str,
+        function_id: str,
+        payload: Any,
+        *,
+        request_id: str | None = None,
+        timeout: float = 10.0,
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         rid = request_id or uuid.uuid4().hex
         msg: dict[str, Any] = {"request_id": rid, "function_id": function_id, "payload": payload}
@@ -235,10 +245,19 @@ class AgentProcess:
         self.config_path = workdir / f"{node_id}.toml"
         config: dict[str, Any] = {
             "node": {"id": node_id, "capabilities": ["python"]},
-            "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1,
-                     "reconnect_max_s": 1.0, "keepalive": 5},
-            "agent": {"state_dir": str(self.state_dir), "heartbeat_interval_s": 1.0,
-                      "log_level": "debug", "shutdown_grace_s": 5.0},
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": port,
+                "reconnect_min_s": 0.1,
+                "reconnect_max_s": 1.0,
+                "keepalive": 5,
+            },
+            "agent": {
+                "state_dir": str(self.state_dir),
+                "heartbeat_interval_s": 1.0,
+                "log_level": "debug",
+                "shutdown_grace_s": 5.0,
+            },
             "runtime": {"prestart": 1, "max_workers": 4},
         }
         for name, values in sections.items():
@@ -262,7 +281,11 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        wait_for(lambda: text in self.log(), timeout, f"agent log never said {text!r}:\n{self.log()[-3000:]}")
+        wait_for(
+            lambda: text in self.log(),
+            timeout,
+            f"agent log never said {text!r}:\n{self.log()[-3000:]}",
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -276,7 +299,7 @@ class AgentProcess:
             pytest.fail(f"agent did not exit within {timeout}s:\n{self.log()[-3000:]}")
 
     def kill9(self) -> None:
-        """SIGKILL the agent (workers are in their own sessions: kill them too, as systemd would)."""
+        """SIGKILL the agent; its workers too (own sessions), as systemd's cgroup kill would."""
         assert self.proc is not None
         import psutil
 

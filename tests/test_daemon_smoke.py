@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from conftest import AgentProcess, Cloud, source_spec
 
-SENSOR = "def handler(event):\n    return {'processed': True, 'value': event['temperature'] * 1.8 + 32}\n"
+SENSOR = (
+    "def handler(event):\n"
+    "    return {'processed': True, 'value': event['temperature'] * 1.8 + 32}\n"
+)
 
 
 def test_deploy_and_invoke_over_mqtt(cloud: Cloud, agent_factory) -> None:  # type: ignore[no-untyped-def]
@@ -12,7 +15,9 @@ def test_deploy_and_invoke_over_mqtt(cloud: Cloud, agent_factory) -> None:  # ty
     agent: AgentProcess = agent_factory().start()
     cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online")
     cloud.deploy(None, source_spec("sensor", SENSOR))
-    cloud.wait_message("edge/nodes/gw-test/functions/sensor/state", lambda m: m["state"] == "active")
+    cloud.wait_message(
+        "edge/nodes/gw-test/functions/sensor/state", lambda m: m["state"] == "active"
+    )
     reply = cloud.invoke("gw-test", "sensor", {"temperature": 25})
     assert reply["ok"] is True, reply
     assert reply["result"] == {"processed": True, "value": 77.0}

@@ -176,7 +176,8 @@ def test_handler_with_a_few_threads_within_the_limit_works(runtime: EdgeRuntime)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: RLIMIT_DATA counts each thread's 8 MiB stack reservation (RLIMIT_STACK), so "
+    reason="LIMITATION (docs/runtime.md): RLIMIT_DATA counts each thread's 8 MiB stack "
+    "reservation (RLIMIT_STACK), so "
     "8 idle threads exhaust memory_mb=64 although they use almost no memory",
 )
 def test_idle_threads_do_not_exhaust_memory_limit(runtime: EdgeRuntime) -> None:
@@ -342,11 +343,6 @@ def test_sigkill_from_outside_raises_worker_crashed(runtime: EdgeRuntime, tmp_pa
     assert after.worker_pid != pid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.invoke sends the invoke frame outside its try: the EPIPE from a dead idle "
-    "worker escapes as a raw agent.wire.FrameError instead of an EdgeExecutionError",
-)
 def test_idle_worker_killed_from_outside_is_not_a_raw_frame_error(runtime: EdgeRuntime) -> None:
     """A warm worker that died while idle (OOM killer, operator) must not leak a FrameError."""
     runtime.deploy(
@@ -398,34 +394,18 @@ def _run_big_parent(tmp_path: Path) -> tuple[int, str]:
     return int(rss_kb), error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Worker.death_error compares the worker's ru_maxrss with memory_mb, but "
-    "ru_maxrss includes the parent's peak RSS at spawn (kept across exec): a crash is "
-    "reported as memory_exceeded whenever the agent once used 0.9 x memory_mb",
-)
 def test_crash_is_not_memory_when_parent_rss_was_high(tmp_path: Path) -> None:
     """os._exit(3) is a WorkerCrashed even when the parent process once used 300 MB."""
     _, error = _run_big_parent(tmp_path)
     assert error == "WorkerCrashed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker._maxrss_kb reports ru_maxrss, which includes the parent's peak RSS at "
-    "spawn: InvokeResult.rss_kb / InvocationRecord.peak_rss_kb are not the worker's own",
-)
 def test_peak_rss_is_the_workers_own(tmp_path: Path) -> None:
     """A trivial handler's peak RSS is the worker's (tens of MB), not its parent's 300 MB."""
     rss_kb, _ = _run_big_parent(tmp_path)
     assert 0 < rss_kb < 100 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Worker.death_error's near-limit test ignores the interpreter's own baseline "
-    "RSS (~15-20 MB), so any crash of a function with memory_mb <= ~20 is memory_exceeded",
-)
 def test_crash_with_small_memory_limit_is_not_memory(runtime: EdgeRuntime) -> None:
     """os._exit(3) with memory_mb=16 is a WorkerCrashed with exit code 3."""
     runtime.deploy(EdgeFunction(id="crash", name="c", handler=_make_crashy(), memory_mb=16))
@@ -567,7 +547,13 @@ def test_worker_inherits_no_fds(runtime: EdgeRuntime, tmp_path: Path) -> None:
 
     assert str(secret) not in fds.values(), f"the test's inheritable fd leaked: {fds}"
     assert {0, 1, 2} <= set(fds)
-    extra = {n: target for n, target in fds.items() if n > 2}
+    # The worker's own /proc/self/status (opened after start, for per-invocation peak RSS)
+    # is not inherited; everything else beyond 0-2 must be the two pipes to the agent.
+    extra = {
+        n: target
+        for n, target in fds.items()
+        if n > 2 and not (target.startswith("/proc/") and target.endswith("/status"))
+    }
     assert len(extra) == 2, f"expected only the two pipe fds beyond 0-2, got {fds}"
     assert all(target.startswith("pipe:") for target in extra.values()), fds
 
@@ -711,11 +697,6 @@ def test_invalid_limits_are_rejected_at_deploy(
         runtime.deploy(fn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.invoke pickles the arguments outside its error handling: an unpicklable "
-    "argument raises a raw TypeError/PicklingError, not BadRequest (and is not recorded)",
-)
 def test_unpicklable_argument_raises_bad_request(runtime: EdgeRuntime) -> None:
     """An argument that cannot be sent to the worker is a BadRequest (a ValueError)."""
 
@@ -727,11 +708,6 @@ def test_unpicklable_argument_raises_bad_request(runtime: EdgeRuntime) -> None:
     assert runtime.metrics.records[-1].error_type == "bad_request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.invoke unpickles the result blob (_loads) outside its error handling: a "
-    "result whose class only the worker can import raises a raw ModuleNotFoundError",
-)
 def test_result_the_caller_cannot_unpickle_is_a_handler_error(runtime: EdgeRuntime) -> None:
     """A packaged handler returning an instance of its own class fails as a HandlerError."""
     runtime.deploy(

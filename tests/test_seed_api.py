@@ -296,11 +296,6 @@ def test_runtime_records_metrics_for_every_invocation(runtime: EdgeRuntime) -> N
     assert runtime.metrics.error_count("fail") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker.encode_error pickles exceptions with plain pickle, which cannot pickle "
-    "a class defined in the user's __main__ script, so __cause__ is lost",
-)
 def test_main_script_exception_class_comes_back_as_cause(tmp_path: Path) -> None:
     """A script's own exception class is the __cause__ of the EdgeExecutionError."""
     script = """\
@@ -324,11 +319,6 @@ with EdgeRuntime(EdgeNode(id="gw", name="gw")) as runtime:
     assert done.stdout == "True sensor unplugged\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker.encode_result pickles results with plain pickle, which cannot pickle an "
-    "instance of a class defined in the user's __main__ script (HandlerError instead)",
-)
 def test_main_script_result_class_round_trips(tmp_path: Path) -> None:
     """A handler may return an instance of a class its script defines (a dataclass, say)."""
     script = """\

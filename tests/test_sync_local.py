@@ -225,12 +225,6 @@ def test_delta_applied_to_before_gives_after(before: dict[str, Any], after: dict
     assert all(k not in before or before[k] != v for k, v in changes.items() if v is not None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: update_local accepts a top-level None value, but on the wire a null in "
-    "`changes` means 'deleted': the receiver rebuilds a state without the key and its "
-    "checksum never matches the delta's",
-)
 def test_delta_of_a_none_value_reproduces_the_checksum() -> None:
     """A state with a top-level None is refused, or its delta still reproduces the checksum."""
     sync = EdgeSynchronizer()
@@ -244,11 +238,6 @@ def test_delta_of_a_none_value_reproduces_the_checksum() -> None:
     assert state_checksum(rebuilt) == second["checksum"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sync.compute_delta compares values with Python ==, so False -> 0, 1 -> 1.0 or "
-    "[1] -> [True] is 'no change' although the canonical JSON (and the checksum) changed",
-)
 @pytest.mark.parametrize(
     ("old", "new"),
     [(False, 0), (1, True), (1, 1.0), ([1], [True])],
