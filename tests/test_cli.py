@@ -146,3 +146,14 @@ def test_status_after_a_run_lists_functions_outbox_and_last_connect(
     assert by_id["flaky"]["state"] == "failed" and by_id["flaky"]["active_version"] == "1"
     assert by_id["flaky"]["error"]["type"] == "deployment_rejected"
     assert by_id["good"]["state"] == "active"
+
+
+def test_status_on_a_corrupt_state_database_exits_1_naming_it(tmp_path: Path) -> None:
+    """status on a state.db that is not a database fails cleanly (exit 1), no traceback."""
+    path = write_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").write_bytes(b"this is not an SQLite database" * 100)
+    done = run_cli("status", "--config", str(path))
+    assert done.returncode == 1, done
+    assert "state.db" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
 
@@ -313,3 +314,73 @@ def test_oversized_reply_does_not_block_the_outbox(
     finally:
         cloud.close()
         small.stop()
+
+
+def test_sigterm_past_grace_exits_0_and_unfinished_invoke_comes_back(
+    cloud: Cloud, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """An invocation still running when the grace ends is killed, not answered, not acked:
+    the agent exits 0 without leftovers and the invoke is redelivered after the restart."""
+    agent = agent_factory(agent={"shutdown_grace_s": 0.5}).start()
+    wait_online(cloud)
+    deploy_active(
+        cloud,
+        source_spec("gated", GATED, timeout_seconds=60, environment={"GATE_DIR": str(tmp_path)}),
+    )
+    rid = f"grace-{uuid.uuid4().hex}"
+    publish_invoke(cloud, rid, "gated", {"name": rid, "gate": "gate"})
+    wait_for(lambda: runs(tmp_path, rid) == 1, 10, "the invocation never started")
+    assert agent.proc is not None
+    workers = psutil.Process(agent.proc.pid).children(recursive=True)
+
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=10) == 0
+    wait_for(
+        lambda: not [w for w in workers if psutil.pid_exists(w.pid)],
+        5,
+        "a worker outlived the agent past its grace period",
+    )
+    assert [m for m in cloud.on(REPLIES) if m["request_id"] == rid] == []
+
+    (tmp_path / "gate").touch()
+    agent.start()
+    reply = cloud.wait_message(REPLIES, lambda m: m["request_id"] == rid)
+    assert reply["ok"] is True, reply
+    assert runs(tmp_path, rid) == 2
+
+
+#: Import blocks while MARK_DIR/hold exists, so a deployment is caught mid test-load.
+SLOW_IMPORT = """\
+import os
+import time
+
+open(os.path.join(os.environ['MARK_DIR'], 'importing'), 'a').close()
+while os.path.exists(os.path.join(os.environ['MARK_DIR'], 'hold')):
+    time.sleep(0.01)
+
+
+def handler(event):
+    return 'loaded'
+"""
+
+
+def test_deployment_interrupted_by_kill9_completes_after_restart(
+    cloud: Cloud, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """kill -9 while a deployment is being test-loaded: after restart it becomes active."""
+    agent = agent_factory().start()
+    wait_online(cloud)
+    (tmp_path / "hold").touch()
+    env = {"MARK_DIR": str(tmp_path)}
+    cloud.deploy(None, source_spec("slowload", SLOW_IMPORT, environment=env))
+    wait_for((tmp_path / "importing").exists, 10, "the deployment never started loading")
+    agent.kill9()
+    (tmp_path / "hold").unlink()
+    function_dir = agent.state_dir / "functions" / "slowload"
+    agent.start()
+    cloud.wait_message(
+        f"edge/nodes/{NODE}/functions/slowload/state", lambda m: m["state"] == "active"
+    )
+    assert cloud.invoke(NODE, "slowload", None)["result"] == "loaded"
+    leftovers = [p.name for p in function_dir.iterdir() if not p.name.startswith("1-")]
+    assert leftovers == [], f"staging or trash left behind: {leftovers}"

@@ -441,3 +441,17 @@ def test_request_id_repeated_after_dedupe_window_is_a_new_request(
         agent.stop()
     assert first["result"]["runs"] == 1, first
     assert second["result"]["runs"] == 2, "the repeat was answered from the dedupe table"
+
+
+def test_duplicate_over_mqtt5_carries_its_own_correlation_data(cloud: Cloud) -> None:
+    """A repeated request is answered on its own Response Topic with its own Correlation Data."""
+    rid = f"dup-v5-{uuid.uuid4().hex}"
+    body = json.dumps({"request_id": rid, "function_id": "echo", "payload": "twice"}).encode()
+    topics = [f"edge/cloud/v5dup/{rid}/1", f"edge/cloud/v5dup/{rid}/2"]
+    for n, topic in enumerate(topics):
+        cloud.invoke_v5(NODE, body, topic, f"corr-{n}".encode())
+        cloud.wait_message(topic, lambda m: m["request_id"] == rid)
+    first, second = (messages_on(cloud, topic) for topic in topics)
+    assert first[0][0] == second[0][0], "a duplicate must get the same reply"
+    assert first[0][1].CorrelationData == b"corr-0"
+    assert second[0][1].CorrelationData == b"corr-1"

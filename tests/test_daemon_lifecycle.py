@@ -294,3 +294,17 @@ def test_sighup_changing_worker_user_is_applied_or_reported(
         f"workers still run as uid {uid} and the reload did not say runtime.worker_user "
         "needs a restart"
     )
+
+
+def test_unusable_state_database_exits_1_with_a_critical_line(tmp_path: Path) -> None:
+    """`edge-agent run` on a corrupt state.db exits 1 and says why, without a traceback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.db").write_bytes(b"this is not an SQLite database" * 100)
+    config = {"node": {"id": "gw-corrupt"}, "agent": {"state_dir": str(state)}}
+    path = tmp_path / "agent.toml"
+    path.write_text(tomli_w.dumps(config))
+    done = run_cli("run", "--config", str(path))
+    assert done.returncode == 1, done
+    assert "local state unusable" in done.stderr and "state.db" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
