@@ -32,7 +32,14 @@ from agent import __version__, mqtt, protocol
 from agent.config import Config, load_config
 from agent.deployer import Deployer, DeployOutcome
 from agent.deployments import DeploymentController
-from agent.errors import AgentError, EdgeExecutionError, FunctionNotFound, Overloaded, error_to_dict
+from agent.errors import (
+    AgentError,
+    EdgeExecutionError,
+    FunctionNotFound,
+    HandlerError,
+    Overloaded,
+    error_to_dict,
+)
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
@@ -47,8 +54,8 @@ class _Invocation:
     request: protocol.InvokeRequest
     #: (reply topic, MQTT 5 correlation data) of the request and of duplicates seen meanwhile.
     targets: list[tuple[str, bytes | None]]
-    #: (mid, qos) of incoming messages to acknowledge once the reply is in the outbox.
-    acks: list[tuple[int, int]]
+    #: Incoming messages to acknowledge once the reply is in the outbox.
+    acks: list[mqtt.Message]
     started: float = field(default_factory=time.monotonic)
 
 
@@ -271,11 +278,11 @@ class Agent:
             else:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
-            self._ack(msg.mid, msg.qos)
+            self._ack(msg)
 
-    def _ack(self, mid: int, qos: int) -> None:
+    def _ack(self, msg: mqtt.Message) -> None:
         if self.mqtt is not None:
-            self.mqtt.ack(mid, qos)
+            self.mqtt.ack(msg)
 
     # -- deployments ------------------------------------------------------------------------
 
@@ -321,7 +328,7 @@ class Agent:
                 msg.correlation_data,
             )
             self._reply_error(exc.request_id, exc.function_id, [target], exc, durable=True)
-            self._ack(msg.mid, msg.qos)
+            self._ack(msg)
             return
         target = (
             self.topics.reply_topic(msg.response_topic, request.reply_to),
@@ -331,25 +338,27 @@ class Agent:
         running = self._inflight.get(rid)
         if running is not None:  # a duplicate while the first is still running
             running.targets.append(target)
-            running.acks.append((msg.mid, msg.qos))
+            running.acks.append(msg)
             return
         answered = self.store.dedupe_get(rid)
+        if answered is not None and answered.ts < time.time() - self.config.agent.dedupe_window_s:
+            answered = None  # older than the window: a new request (the prune is only tidying)
         if answered is not None:  # a duplicate of an answered request: the same reply again
             log.info("duplicate request %s: resending its reply", rid, extra={"request_id": rid})
             self._send_reply(rid, answered.reply, [target], durable=True, remember=False)
-            self._ack(msg.mid, msg.qos)
+            self._ack(msg)
             return
         if request.function_id not in self.pool.functions():
             missing = FunctionNotFound(f"Function not found: {request.function_id}")
             self._reply_error(rid, request.function_id, [target], missing, durable=True)
-            self._ack(msg.mid, msg.qos)
+            self._ack(msg)
             return
         if not self.store.outbox_has_room(self.config.agent.max_payload_bytes):
             full = Overloaded("the outbox is full; retry when the agent has drained it")
             self._reply_error(rid, request.function_id, [target], full, durable=False)
-            self._ack(msg.mid, msg.qos)
+            self._ack(msg)
             return
-        invocation = _Invocation(request, [target], [(msg.mid, msg.qos)])
+        invocation = _Invocation(request, [target], [msg])
         self._inflight[rid] = invocation
         self._executor.submit(self._run_invocation, invocation)
 
@@ -385,9 +394,17 @@ class Agent:
                     result=done.result.value,
                     duration_ms=round(done.result.duration_ms, 3),
                     cold_start=done.result.cold_start,
+                    node_id=self.config.node.id,
                 )
             except (TypeError, ValueError) as exc:
-                error = EdgeExecutionError(str(exc))
+                error = HandlerError(str(exc))
+            else:
+                limit = self.config.agent.max_payload_bytes
+                if len(payload) > limit:  # a broker with max_packet_size would drop us for it
+                    error = HandlerError(
+                        f"the result of {fid} is {len(payload)} bytes as a reply, over "
+                        f"agent.max_payload_bytes ({limit})"
+                    )
         self.metrics.record(
             InvocationRecord(
                 function_id=fid,
@@ -405,9 +422,12 @@ class Agent:
         if error is not None:
             log.info("%s failed: %s", fid, error, extra={"function_id": fid, "request_id": rid})
             payload = self._error_payload(rid, fid, error, duration_ms)
-        self._send_reply(rid, payload, invocation.targets, durable=True, remember=True)
-        for mid, qos in invocation.acks:
-            self._ack(mid, qos)
+        # Remember the reply for duplicates only when the handler ran: a request refused
+        # (overloaded, not deployed yet) must run when it is retried with the same id.
+        ran = error is None or not isinstance(error, Overloaded | FunctionNotFound)
+        self._send_reply(rid, payload, invocation.targets, durable=True, remember=ran)
+        for msg in invocation.acks:
+            self._ack(msg)
 
     def _error_payload(
         self, rid: str | None, fid: str | None, error: BaseException, duration_ms: float = 0.0
@@ -419,6 +439,7 @@ class Agent:
             error=error_to_dict(error),
             duration_ms=round(duration_ms, 3),
             cold_start=False,
+            node_id=self.config.node.id,
         )
 
     def _reply_error(
@@ -431,7 +452,7 @@ class Agent:
         durable: bool,
     ) -> None:
         payload = self._error_payload(rid, fid, error)
-        self._send_reply(rid, payload, targets, durable=durable, remember=rid is not None)
+        self._send_reply(rid, payload, targets, durable=durable, remember=False)
 
     def _send_reply(
         self,
@@ -549,26 +570,41 @@ class Agent:
             self.notifier.ready()
             return
         old = self.config
-        restart_needed = [
-            name for name in ("node", "mqtt") if getattr(old, name) != getattr(new, name)
-        ]
-        if old.agent.state_dir != new.agent.state_dir:
-            restart_needed.append("agent.state_dir")
-        set_level(new.agent.log_level)
-        self.store.set_limits(max_messages=new.outbox.max_messages, max_bytes=new.outbox.max_bytes)
-        self.pool.max_queue = new.runtime.max_queue
-        self.pool.max_invocations = new.runtime.worker_max_invocations
-        self.pool.max_workers = new.runtime.max_workers
-        self.deployer.runtime = new.runtime
-        self.config = replace(
+        # What runs keeps these until a restart: the identity, the connection, the files,
+        # and the uid workers are spawned with.
+        running = replace(
             new,
             node=old.node,
             mqtt=old.mqtt,
-            agent=replace(new.agent, state_dir=old.agent.state_dir),
+            agent=replace(
+                new.agent, state_dir=old.agent.state_dir, durability=old.agent.durability
+            ),
+            runtime=replace(new.runtime, worker_user=old.runtime.worker_user),
         )
+        restart_needed = [key for key, (a, b) in _changed_keys(new, running).items() if a != b]
+        set_level(new.agent.log_level)
+        self.store.set_limits(max_messages=new.outbox.max_messages, max_bytes=new.outbox.max_bytes)
+        self.pool.reconfigure(
+            max_workers=new.runtime.max_workers,
+            max_queue=new.runtime.max_queue,
+            max_invocations=new.runtime.worker_max_invocations,
+            prestart=new.runtime.prestart,
+        )
+        self.deployer.runtime = running.runtime
+        self.config = running
         if self._timers.get("heartbeat"):
             self._timers["heartbeat"] = time.monotonic() + new.agent.heartbeat_interval_s
         log.info("reloaded %s", self.config_path)
         if restart_needed:
             log.warning("changes to %s take effect after a restart", ", ".join(restart_needed))
         self.notifier.ready()
+
+
+def _changed_keys(new: Config, running: Config) -> dict[str, tuple[object, object]]:
+    """``section.key`` -> (in the file, running) for every key; callers keep the differing."""
+    out: dict[str, tuple[object, object]] = {}
+    for section in ("node", "mqtt", "agent", "runtime", "outbox"):
+        a, b = getattr(new, section), getattr(running, section)
+        for name in a.__dataclass_fields__:
+            out[f"{section}.{name}"] = (getattr(a, name), getattr(b, name))
+    return out

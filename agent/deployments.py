@@ -78,7 +78,22 @@ class DeploymentController:
                 log.warning(
                     "rejected %s spec for %s: %s", scope, fid, exc, extra={"function_id": fid}
                 )
-                self._report(fid, None, None, "rejected", error_to_dict(exc))
+                error = error_to_dict(exc)
+                row = self.store.get_deployment(fid)
+                if row is not None:
+                    # Forget the fingerprint: re-publishing the spec that serves (a roll
+                    # back) must run and report "active" again, not be a no-op.
+                    self.store.put_deployment(
+                        replace(
+                            row,
+                            fingerprint="",
+                            state="rejected",
+                            error_json=json.dumps(error),
+                            updated_ts=time.time(),
+                        )
+                    )
+                active = row.active_version if row is not None else None
+                self._report(fid, None, None, "rejected", error, active)
                 return
             self.store.put_spec_source(scope, fid, protocol.encode_spec(spec).decode())
         self.reconcile(fid)

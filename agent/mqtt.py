@@ -108,6 +108,8 @@ class Message:
     mid: int
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    #: Which connection delivered it: packet ids are only meaningful within one.
+    connection: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class MqttClient:
         self._client: paho.Client | None = None
         self._attempt = 0
         self._connected = threading.Event()
+        self._connection = 0
 
     @property
     def connected(self) -> bool:
@@ -240,11 +243,21 @@ class MqttClient:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         return int(info.mid)
 
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge an incoming message (manual-ack mode) once it is handled durably."""
+    def ack(self, msg: Message) -> None:
+        """Acknowledge an incoming message (manual-ack mode) once it is handled durably.
+
+        Only on the connection that delivered it: after a reconnect its packet id may name
+        a different, newer message, and the broker resends the old one by itself.
+        """
         client = self._client
-        if client is not None and qos > 0 and self._manual_ack:
-            client.ack(mid, qos)
+        if (
+            client is not None
+            and msg.qos > 0
+            and self._manual_ack
+            and msg.connection == self._connection
+            and self.connected
+        ):
+            client.ack(msg.mid, msg.qos)
 
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
         self._subscriptions.extend(t for t in topics if t not in self._subscriptions)
@@ -273,6 +286,7 @@ class MqttClient:
             self._sink(ConnectFailed(f"broker refused: {reason}"))
             return
         self._attempt = 0
+        self._connection += 1
         self._set_next_delay(client)
         if self._subscriptions:
             client.subscribe([(t, 1) for t in self._subscriptions])
@@ -312,6 +326,7 @@ class MqttClient:
                 mid=msg.mid,
                 response_topic=response_topic,
                 correlation_data=correlation,
+                connection=self._connection,
             )
         )
 
@@ -330,7 +345,8 @@ class MqttClient:
     def _set_next_delay(self, client: paho.Client) -> None:
         s = self.settings
         delay = backoff_delay(self._attempt, s.reconnect_min_s, s.reconnect_max_s, self._rng)
-        client.reconnect_delay_set(min_delay=max(1, round(delay)), max_delay=max(1, round(delay)))
+        # paho's annotations say int, but it only does arithmetic with them: sub-second works.
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 
     def _password(self) -> str | None:
         if self.settings.password:

@@ -359,6 +359,18 @@ class WorkerPool:
         for worker in leftovers:
             self._discard(worker)
 
+    def reconfigure(
+        self, *, max_workers: int, max_queue: int, max_invocations: int, prestart: int
+    ) -> None:
+        """Apply new caps (SIGHUP); running workers are not disturbed."""
+        with self._cond:
+            self.max_workers = max_workers
+            self.max_queue = max_queue
+            self.max_invocations = max_invocations
+            self.prestart = prestart
+            self._cond.notify_all()
+        self._spawn_wanted.set()
+
     def wait_prestarted(self, timeout: float = 10.0) -> bool:
         """Block until the prestart pool is full (benchmarks and tests)."""
         deadline = time.monotonic() + timeout

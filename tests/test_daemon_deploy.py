@@ -238,10 +238,6 @@ def test_malformed_spec_json_is_rejected_and_old_version_keeps_serving(
     assert answer(cloud, "f")["result"]["version"] == "1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DeploymentController.on_spec reports an unparseable spec without active_version",
-)
 def test_unparseable_spec_state_names_the_active_version(
     cloud: Cloud, agent_factory: AgentFactory
 ) -> None:
@@ -253,11 +249,6 @@ def test_unparseable_spec_state_names_the_active_version(
     assert report["active_version"] == "1", report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after an unparseable spec, re-publishing the deployed spec is taken for a "
-    "no-op and the retained state stays 'rejected'",
-)
 def test_republishing_good_spec_after_unparseable_one_reports_active_again(
     cloud: Cloud, agent_factory: AgentFactory
 ) -> None:

@@ -221,11 +221,6 @@ def handler(event):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a reconnect that lost the broker session, the agent acknowledges an "
-    "invoke from the old connection by its packet id, which now names a new message",
-)
 def test_ack_of_old_connection_does_not_swallow_a_new_invoke(
     broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory, tmp_path: Path
 ) -> None:
@@ -288,11 +283,6 @@ def settled(cloud: Cloud, rids: list[str]) -> bool:
 BIG = "def handler(event):\n    return 'x' * event\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reply over agent.max_payload_bytes is queued anyway; a broker that refuses "
-    "it drops the connection, and the reply is resent on every reconnect, blocking the outbox",
-)
 def test_oversized_reply_does_not_block_the_outbox(
     agent_factory: AgentFactory, tmp_path: Path
 ) -> None:
@@ -307,10 +297,14 @@ def test_oversized_reply_does_not_block_the_outbox(
         wait_online(cloud)
         deploy_active(cloud, source_spec("big", BIG))
         deploy_active(cloud, source_spec("echo", ECHO))
-        publish_invoke(cloud, f"big-{uuid.uuid4().hex}", "big", 100_000)
-        agent.wait_log("lost the broker")  # it published the 100 kB reply; the broker said no
+        rid = f"big-{uuid.uuid4().hex}"
+        publish_invoke(cloud, rid, "big", 100_000)
+        big = cloud.wait_message(REPLIES, lambda m: m.get("request_id") == rid, timeout=5)
+        assert big["ok"] is False and big["error"]["type"] == "handler_error", big
+        assert "max_payload_bytes" in big["error"]["message"], big
         reply = cloud.invoke(NODE, "echo", "behind the big one", timeout=5)
         assert reply["ok"] is True, reply
+        assert "lost the broker" not in agent.log(), "the broker dropped the agent for a reply"
     finally:
         cloud.close()
         small.stop()

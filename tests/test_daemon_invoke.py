@@ -233,10 +233,6 @@ def test_handler_printing_to_stdout_does_not_corrupt_the_reply(cloud: Cloud) -> 
     assert invoke(cloud, "chatty", None)["result"] == "said it"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reply larger than agent.max_payload_bytes is queued and published anyway",
-)
 def test_result_over_max_payload_bytes_is_not_published(cloud: Cloud) -> None:
     """agent.max_payload_bytes bounds what the agent publishes: a huge result is an error."""
     rid = uuid.uuid4().hex
@@ -337,10 +333,6 @@ def test_invalid_reply_to_is_bad_request_on_default_topic(cloud: Cloud) -> None:
     assert "reply_to" in reply["error"]["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: docs/protocol.md promises replies carry node_id; daemon never passes it",
-)
 def test_reply_names_the_replying_node(cloud: Cloud) -> None:
     """A reply carries `node_id` (documented extra) so a shared reply_to can tell nodes apart."""
     reply = invoke(cloud, "echo", 1)
@@ -414,11 +406,6 @@ def test_concurrent_duplicate_request_gets_same_reply_without_rerun(
     assert marker.read_text().splitlines() == ["ran"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Agent.handle_invoke answers from the dedupe table without checking the "
-    "entry's age; agent.dedupe_window_s is only enforced by a prune every 60 s",
-)
 def test_request_id_repeated_after_dedupe_window_is_a_new_request(
     cloud: Cloud, served: Served, tmp_path: Path
 ) -> None:

@@ -271,11 +271,6 @@ def test_systemd_ready_before_broker_then_status_watchdog_and_stopping(
 WHOAMI = "import os\n\n\ndef handler(event):\n    return os.getuid()\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Agent.reload neither applies a changed runtime.worker_user nor says it needs "
-    "a restart: the log says 'reloaded' and workers keep running as the old user",
-)
 def test_sighup_changing_worker_user_is_applied_or_reported(
     cloud: Cloud, agent_factory: AgentFactory
 ) -> None:
