@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import enum
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -148,15 +149,18 @@ class Worker:
         #: The worker's peak RSS once its handler was loaded (VmHWM, reported on load).
         self.baseline_rss_kb = 0
         self._kill_lock = threading.Lock()
-        self._buf = bytearray()
+        self._reader = wire.FrameReader()
         self._poll = select.poll()
         self._poll.register(rfd, select.POLLIN)
+        # Non-blocking: the answer is often there already when our write returns (the
+        # worker ran on wake-up), so recv reads first and polls only when it must.
+        os.set_blocking(rfd, False)
 
     def change_state(self, new: WorkerState) -> None:
         log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
         self.state = new
 
-    def send(self, header: dict[str, Any], blob: bytes = b"") -> None:
+    def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
         try:
             wire.write_all(self.wfd, wire.encode_frame(header, blob))
         except OSError as exc:  # EPIPE: it died; the read that follows says how
@@ -164,26 +168,22 @@ class Worker:
 
     def recv(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
         """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof)."""
-        while True:
-            if len(self._buf) >= wire.PREFIX_SIZE:
-                head_len, blob_len = wire.parse_prefix(self._buf)
-                end = wire.PREFIX_SIZE + head_len + blob_len
-                if len(self._buf) >= end:
-                    frame = wire.decode_body(
-                        memoryview(self._buf)[wire.PREFIX_SIZE : end], head_len
-                    )
-                    del self._buf[:end]
-                    return frame
-            if deadline is not None:
+        while (frame := self._reader.take()) is None:
+            try:
+                chunk = os.read(self.rfd, _READ_CHUNK)
+            except BlockingIOError:
+                if deadline is None:
+                    self._poll.poll()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _Deadline
-                if not self._poll.poll(max(1, int(remaining * 1000 + 0.999))):
-                    continue
-            chunk = os.read(self.rfd, _READ_CHUNK)
+                    raise _Deadline from None
+                self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
+                continue
             if not chunk:
                 raise wire.FrameError(f"worker {self.pid} closed its pipe", eof=True)
-            self._buf += chunk
+            self._reader.feed(chunk)
+        return frame
 
     def signal_kill(self) -> None:
         """SIGKILL the process group only; the thread that owns the worker reaps it.
@@ -473,7 +473,7 @@ class WorkerPool:
                     worker = self._load(slot, reserved)
                 worker.change_state(WorkerState.BUSY)
                 try:
-                    worker.send({"op": "invoke", "request_id": request_id}, blob)
+                    worker.send(wire.invoke_header(request_id), blob)
                 except wire.FrameError:
                     worker.kill()
                     if attempt == 1 and not cold:
@@ -535,10 +535,8 @@ class WorkerPool:
             raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
 
     def _result_value(self, function_id: str, header: dict[str, Any], blob: bytes) -> Any:
-        if self.codec == "json":
-            return header.get("result")
         try:
-            return _loads(blob)
+            return json.loads(blob) if self.codec == "json" else _loads(blob)
         except Exception as exc:
             raise HandlerError(
                 f"Edge function failed: {function_id} returned a value this process cannot "

@@ -8,6 +8,10 @@ A frame is ``!II`` (header length, blob length), a JSON header, then an opaque b
 
 Headers are JSON so that the agent never has to unpickle what an untrusted worker says:
 the blob (a pickle) is only read by a parent that runs its own user's code (local mode).
+
+The two frames on the hot path skip JSON (about 8 us per round trip here): an invocation's
+header is ``I`` + the request id, a successful result's is ``R`` + the worker's peak RSS
+in KiB as ASCII digits. :func:`decode_body` returns the same dicts for them.
 """
 
 from __future__ import annotations
@@ -31,9 +35,21 @@ class FrameError(Exception):
         self.eof = eof
 
 
-def encode_frame(header: dict[str, Any], blob: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+def encode_frame(header: dict[str, Any] | bytes, blob: bytes = b"") -> bytes:
+    """A frame; ``header`` is a JSON-able dict, or the raw bytes of a hot-path header."""
+    if isinstance(header, bytes):
+        head = header
+    else:
+        head = json.dumps(header, separators=(",", ":")).encode()
     return _PREFIX.pack(len(head), len(blob)) + head + blob
+
+
+def invoke_header(request_id: str) -> bytes:
+    return b"I" + request_id.encode()
+
+
+def result_header(rss_kb: int) -> bytes:
+    return b"R%d" % rss_kb
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -54,17 +70,57 @@ def parse_prefix(buf: bytes | bytearray) -> tuple[int, int]:
 def decode_body(
     body: bytes | bytearray | memoryview, head_len: int
 ) -> tuple[dict[str, Any], bytes]:
+    head = bytes(body[:head_len])
+    blob = bytes(body[head_len:])
     try:
-        header = json.loads(bytes(body[:head_len]))
-    except ValueError as exc:
+        if head[:1] == b"R":
+            return {"op": "result", "ok": True, "rss_kb": int(head[1:] or 0)}, blob
+        if head[:1] == b"I":
+            return {"op": "invoke", "request_id": head[1:].decode()}, blob
+        header = json.loads(head)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise FrameError(f"bad frame header: {exc}") from exc
     if not isinstance(header, dict):
         raise FrameError("frame header is not an object")
-    return header, bytes(body[head_len:])
+    return header, blob
+
+
+class FrameReader:
+    """Frames out of a byte stream: ``feed`` what was read, ``take`` whole frames.
+
+    One read usually brings a whole frame, so a round trip costs one read syscall per side.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+
+    def take(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next whole frame, or None until more bytes arrive."""
+        if len(self._buf) < PREFIX_SIZE:
+            return None
+        head_len, blob_len = parse_prefix(self._buf)
+        end = PREFIX_SIZE + head_len + blob_len
+        if len(self._buf) < end:
+            return None
+        frame = decode_body(memoryview(self._buf)[PREFIX_SIZE:end], head_len)
+        del self._buf[:end]
+        return frame
+
+    def read_blocking(self, fd: int) -> tuple[dict[str, Any], bytes]:
+        """The next frame from a blocking ``fd`` (the worker side: it has nothing else to do)."""
+        while (frame := self.take()) is None:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise FrameError("peer closed the pipe", eof=True)
+            self.feed(chunk)
+        return frame
 
 
 def read_frame_blocking(fd: int) -> tuple[dict[str, Any], bytes]:
-    """Read one whole frame from ``fd`` (the worker side: it has nothing else to do)."""
+    """Read exactly one whole frame from ``fd``, nothing past it (for tests and tools)."""
     prefix = _read_exact(fd, PREFIX_SIZE)
     head_len, blob_len = parse_prefix(prefix)
     return decode_body(_read_exact(fd, head_len + blob_len), head_len)

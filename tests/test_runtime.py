@@ -547,12 +547,12 @@ def test_worker_inherits_no_fds(runtime: EdgeRuntime, tmp_path: Path) -> None:
 
     assert str(secret) not in fds.values(), f"the test's inheritable fd leaked: {fds}"
     assert {0, 1, 2} <= set(fds)
-    # The worker's own /proc/self/status (opened after start, for per-invocation peak RSS)
+    # The worker's own /proc/self/statm (opened after start, for per-invocation peak RSS)
     # is not inherited; everything else beyond 0-2 must be the two pipes to the agent.
     extra = {
         n: target
         for n, target in fds.items()
-        if n > 2 and not (target.startswith("/proc/") and target.endswith("/status"))
+        if n > 2 and not (target.startswith("/proc/") and target.endswith("/statm"))
     }
     assert len(extra) == 2, f"expected only the two pipe fds beyond 0-2, got {fds}"
     assert all(target.startswith("pipe:") for target in extra.values()), fds
