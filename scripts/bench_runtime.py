@@ -12,6 +12,10 @@ Rows, all measured in one run:
 
 Latencies use ``time.perf_counter_ns``; percentiles are nearest rank. Every runtime is closed
 and the section checks that no child process is left behind.
+
+``uv run python scripts/bench_runtime.py phases`` is a diagnostic, not part of the table: it
+replays the pool's warm path step by step with timers (it uses pool internals, so it may need
+updating when they change) and prints the median time of each step.
 """
 
 from __future__ import annotations
@@ -276,6 +280,23 @@ def measure_throughput(total: int) -> dict[str, Any]:
     }
 
 
+def measure_many_callers(total: int, callers: int = 16) -> dict[str, Any]:
+    """Informational: many callers queued on a concurrency=2 function (the daemon runs
+    2 x max_workers invocation threads), which exposes how the pool wakes queued callers."""
+    rate, done = _throughput_once(callers, total)
+    return {
+        "key": "throughput_many_callers",
+        "name": f"throughput, `concurrency=2`, {callers} callers queued",
+        "n": done,
+        "p50_us": None,
+        "p99_us": None,
+        "rate": round(rate, 1),
+        "ratio": None,
+        "target": None,
+        "passed": None,
+    }
+
+
 def measure_naive(count: int, warmup: int, warm_p50: float) -> dict[str, Any]:
     def spawn(i: int) -> None:
         out = subprocess.run(
@@ -311,10 +332,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     cold0 = measure_cold(cold_n, warmup=3, prestart=0)
     cold0["ratio"] = f"{cold0['p50_us'] / cold['p50_us']:.1f}x prestarted"
     throughput = measure_throughput(throughput_n)
+    many = measure_many_callers(throughput_n // 2)
     naive = measure_naive(naive_n, warmup=3, warm_p50=warm["p50_us"])
 
     leaked = _children()
-    rows = [floor, warm, pool_warm, cold, cold0, throughput, naive]
+    rows = [floor, warm, pool_warm, cold, cold0, throughput, many, naive]
     notes = [
         "Latencies are per call from the caller's thread (perf_counter_ns), nearest-rank "
         "percentiles. Floor and warm rows run interleaved in 10 blocks; cold starts time "
@@ -326,3 +348,104 @@ def run(quick: bool = False) -> dict[str, Any]:
     if leaked:
         notes.append(f"LEAK: child processes still alive after closing: {leaked}")
     return {"title": TITLE, "rows": rows, "notes": notes, "leaked_children": leaked}
+
+
+# -- diagnostics -----------------------------------------------------------------------------
+
+
+def phases(count: int = 5000) -> dict[str, float]:
+    """Median us of each step of a warm invocation, the pool's own steps replayed with timers.
+
+    Uses pool internals (``_acquire``, ``_release``, ``Worker._poll``, ``agent.wire``); the
+    invoke frame is built the way the pool builds it (``wire.invoke_header`` when present).
+    ``os.write`` and ``poll`` together are the round trip: the worker's whole share of the
+    invocation happens there (on a busy CPU the woken worker preempts the writer, so it may
+    show up under either).
+    """
+    import pickle
+    import statistics
+    import uuid
+
+    from agent import wire
+    from agent.metrics import InvocationRecord
+    from agent.pool import InvokeResult, WorkerState
+
+    names = [
+        "uuid4 request id",
+        "_acquire",
+        "pickle args",
+        "encode frame",
+        "os.write",
+        "poll",
+        "os.read",
+        "decode frame",
+        "unpickle + InvokeResult",
+        "_release",
+        "metrics.record",
+    ]
+    steps: dict[str, list[int]] = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    with new_runtime(max_invocations=1 << 30) as runtime:
+        runtime.deploy(EdgeFunction(id="phases", name="phases", handler=identity))
+        runtime.invoke("phases", 0)
+        pool = runtime.pool
+        for i in range(count + 500):
+            t = [clock()]
+            request_id = uuid.uuid4().hex
+            t.append(clock())
+            worker, slot, _ = pool._acquire("phases", None)
+            assert worker is not None, "the function's worker was not warm"
+            t.append(clock())
+            blob = pickle.dumps(((i,), {}), protocol=pickle.HIGHEST_PROTOCOL)
+            worker.change_state(WorkerState.BUSY)
+            t.append(clock())
+            if hasattr(wire, "invoke_header"):  # the hot-path header (no JSON)
+                frame = wire.encode_frame(wire.invoke_header(request_id), blob)
+            else:
+                frame = wire.encode_frame({"op": "invoke", "request_id": request_id}, blob)
+            t.append(clock())
+            wire.write_all(worker.wfd, frame)
+            t.append(clock())
+            worker._poll.poll(30_000)
+            t.append(clock())
+            data = os.read(worker.rfd, 1 << 16)
+            t.append(clock())
+            head_len, _blob_len = wire.parse_prefix(data)
+            header, out = wire.decode_body(memoryview(data)[wire.PREFIX_SIZE :], head_len)
+            t.append(clock())
+            worker.invocations += 1
+            InvokeResult(
+                value=pickle.loads(out),
+                cold_start=False,
+                duration_ms=0.0,
+                rss_kb=int(header.get("rss_kb", 0)),
+                worker_pid=worker.pid,
+                accepts_context=False,
+            )
+            t.append(clock())
+            pool._release(slot, worker, True)
+            t.append(clock())
+            runtime.metrics.record(
+                InvocationRecord(
+                    function_id="phases",
+                    node_id="bench",
+                    start_time=time.time(),
+                    duration_ms=0.0,
+                    success=True,
+                    request_id=request_id,
+                )
+            )
+            t.append(clock())
+            if i >= 500:
+                for name, start, end in zip(names, t, t[1:], strict=False):
+                    steps[name].append(end - start)
+                steps.setdefault("TOTAL", []).append(t[-1] - t[0])
+    return {name: round(statistics.median(v) / 1000, 1) for name, v in steps.items()}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["phases"]:
+        for step, us in phases().items():
+            print(f"{step:26s} {us:7.1f} us")
+    else:
+        sys.exit("usage: python scripts/bench_runtime.py phases   (the table: scripts/bench)")
