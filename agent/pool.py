@@ -157,7 +157,8 @@ class Worker:
         os.set_blocking(rfd, False)
 
     def change_state(self, new: WorkerState) -> None:
-        log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
+        if log.isEnabledFor(logging.DEBUG):  # twice per invocation: skip the call when off
+            log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
         self.state = new
 
     def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
@@ -267,8 +268,13 @@ class Worker:
 class _Slot:
     """A deployed function's share of the pool."""
 
-    def __init__(self, config: FunctionConfig, generation: int) -> None:
+    def __init__(
+        self, config: FunctionConfig, generation: int, lock: threading.RLock | None = None
+    ) -> None:
         self.config = config
+        #: Callers queued for this function wait here, on the pool's lock, so that a
+        #: release wakes one of them instead of every queued caller of every function.
+        self.cond = threading.Condition(lock)
         self.generation = generation
         self.idle: list[Worker] = []
         self.busy = 0
@@ -312,7 +318,8 @@ class WorkerPool:
         self._live = 0  # function workers alive or being created (the max_workers cap)
         self._generic: deque[Worker] = deque()
         self._all: set[Worker] = set()
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._spawn_wanted = threading.Event()
         self._spawner: threading.Thread | None = None
         self._closed = False
@@ -337,6 +344,7 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
+            self._wake_all_locked(None)
             self._slots.clear()
             self._generic.clear()
             self._cond.notify_all()
@@ -368,7 +376,7 @@ class WorkerPool:
             self.max_queue = max_queue
             self.max_invocations = max_invocations
             self.prestart = prestart
-            self._cond.notify_all()
+            self._wake_all_locked(None)
         self._spawn_wanted.set()
 
     def wait_prestarted(self, timeout: float = 10.0) -> bool:
@@ -399,7 +407,7 @@ class WorkerPool:
         """
         with self._cond:
             old = self._slots.get(config.function_id)
-            slot = _Slot(config, next(self._generations))
+            slot = _Slot(config, next(self._generations), self._lock)
             if preloaded is not None and self._live < self.max_workers and not self._closed:
                 preloaded.generation = slot.generation
                 preloaded.change_state(WorkerState.IDLE)
@@ -410,7 +418,7 @@ class WorkerPool:
             retired = old.idle if old is not None else []
             self._slots[config.function_id] = slot
             self._live -= len(retired)
-            self._cond.notify_all()
+            self._wake_all_locked(old)
         for worker in retired:
             self._discard(worker)
         if preloaded is not None:
@@ -423,7 +431,7 @@ class WorkerPool:
                 return False
             self._live -= len(slot.idle)
             retired = slot.idle
-            self._cond.notify_all()
+            self._wake_all_locked(slot)
         for worker in retired:
             self._discard(worker)
         return True
@@ -588,10 +596,16 @@ class WorkerPool:
                         raise Overloaded(
                             f"function {function_id}: no worker free within {wait_for:g}s"
                         )
-                    self._cond.wait(remaining)
+                    slot.cond.wait(remaining)
             finally:
                 if queued is not None:
                     queued.waiting -= 1
+
+    def _wake_all_locked(self, extra: _Slot | None) -> None:
+        """Deploy, undeploy, close, reconfigure: every queued caller re-checks (rare)."""
+        for slot in [*self._slots.values(), *([extra] if extra is not None else [])]:
+            slot.cond.notify_all()
+        self._cond.notify_all()
 
     def _evict_idle_locked(self) -> bool:
         """Free one function-worker place by retiring the least used idle worker elsewhere."""
@@ -621,7 +635,15 @@ class WorkerPool:
                     discard = True  # redeployed, undeployed, closed or due for recycling
             if worker is None or discard:
                 self._live -= 1
-            self._cond.notify_all()
+                # A place under max_workers came free: one queued caller per function
+                # may take it (rare next to the hand-over below).
+                for other in self._slots.values():
+                    if other.waiting and other is not slot:
+                        other.cond.notify()
+            if slot.waiting:
+                slot.cond.notify()  # the idle worker (or the free place) goes to one caller
+            if self._closed:
+                self._cond.notify_all()  # close() waits for busy workers to come back
         if discard and worker is not None:
             self._discard(worker)
 
