@@ -745,7 +745,16 @@ class WorkerPool:
         child_r, parent_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [self.python, "-I", "-c", _BOOTSTRAP, _AGENT_ROOT, str(child_r), str(child_w)],
+                [
+                    self.python,
+                    "-I",
+                    "-c",
+                    _BOOTSTRAP,
+                    _AGENT_ROOT,
+                    str(child_r),
+                    str(child_w),
+                    self.codec,
+                ],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(child_r, child_w),
                 close_fds=True,

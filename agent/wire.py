@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # the worker imports this: no typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 _PREFIX = struct.Struct("!II")
 PREFIX_SIZE = _PREFIX.size

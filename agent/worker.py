@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import json
 import os
 import pickle
 import resource
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any
 
 from agent import wire
+
+TYPE_CHECKING = False  # typing and inspect cost ~50 ms of worker start-up: not at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 #: Named exit codes (billiard/gunicorn habit) the parent reads on reap.
 EX_MEMORY = 88  # exceeded memory_mb; the worker cannot be trusted to keep running
@@ -99,6 +101,8 @@ def resolve_entrypoint(path: str, entrypoint: str) -> Callable[..., Any]:
 
 def _accepts_context(handler: Callable[..., Any]) -> bool:
     """True for ``handler(event, context)`` (two positional parameters)."""
+    import inspect
+
     try:
         params = list(inspect.signature(handler).parameters.values())
     except (TypeError, ValueError):
@@ -283,9 +287,11 @@ def _dumps(value: Any) -> bytes:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     rfd, wfd = int(args[0]), int(args[1])
+    codec = args[2] if len(args) > 2 else "pickle"
     os.dup2(2, 1)  # print() in a handler goes to the log, never into the pipe
-    with contextlib.suppress(ImportError):
-        import cloudpickle  # noqa: F401  (pre-import: lambdas and closures load fast)
+    if codec == "pickle":  # local mode ships lambdas and closures: pre-import (~20 ms)
+        with contextlib.suppress(ImportError):
+            import cloudpickle  # noqa: F401
     code = WorkerMain(rfd, wfd).run()
     sys.stdout.flush()
     os._exit(code)

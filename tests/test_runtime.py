@@ -420,8 +420,8 @@ def test_worker_writing_garbage_to_its_pipe_is_killed(runtime: EdgeRuntime) -> N
 
     def scribble(write: bool) -> str:
         if write:
-            # The bootstrap's argv ends with the worker's write fd (the reply pipe).
-            os.write(int(sys.argv[-1]), b"\xff" * 64)
+            # The bootstrap's argv: agent root, read fd, write fd (the reply pipe), codec.
+            os.write(int(sys.argv[3]), b"\xff" * 64)
             time.sleep(5)
         return "quiet"
 
