@@ -1,0 +1,1065 @@
+"""The MQTT section of ``scripts/bench``: the daemon end to end, against a raw paho floor.
+
+Everything runs in one pass on 127.0.0.1: a private mosquitto (``set_tcp_nodelay true``,
+``max_queued_messages 100000``, no persistence) on a free port, and a real agent process
+(``python -m agent run --config``; defaults except log_level "warning", heartbeat 30 s and
+a temporary state_dir). Two functions are deployed over MQTT as retained node specs with
+``format: "source"``: ``echo`` (returns its event, ``concurrency: 2``) and ``shout``.
+
+Rows:
+
+- MQTT floor: a QoS 1 request/reply between two paho clients of this process through the
+  same broker, with no agent: what any MQTT round trip costs here;
+- invoke ``echo`` through the agent: the same requester, the same kind of message, to
+  ``<p>/nodes/<node>/invoke``, answered on ``<p>/nodes/<node>/replies``; target p50 within
+  1 ms of the floor's. Floor and agent run in alternating blocks;
+- invocations/s with a window of requests in flight, for the floor and for the agent;
+- agent idle RSS/USS (the agent process only) against a bare interpreter that imports
+  paho, psutil and systemd and connects; the workers' USS, informational;
+- broker restart: from the new broker accepting TCP connections to the first invoke answered.
+
+Latencies use ``time.perf_counter_ns`` around publish + wait; percentiles are nearest rank.
+Everything started here is stopped in a ``finally`` (agent SIGTERM, broker SIGTERM, temp
+dir removed), and the section checks that no child process is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import itertools
+import json
+import math
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psutil
+import tomli_w
+from paho.mqtt.enums import CallbackAPIVersion
+
+TITLE = "MQTT daemon end to end (agent/daemon.py, agent/mqtt.py) against a paho floor"
+
+#: Targets from the benchmark issue.
+INVOKE_OVER_FLOOR_MAX_MS = 1.0
+AGENT_USS_MAX_MB = 30.0
+
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+NODE = "gw-bench"
+PREFIX = "edge"
+INVOKE_TOPIC = f"{PREFIX}/nodes/{NODE}/invoke"
+REPLY_TOPIC = f"{PREFIX}/nodes/{NODE}/replies"
+STATUS_TOPIC = f"{PREFIX}/nodes/{NODE}/status"
+STATE_TOPICS = f"{PREFIX}/nodes/{NODE}/functions/+/state"
+FLOOR_REQUEST = "bench/floor/request"
+FLOOR_REPLY = "bench/floor/reply"
+
+WINDOW = 32
+#: Extra invocations before the second memory reading (full mode), so the agent has run over
+#: 10,000 by then: agent.metrics keeps the last 10,000 InvocationRecords in memory.
+HISTORY_FILL = 3_000
+RESTART_POLL_S = 0.020
+MB = 1024 * 1024
+
+ECHO_SOURCE = "def handler(event):\n    return event\n"
+SHOUT_SOURCE = "def handler(event):\n    return str(event).upper()\n"
+
+#: The memory floor: what any Python MQTT client with the agent's two C-backed imports costs.
+_BARE_CLIENT = """\
+import sys, threading
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+import psutil
+from systemd import daemon, journal
+connected = threading.Event()
+client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+client.on_connect = lambda *args: connected.set()
+client.connect("127.0.0.1", int(sys.argv[1]))
+client.loop_start()
+if not connected.wait(10):
+    sys.exit("bare client: no CONNACK within 10 s")
+print("ready", flush=True)
+sys.stdin.read()
+client.disconnect()
+client.loop_stop()
+"""
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark waited for did not happen; the message says what."""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.005) -> Any:
+    """Poll ``predicate`` until truthy; BenchError naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise BenchError(f"{what} (within {timeout:g} s)")
+        time.sleep(poll)  # polling interval, not synchronisation
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty list."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def latency_row(name: str, samples_us: list[float], **extra: Any) -> dict[str, Any]:
+    ordered = sorted(samples_us)
+    return {
+        "name": name,
+        "n": len(ordered),
+        "p50_us": round(percentile(ordered, 50), 2),
+        "p99_us": round(percentile(ordered, 99), 2),
+        "mean_us": round(sum(ordered) / len(ordered), 2),
+        "min_us": round(ordered[0], 2),
+        "max_us": round(ordered[-1], 2),
+        "rate": None,
+        "ratio": None,
+        "target": None,
+        "passed": None,
+        **extra,
+    }
+
+
+def info_row(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "n": None,
+        "p50_us": None,
+        "p99_us": None,
+        "rate": None,
+        "ratio": None,
+        "target": None,
+        "passed": None,
+        **extra,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle on; a QoS 1 round trip would then wait on delayed ACKs.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+class Broker:
+    """A private mosquitto on 127.0.0.1, restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not os.path.exists(MOSQUITTO):
+            raise BenchError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "set_tcp_nodelay true\n"
+            "max_queued_messages 100000\n"
+            "persistence false\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start it; the monotonic time at which it first accepted a TCP connection."""
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until(
+            lambda: port_open(self.port), 10, f"mosquitto did not listen on {self.port}", 0.002
+        )
+        return time.monotonic()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        wait_until(lambda: not port_open(self.port), 10, f"port {self.port} still open")
+
+
+class AgentProcess:
+    """``python -m agent run --config`` with its own config file and state dir."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.config_path = workdir / "agent.toml"
+        self.log_path = workdir / "agent.log"
+        config = {
+            "node": {"id": NODE, "name": "bench gateway", "capabilities": ["python"]},
+            # reconnect_min_s / reconnect_max_s left at their defaults (0.5 / 60).
+            "mqtt": {"host": "127.0.0.1", "port": port},
+            "agent": {
+                "state_dir": str(workdir / "state"),
+                "heartbeat_interval_s": 30.0,
+                "log_level": "warning",
+                "durability": "normal",
+            },
+        }
+        self.config_path.write_text(tomli_w.dumps(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        """SIGTERM and wait (it drains, exits 0); after 20 s SIGKILL it and its workers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                for child in children:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                        child.wait(5)
+        self.returncode = proc.returncode
+
+
+class BareClient:
+    """The memory floor: a bare interpreter with paho connected, psutil and systemd imported."""
+
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BARE_CLIENT, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                raise BenchError(f"the bare paho client did not say ready within {timeout:g} s")
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise BenchError(f"the bare paho client said {line!r} instead of ready")
+
+    def stop(self) -> None:
+        if self.proc.returncode is not None:
+            return
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# -- MQTT clients in this process ------------------------------------------------------------
+
+
+class Requester:
+    """The cloud side: publishes QoS 1 requests and matches replies by ``request_id``.
+
+    Replies (on ``reply_topics``) are JSON with a ``request_id``; the callback registered for
+    that id runs in paho's network thread. Other messages (status, function states) are kept,
+    the latest per topic, for :meth:`wait_topic`.
+    """
+
+    def __init__(self, port: int, reply_topics: list[str], other_topics: list[str]) -> None:
+        self.port = port
+        self.reply_topics = frozenset(reply_topics)
+        self.topics = [*reply_topics, *other_topics]
+        self._pending: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.agent_replies = 0
+        self._lock = threading.Lock()
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._changed = threading.Condition()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self.client: paho.Client | None = None
+
+    def connect(self, timeout: float = 10.0) -> Requester:
+        """Connect (again) with a fresh paho client and subscribe; returns once subscribed."""
+        self.close()
+        self._connected.clear()
+        self._subscribed.clear()
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"bench-cloud-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
+        client.max_inflight_messages_set(1000)  # paho's default of 20 would cap the window
+        client.on_socket_open = _nodelay
+        client.on_connect = lambda *args: self._connected.set()
+        client.on_subscribe = lambda *args: self._subscribed.set()
+        client.on_message = self._on_message
+        self.client = client
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        if not self._connected.wait(timeout):
+            raise BenchError(f"the requester got no CONNACK within {timeout:g} s")
+        client.subscribe([(topic, 1) for topic in self.topics])
+        if not self._subscribed.wait(timeout):
+            raise BenchError(f"the requester got no SUBACK within {timeout:g} s")
+        return self
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        body = json.loads(msg.payload)
+        if msg.topic in self.reply_topics:
+            if msg.topic == REPLY_TOPIC:
+                self.agent_replies += 1  # only this thread writes it
+            with self._lock:
+                callback = self._pending.pop(body.get("request_id"), None)
+            if callback is not None:
+                callback(body)
+            return
+        with self._changed:
+            self._latest[msg.topic] = body
+            self._changed.notify_all()
+
+    def expect(self, request_id: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        with self._lock:
+            self._pending[request_id] = callback
+
+    def forget_pending(self) -> None:
+        with self._lock:
+            self._pending.clear()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        assert self.client is not None, "connect() first"
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise BenchError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def request(
+        self, topic: str, request_id: str, payload: bytes, timeout: float
+    ) -> dict[str, Any]:
+        """Publish and block until the reply to ``request_id`` arrives."""
+        done = threading.Event()
+        reply: dict[str, Any] = {}
+
+        def answered(body: dict[str, Any]) -> None:
+            reply.update(body)
+            done.set()
+
+        self.expect(request_id, answered)
+        self.publish(topic, payload)
+        if not done.wait(timeout):
+            raise BenchError(f"no reply to {request_id} on {topic} within {timeout:g} s")
+        return reply
+
+    def wait_topic(
+        self, topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: topic in self._latest and predicate(self._latest[topic]), timeout
+            )
+            if not found:
+                raise BenchError(f"{what} (within {timeout:g} s); last: {self._latest.get(topic)}")
+            return self._latest[topic]
+
+
+class Responder:
+    """The floor's far end: a paho client that publishes each request back, QoS 1."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._ready = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"bench-responder-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_socket_open = _nodelay
+        self.client.on_connect = lambda c, *args: c.subscribe(FLOOR_REQUEST, qos=1)
+        self.client.on_subscribe = lambda *args: self._ready.set()
+        self.client.on_message = self._on_message
+
+    def connect(self, timeout: float = 10.0) -> Responder:
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        if not self._ready.wait(timeout):
+            raise BenchError(f"the floor responder was not subscribed within {timeout:g} s")
+        return self
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        client.publish(FLOOR_REPLY, msg.payload, qos=1)
+
+    def close(self) -> None:
+        if self._ready.is_set() or self.client.is_connected():
+            self._ready.clear()
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+def invoke_body(function_id: str, seq: int) -> tuple[str, bytes]:
+    """(request_id, JSON invoke request): the same bytes go to the floor and to the agent."""
+    rid = uuid.uuid4().hex
+    body = {"request_id": rid, "function_id": function_id, "payload": {"seq": seq, "pad": "x" * 32}}
+    return rid, json.dumps(body).encode()
+
+
+def source_spec(fid: str, source: str, **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "id": fid,
+        "name": fid,
+        "version": "1",
+        "entrypoint": f"bench_{fid}:handler",
+        "code": {
+            "format": "source",
+            "data": source,
+            "sha256": hashlib.sha256(source.encode()).hexdigest(),
+        },
+        "memory_mb": 128,
+        "timeout_seconds": 10,
+    }
+    spec.update(over)
+    return spec
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def deploy_functions(requester: Requester, agent_pid: int) -> None:
+    requester.wait_topic(
+        STATUS_TOPIC, lambda m: m.get("status") == "online", 30, "the agent never said online"
+    )
+    specs = [source_spec("echo", ECHO_SOURCE, concurrency=2), source_spec("shout", SHOUT_SOURCE)]
+    for spec in specs:
+        topic = f"{PREFIX}/nodes/{NODE}/functions/{spec['id']}"
+        requester.publish(topic, json.dumps(spec).encode(), retain=True)
+    for spec in specs:
+        requester.wait_topic(
+            f"{PREFIX}/nodes/{NODE}/functions/{spec['id']}/state",
+            lambda m: m.get("state") == "active",
+            30,
+            f"function {spec['id']} never became active",
+        )
+    # Warm both functions so nothing below pays a cold start; echo invokes in parallel
+    # make the agent start echo's second worker, and the prestart pool refills after it.
+    for fid in ("echo", "shout"):
+        rid, body = invoke_body(fid, 0)
+        reply = requester.request(INVOKE_TOPIC, rid, body, 30)
+        if not reply.get("ok"):
+            raise BenchError(f"warm-up invoke of {fid} failed: {reply}")
+    workers = 1 + 2 + 1  # generic prestarted + echo x2 + shout
+    for _ in range(5):
+        _window_run(requester, INVOKE_TOPIC, 40, 4)
+        with contextlib.suppress(BenchError):
+            wait_until(
+                lambda: len(psutil.Process(agent_pid).children()) >= workers,
+                3,
+                "workers",
+                0.02,
+            )
+            break
+
+
+def _timed_roundtrips(requester: Requester, topic: str, count: int) -> list[float]:
+    bodies = [invoke_body("echo", i) for i in range(count)]
+    gc.collect()
+    samples = [0.0] * count
+    clock = time.perf_counter_ns
+    for i, (rid, body) in enumerate(bodies):
+        start = clock()
+        reply = requester.request(topic, rid, body, 10)
+        samples[i] = (clock() - start) / 1000
+        if "ok" in reply and not reply["ok"]:
+            raise BenchError(f"invoke failed during the latency run: {reply}")
+    return samples
+
+
+def measure_latency(
+    requester: Requester, count: int, warmup: int, blocks: int = 10
+) -> tuple[list[float], list[float]]:
+    """Floor and agent round trips in alternating blocks, so machine noise hits both alike."""
+    _timed_roundtrips(requester, FLOOR_REQUEST, warmup)
+    _timed_roundtrips(requester, INVOKE_TOPIC, warmup)
+    floor: list[float] = []
+    agent: list[float] = []
+    per_block = max(1, count // blocks)
+    for _ in range(blocks):
+        floor += _timed_roundtrips(requester, FLOOR_REQUEST, per_block)
+        agent += _timed_roundtrips(requester, INVOKE_TOPIC, per_block)
+    return floor, agent
+
+
+def _window_run(requester: Requester, topic: str, total: int, window: int) -> float:
+    """Seconds for ``total`` requests with up to ``window`` outstanding, first publish to last
+    reply (a semaphore released in on_message keeps the window full)."""
+    bodies = [invoke_body("echo", i) for i in range(total)]
+    slots = threading.Semaphore(window)
+    finished = threading.Event()
+    state = {"replies": 0, "errors": 0}
+    lock = threading.Lock()
+    first_error: list[dict[str, Any]] = []
+
+    def answered(body: dict[str, Any]) -> None:
+        with lock:
+            state["replies"] += 1
+            if "ok" in body and not body["ok"]:
+                state["errors"] += 1
+                first_error.append(body)
+            if state["replies"] == total:
+                finished.set()
+        slots.release()
+
+    gc.collect()
+    start = time.perf_counter_ns()
+    for rid, body in bodies:
+        if not slots.acquire(timeout=10):
+            raise BenchError(f"no reply freed a window slot on {topic} within 10 s")
+        requester.expect(rid, answered)
+        requester.publish(topic, body)
+    if not finished.wait(30):
+        raise BenchError(f"only {state['replies']} of {total} replies on {topic} within 30 s")
+    elapsed = (time.perf_counter_ns() - start) / 1e9
+    if state["errors"]:
+        raise BenchError(f"{state['errors']} invokes failed, first: {first_error[0]}")
+    return elapsed
+
+
+def measure_throughput(
+    requester: Requester, total: int, window: int, blocks: int = 5
+) -> tuple[float, float]:
+    """(floor, agent) requests/s, each over ``total`` requests run in alternating blocks."""
+    warmup = max(WINDOW, total // 20)
+    _window_run(requester, FLOOR_REQUEST, warmup, window)
+    _window_run(requester, INVOKE_TOPIC, warmup, window)
+    per_block = max(window, total // blocks)
+    floor_s = agent_s = 0.0
+    for _ in range(blocks):
+        floor_s += _window_run(requester, FLOOR_REQUEST, per_block, window)
+        agent_s += _window_run(requester, INVOKE_TOPIC, per_block, window)
+    return per_block * blocks / floor_s, per_block * blocks / agent_s
+
+
+def _memory(pid: int) -> tuple[float, float]:
+    """(USS, RSS) of one process in MB."""
+    info = psutil.Process(pid).memory_full_info()
+    return info.uss / MB, info.rss / MB
+
+
+def measure_memory(agent_pid: int, bare_pid: int, reads: int = 3) -> dict[str, Any]:
+    """``reads`` readings 1 s apart of the agent, its workers and the bare client."""
+    readings: dict[str, list[tuple[float, float]]] = {"agent": [], "bare": [], "workers": []}
+    worker_count = 0
+    for i in range(reads):
+        if i:
+            time.sleep(1.0)  # the interval between readings is the point, not a wait
+        readings["agent"].append(_memory(agent_pid))
+        readings["bare"].append(_memory(bare_pid))
+        workers = psutil.Process(agent_pid).children(recursive=True)
+        worker_count = len(workers)
+        uss = rss = 0.0
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w_uss, w_rss = _memory(worker.pid)
+                uss, rss = uss + w_uss, rss + w_rss
+        readings["workers"].append((uss, rss))
+    out: dict[str, Any] = {"worker_count": worker_count}
+    for who, values in readings.items():
+        uss_values = [uss for uss, _ in values]
+        out[who] = {
+            "uss_mb": round(values[-1][0], 2),
+            "rss_mb": round(values[-1][1], 2),
+            "uss_min_mb": round(min(uss_values), 2),
+            "uss_max_mb": round(max(uss_values), 2),
+        }
+    return out
+
+
+def measure_restart(
+    broker: Broker, requester: Requester, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from the new broker accepting TCP to the first invoke answered, per restart;
+    and the requester's own reconnect time (done first; it overlaps the agent's backoff)."""
+    served: list[float] = []
+    requester_s: list[float] = []
+    for _ in range(repeats):
+        requester.close()
+        broker.stop()
+        up = broker.start()
+        requester.connect()
+        requester_s.append(time.monotonic() - up)
+        answered_at: list[float] = []
+        first = threading.Event()
+
+        def answered(
+            body: dict[str, Any],
+            answered_at: list[float] = answered_at,
+            first: threading.Event = first,
+        ) -> None:
+            if body.get("ok") and not answered_at:
+                answered_at.append(time.monotonic())
+                first.set()
+
+        deadline = up + 30.0
+        seq = 0
+        while not first.is_set():
+            if time.monotonic() >= deadline:
+                raise BenchError("the agent answered no invoke within 30 s of a broker restart")
+            rid, body = invoke_body("echo", seq)
+            seq += 1
+            requester.expect(rid, answered)
+            requester.publish(INVOKE_TOPIC, body)
+            first.wait(RESTART_POLL_S)
+        served.append(answered_at[0] - up)
+        # Let the late answers to this round's extra invokes arrive before the next restart.
+        rid, body = invoke_body("echo", seq)
+        requester.request(INVOKE_TOPIC, rid, body, 10)
+        requester.forget_pending()
+    return served, requester_s
+
+
+# -- the section -----------------------------------------------------------------------------
+
+
+def _children() -> list[int]:
+    return [child.pid for child in psutil.Process().children(recursive=True)]
+
+
+def _memory_rows(mem: dict[str, Any], after_load: dict[str, Any]) -> list[dict[str, Any]]:
+    a, b, w, later = mem["agent"], mem["bare"], mem["workers"], after_load["agent"]
+
+    def agent_row(name: str, key: str, m: dict[str, Any]) -> dict[str, Any]:
+        return info_row(
+            f"{name}: USS {m['uss_mb']:.1f} MB (min {m['uss_min_mb']:.1f}, "
+            f"max {m['uss_max_mb']:.1f}), RSS {m['rss_mb']:.1f} MB",
+            key=key,
+            n=3,
+            ratio=f"{m['uss_mb'] / b['uss_mb']:.1f}x floor USS, "
+            f"+{m['uss_mb'] - b['uss_mb']:.1f} MB",
+            target=f"USS <= {AGENT_USS_MAX_MB:g} MB",
+            passed=m["uss_max_mb"] <= AGENT_USS_MAX_MB,
+            **m,
+        )
+
+    return [
+        info_row(
+            f"memory floor: bare python, paho connected, psutil + systemd imported: "
+            f"USS {b['uss_mb']:.1f} MB, RSS {b['rss_mb']:.1f} MB",
+            key="bare_memory",
+            n=3,
+            ratio="1x",
+            **b,
+        ),
+        agent_row("agent process idle, 2 functions deployed", "agent_memory", a),
+        info_row(
+            f"its {mem['worker_count']} worker processes, summed: USS {w['uss_mb']:.1f} MB "
+            f"(RSS {w['rss_mb']:.1f} MB)",
+            key="workers_memory",
+            n=3,
+            worker_count=mem["worker_count"],
+            **w,
+        ),
+        agent_row(
+            f"agent process idle after {after_load['invocations']:,} invocations",
+            "agent_memory_after_load",
+            later,
+        ),
+    ]
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    scale = 10 if quick else 1
+    latency_n = 2_000 // scale
+    throughput_n = 5_000 // scale
+    restarts = 2 if quick else 5
+    agent_returncode: int | None = None
+    load_before = os.getloadavg()
+    section_started = time.monotonic()
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-mqtt-")))
+        broker = Broker(workdir)
+        broker.start()
+        stack.callback(broker.stop)
+        agent = AgentProcess(workdir, broker.port)
+        agent.start()
+        stack.callback(agent.stop)
+        bare = BareClient(broker.port)
+        stack.callback(bare.stop)
+        responder = Responder(broker.port).connect()
+        stack.callback(responder.close)
+        requester = Requester(broker.port, [REPLY_TOPIC, FLOOR_REPLY], [STATUS_TOPIC, STATE_TOPICS])
+        stack.callback(requester.close)
+        requester.connect()
+        try:
+            deploy_functions(requester, agent.pid)
+        except BenchError as exc:
+            raise BenchError(f"{exc}\nagent log:\n{agent.log_tail()}") from None
+        bare.wait_ready()
+
+        memory = measure_memory(agent.pid, bare.proc.pid)
+        floor_samples, agent_samples = measure_latency(
+            requester, latency_n, warmup=max(50, latency_n // 10)
+        )
+        floor_rate, agent_rate = measure_throughput(requester, throughput_n, WINDOW)
+        if not quick:  # fill the agent's in-memory history of invocations to its cap
+            _window_run(requester, INVOKE_TOPIC, HISTORY_FILL, WINDOW)
+        memory_after = measure_memory(agent.pid, bare.proc.pid)
+        memory_after["invocations"] = requester.agent_replies
+        bare.stop()
+        responder.close()
+        served, requester_s = measure_restart(broker, requester, restarts)
+        agent.stop()
+        agent_returncode = agent.returncode
+    seconds = time.monotonic() - section_started
+
+    floor = latency_row(
+        "MQTT floor: raw paho QoS 1 request/reply via mosquitto, no agent",
+        floor_samples,
+        key="mqtt_floor",
+        ratio="1x",
+    )
+    invoke = latency_row(
+        "invoke `echo` through the agent (QoS 1, reply on `.../replies`)",
+        agent_samples,
+        key="agent_invoke",
+    )
+    over_ms = (invoke["p50_us"] - floor["p50_us"]) / 1000
+    ratio = invoke["p50_us"] / floor["p50_us"]
+    invoke.update(
+        ratio=f"{ratio:.1f}x floor, {over_ms:+.2f} ms",
+        ratio_to_floor=round(ratio, 2),
+        p50_over_floor_ms=round(over_ms, 3),
+        target=f"p50 <= floor + {INVOKE_OVER_FLOOR_MAX_MS:g} ms",
+        passed=over_ms <= INVOKE_OVER_FLOOR_MAX_MS,
+    )
+    floor_tput = info_row(
+        f"MQTT floor throughput, {WINDOW} in flight",
+        key="mqtt_floor_throughput",
+        n=throughput_n,
+        rate=round(floor_rate, 1),
+        ratio="1x",
+    )
+    agent_tput = info_row(
+        f"invocations/s through the agent, {WINDOW} in flight, `echo` concurrency 2",
+        key="agent_throughput",
+        n=throughput_n,
+        rate=round(agent_rate, 1),
+        ratio=f"{agent_rate / floor_rate:.2f}x floor",
+    )
+    restart = latency_row(
+        "broker restart -> first invoke answered (reconnect 0.5/60 s, jittered)",
+        [s * 1e6 for s in served],
+        key="broker_restart",
+        requester_reconnect_ms=[round(s * 1000, 2) for s in requester_s],
+        served_ms=[round(s * 1000, 1) for s in served],
+    )
+    restart["p99_us"] = restart["max_us"]  # n is tiny: the p99 column shows the max
+
+    rows = [floor, invoke, floor_tput, agent_tput, *_memory_rows(memory, memory_after), restart]
+    notes = [
+        "Latency: one request outstanding; perf_counter_ns around publish + wait for the "
+        "matching reply (a threading.Event set in the requester's on_message once it has "
+        f"parsed the JSON). {latency_n:,} round trips each after a warm-up, floor and agent "
+        "interleaved in 10 blocks. All clients MQTT 5, QoS 1 both ways, TCP_NODELAY on every "
+        "socket (mosquitto: set_tcp_nodelay true). The same requester and the same request "
+        "bytes (`{request_id, function_id, payload}`, ~120 B) serve both rows; the floor's "
+        "responder is a second paho client in this process (its own network thread) that "
+        "publishes the payload back to a reply topic from on_message.",
+        f"Invoke replies come on the default `{REPLY_TOPIC}` topic, matched by request_id: "
+        "fewer moving parts than an MQTT 5 Response Topic (no per-request properties or "
+        "correlation data), and the requester parses the reply JSON either way.",
+        f"Throughput: {throughput_n:,} requests each, at most {WINDOW} outstanding, floor "
+        "and agent alternating in 5 blocks (rate = requests / summed block times). `echo` "
+        "is deployed with `concurrency: 2`, so two warm workers serve it (the default is 1). "
+        "mosquitto's default max_inflight_messages (20 per client) bounds how many invokes "
+        "the agent holds unacknowledged (it acks each once its reply is queued).",
+        "Memory: psutil memory_full_info() of the agent process alone, read 3 times 1 s "
+        "apart after deploy + warm-up, and again after the latency and throughput rows "
+        f"({memory_after['invocations']:,} invocations by then"
+        + (
+            ", past the 10,000 InvocationRecords agent.metrics keeps in memory"
+            if not quick
+            else "; quick mode does not fill agent.metrics' 10,000-record history"
+        )
+        + "); the last reading is shown, the USS target is judged on the largest. The "
+        f"workers ({memory['worker_count']}, later {memory_after['worker_count']}: the "
+        "prestarted generic interpreter and the warm workers of echo (2) and shout) are "
+        "summed in their own row. The floor is a `python -c` that imports paho.mqtt.client, "
+        "psutil, systemd.daemon and systemd.journal and connects to the same broker "
+        "(loop_start), read in the same rounds.",
+        f"Broker restart ({restarts}x): mosquitto SIGTERM + wait, started again on the same "
+        "port; t0 = its first accepted TCP connection (polled every 2 ms). The requester "
+        "reconnects first ("
+        + ", ".join(f"{s * 1000:.0f}" for s in requester_s)
+        + f" ms after t0), then publishes an invoke every {RESTART_POLL_S * 1000:.0f} ms "
+        "until one is answered. The agent runs with the default reconnect_min_s 0.5 / "
+        "reconnect_max_s 60, and its first retry is jittered (full jitter: uniform in "
+        "[0.5, 1.0] s after the drop), so this row measures the configured backoff more "
+        "than agent work. The broker keeps no sessions (persistence false): invokes sent "
+        "before the agent has resubscribed reach nobody and are simply sent again. With so "
+        "few samples the p99 column of this row shows the max.",
+        "Agent config: log_level warning, heartbeat_interval_s 30, durability normal "
+        "(SQLite synchronous=NORMAL, WAL), everything else default. Load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; section took "
+        f"{seconds:.1f} s. `uv run python scripts/bench_mqtt.py phases` times the agent's "
+        "own steps of an invoke (a diagnostic, not part of the table).",
+    ]
+    if agent_returncode != 0:
+        notes.append(f"WARNING: the agent exited with {agent_returncode} on SIGTERM")
+    leaked = _children()
+    if leaked:
+        notes.append(f"LEAK: child processes still alive after closing: {leaked}")
+    return {"title": TITLE, "rows": rows, "notes": notes, "leaked_children": leaked}
+
+
+# -- diagnostics -----------------------------------------------------------------------------
+
+#: Where an invoke is, in order, as the timed agent records it (see ``agent_with_timers``).
+STAGES = (
+    "received (paho thread)",
+    "picked up by the loop",
+    "handed to the executor",
+    "executor thread runs it",
+    "worker answered",
+    "loop has the result",
+    "reply encoded, metrics kept",
+    "reply + dedupe row committed",
+    "reply handed to paho",
+    "invoke acknowledged",
+)
+
+
+def agent_with_timers(out_path: str, config_path: str) -> int:
+    """Runs *inside* the agent process (``phases``): the daemon with timestamps on its invoke
+    path, written to ``out_path`` as JSON at exit. Wraps internals of agent.daemon, store and
+    mqtt, so it may need updating when they change."""
+    import atexit
+    import statistics
+
+    from agent import daemon, mqtt, pool, protocol, store
+    from agent.cli import main
+
+    clock = time.perf_counter_ns
+    marks: dict[str, list[int]] = {}
+    received: dict[Any, int] = {}
+    calls: dict[str, list[int]] = {}
+
+    def stamp(rid: str, stage: int) -> None:
+        marks.setdefault(rid, [0] * len(STAGES))[stage] = clock()
+
+    def timed(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+        samples = calls.setdefault(f"{getattr(owner, '__name__', owner)}.{name}", [])
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                samples.append(clock() - start)
+
+        setattr(owner, name, wrapper)
+
+    agent_cls = daemon.Agent
+    post, handle_invoke = agent_cls.post, agent_cls.handle_invoke
+    run_invocation, invoke_done = agent_cls._run_invocation, agent_cls.handle_invoke_done
+    send_reply, record_reply = agent_cls._send_reply, store.Store.record_reply
+
+    def post_w(self: Any, event: object) -> None:
+        if isinstance(event, mqtt.Message):
+            received[event] = clock()
+        elif isinstance(event, daemon._InvokeDone):
+            stamp(event.invocation.request.request_id, 4)
+        post(self, event)
+
+    def handle_invoke_w(self: Any, msg: Any) -> None:
+        picked = clock()
+        before = len(self._inflight)
+        handle_invoke(self, msg)
+        if len(self._inflight) > before:
+            rid = next(reversed(self._inflight))
+            stamp(rid, 2)
+            marks[rid][0], marks[rid][1] = received.pop(msg, picked), picked
+
+    def run_invocation_w(self: Any, invocation: Any) -> None:
+        stamp(invocation.request.request_id, 3)
+        run_invocation(self, invocation)
+
+    def invoke_done_w(self: Any, done: Any) -> None:
+        rid = done.invocation.request.request_id
+        stamp(rid, 5)
+        invoke_done(self, done)
+        stamp(rid, 9)
+
+    def send_reply_w(self: Any, rid: Any, *args: Any, **kwargs: Any) -> None:
+        send_reply(self, rid, *args, **kwargs)
+        if rid in marks:
+            stamp(rid, 8)
+
+    def record_reply_w(self: Any, rid: str, *args: Any, **kwargs: Any) -> int:
+        if rid in marks:
+            stamp(rid, 6)
+        item_id: int = record_reply(self, rid, *args, **kwargs)
+        if rid in marks:
+            stamp(rid, 7)
+        return item_id
+
+    agent_cls.post = post_w  # type: ignore[method-assign]
+    agent_cls.handle_invoke = handle_invoke_w  # type: ignore[method-assign]
+    agent_cls._run_invocation = run_invocation_w  # type: ignore[method-assign]
+    agent_cls.handle_invoke_done = invoke_done_w  # type: ignore[method-assign]
+    agent_cls._send_reply = send_reply_w  # type: ignore[method-assign]
+    store.Store.record_reply = record_reply_w  # type: ignore[method-assign,assignment]
+    for owner, name in (
+        (store.Store, "dedupe_get"),
+        (store.Store, "record_reply"),
+        (store.Store, "outbox_peek"),
+        (store.Store, "outbox_ack"),
+        (mqtt.MqttClient, "publish"),
+        (mqtt.MqttClient, "ack"),
+        (pool.WorkerPool, "invoke"),
+        (protocol, "decode_invoke"),
+        (protocol, "encode_reply"),
+        (agent_cls, "handle_published"),
+    ):
+        timed(owner, name)
+
+    def dump() -> None:
+        complete = [m for m in marks.values() if all(m)]
+        steps = (
+            {
+                f"{a} -> {b}": statistics.median(m[i + 1] - m[i] for m in complete) / 1000
+                for i, (a, b) in enumerate(itertools.pairwise(STAGES))
+            }
+            if complete
+            else {}
+        )
+        if complete:
+            steps["TOTAL received -> handed to paho"] = (
+                statistics.median(m[8] - m[0] for m in complete) / 1000
+            )
+        per_call = {name: [len(v), statistics.median(v) / 1000] for name, v in calls.items() if v}
+        Path(out_path).write_text(
+            json.dumps({"n": len(complete), "steps": steps, "calls": per_call})
+        )
+
+    atexit.register(dump)
+    return main(["run", "--config", config_path])
+
+
+def phases(count: int = 2000) -> dict[str, Any]:
+    """Median us of each step of the agent's invoke path, one request at a time."""
+    with tempfile.TemporaryDirectory(prefix="bench-mqtt-phases-") as tmp:
+        workdir = Path(tmp)
+        out = workdir / "phases.json"
+        broker = Broker(workdir)
+        broker.start()
+        agent = AgentProcess(workdir, broker.port)
+        requester = Requester(broker.port, [REPLY_TOPIC], [STATUS_TOPIC, STATE_TOPICS])
+        try:
+            with agent.log_path.open("ab") as log:
+                agent.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; sys.path.insert(0, sys.argv[1]); import bench_mqtt; "
+                        "sys.exit(bench_mqtt.agent_with_timers(sys.argv[2], sys.argv[3]))",
+                        str(Path(__file__).resolve().parent),
+                        str(out),
+                        str(agent.config_path),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            requester.connect()
+            deploy_functions(requester, agent.pid)
+            _timed_roundtrips(requester, INVOKE_TOPIC, 200)
+            samples = sorted(_timed_roundtrips(requester, INVOKE_TOPIC, count))
+        finally:
+            requester.close()
+            agent.stop()
+            broker.stop()
+        result: dict[str, Any] = json.loads(out.read_text())
+    result["round_trip_p50_us"] = percentile(samples, 50)
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["phases"]:
+        timings = phases()
+        print(f"{timings['n']} invokes, round trip p50 {timings['round_trip_p50_us']:.0f} us")
+        for step, us in timings["steps"].items():
+            print(f"  {step:62s} {us:7.1f} us")
+        print("calls (n, median us):")
+        for name, (n, us) in sorted(timings["calls"].items()):
+            print(f"  {name:36s} {n:6d} {us:7.1f} us")
+    else:
+        sys.exit("usage: python scripts/bench_mqtt.py phases   (the table: scripts/bench)")
