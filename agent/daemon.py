@@ -89,7 +89,8 @@ class Agent:
         self.store = store
         self.pool = pool
         self.notifier = notifier
-        self.metrics = metrics or EdgeMetrics()
+        # Heartbeats read counters and percentiles only: no per-invocation record log.
+        self.metrics = metrics or EdgeMetrics(history=0)
         self.topics = protocol.Topics(config.mqtt.topic_prefix, config.node.id)
         self.mqtt: mqtt.MqttClient | None = None
         self.deployer = Deployer(

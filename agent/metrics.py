@@ -18,7 +18,7 @@ DEFAULT_WINDOW = 1024
 DEFAULT_HISTORY = 10_000
 
 
-@dataclass
+@dataclass(slots=True)
 class InvocationRecord:
     """One invocation's outcome (the seed's fields first, then edge-agent's)."""
 
