@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import store as store_module
+import agent.store.core as store_module
 from agent.errors import StoreError
 from agent.store import DedupeEntry, DeploymentRow, OutboxFull, Store
 
@@ -113,31 +113,29 @@ def test_reopen_runs_each_migration_once(db_path: Path, monkeypatch: pytest.Monk
     """A later migration runs once; reopening does not run it again (it would fail)."""
     with Store(db_path) as s:
         s.set_meta("k", "v")
-    monkeypatch.setattr(
-        store_module, "MIGRATIONS", [*store_module.MIGRATIONS, "CREATE TABLE x (a)"]
-    )
+    released = list(store_module.MIGRATIONS)
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*released, "CREATE TABLE x (a)"])
     for _ in range(2):
         with Store(db_path) as s:
             assert s.get_meta("k") == "v"
-        assert header(db_path)[2] == 2
+        assert header(db_path)[2] == len(released) + 1
 
 
 def test_failed_migration_changes_nothing(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A migration that fails half way leaves neither its tables nor a new user_version."""
     with Store(db_path):
         pass
+    released = list(store_module.MIGRATIONS)
     bad = "CREATE TABLE x (a); INSERT INTO no_such_table VALUES (1);"
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, bad])
-    with pytest.raises(StoreError, match="migration to version 2"):
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*released, bad])
+    with pytest.raises(StoreError, match=f"migration to version {len(released) + 1}"):
         Store(db_path).open()
-    assert header(db_path)[2] == 1
-    # Table x was rolled back, so a good version 2 that creates it again succeeds.
-    monkeypatch.setattr(
-        store_module, "MIGRATIONS", [*store_module.MIGRATIONS[:1], "CREATE TABLE x (a)"]
-    )
+    assert header(db_path)[2] == len(released)
+    # Table x was rolled back, so a good migration that creates it again succeeds.
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*released, "CREATE TABLE x (a)"])
     with Store(db_path):
         pass
-    assert header(db_path)[2] == 2
+    assert header(db_path)[2] == len(released) + 1
 
 
 def test_newer_schema_refused(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

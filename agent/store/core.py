@@ -58,6 +58,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import StoreError
+from agent.store.sync import SYNC_SCHEMA, ReplyRecord, SyncTables
 
 __all__ = [
     "MIGRATIONS",
@@ -123,6 +124,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX dedupe_by_ts ON dedupe (ts);
     """,
+    # 2: the synced state (agent/store/sync.py).
+    SYNC_SCHEMA,
 ]
 
 #: Who can ask for a function: the whole fleet, or this node only (which wins).
@@ -206,7 +209,7 @@ _DEDUPE_UPSERT = (
 )
 
 
-class Store:
+class Store(SyncTables):
     """The agent's SQLite state. Build it, then :meth:`open` it (or use ``with``)."""
 
     def __init__(
@@ -226,6 +229,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         # (count, payload bytes) of the outbox; one tuple so readers never see a torn pair.
         self._depth: tuple[int, int] = (0, 0)
+        self._sync_cache: tuple[int, dict[str, Any]] | None = None
 
     @property
     def path(self) -> Path:
@@ -272,6 +276,7 @@ class Store:
         """Close the connection (SQLite checkpoints the WAL); closing twice is harmless."""
         with self._lock:
             conn, self._conn = self._conn, None
+            self._sync_cache = None
             if conn is not None:
                 try:
                     conn.close()
@@ -465,6 +470,17 @@ class Store:
             self._depth = depth
         return item_id
 
+    def _remember_reply(
+        self, conn: sqlite3.Connection, reply: ReplyRecord, base: tuple[int, int]
+    ) -> tuple[int, tuple[int, int]]:
+        """Queue a reply and remember its request inside the caller's transaction."""
+        item_id, depth = self._enqueue(
+            conn, reply.topic, reply.payload, 1, False, "reply", None, reply.ts,
+            reply.correlation, base=base,
+        )  # fmt: skip
+        conn.execute(_DEDUPE_UPSERT, (reply.request_id, reply.topic, reply.payload, reply.ts))
+        return item_id, depth
+
     def record_reply(
         self,
         request_id: str,
@@ -500,9 +516,14 @@ class Store:
         key: str | None,
         created_ts: float,
         correlation: bytes | None = None,
+        *,
+        base: tuple[int, int] | None = None,
     ) -> tuple[int, tuple[int, int]]:
-        """Insert inside the caller's transaction; the id and the depth once committed."""
-        count, nbytes = self._depth
+        """Insert inside the caller's transaction; the id and the depth once committed.
+
+        ``base`` is the depth to start from when the transaction already queued others.
+        """
+        count, nbytes = self._depth if base is None else base
         gone_count = gone_bytes = 0
         if key is not None:
             gone_count, gone_bytes = conn.execute(

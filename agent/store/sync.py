@@ -1,0 +1,249 @@
+"""The synced state's tables: the edge-owned reported document and the cloud's desired one.
+
+Part of the store (still the only place that touches sqlite3): :class:`SyncTables` is mixed
+into :class:`~agent.store.core.Store` and uses its connection, lock and outbox.
+
+Reported state is a versioned key/value document: one row per top-level key (canonical
+JSON), its version in ``meta['sync.version']``. :meth:`SyncTables.sync_commit` applies a
+change set, bumps the version and queues the ``sync/delta`` in the outbox in ONE
+transaction (optionally together with the invocation's reply), so a change and the delta
+that reports it are never separated by a crash.
+
+Coalescing: while the newest queued delta has not been handed to MQTT yet (its outbox id is
+above ``coalesce_after_id``, which the outbox pump knows), a new change is merged into it
+instead of queueing another: offline, a thousand changes to one key become one delta
+``{from_version: first, to_version: last, changes: {key: final value}}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.models import canonical_json, state_checksum
+
+#: The schema this mixin needs (appended to the store's MIGRATIONS as version 2).
+SYNC_SCHEMA = """
+    CREATE TABLE sync_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+"""
+
+DELTA_KIND = "sync_delta"
+
+#: (from_version, to_version, changes, checksum) -> the delta message's bytes.
+EncodeDelta = Callable[[int, int, dict[str, Any], str], bytes]
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """A reply to queue (and remember for duplicates) in the same transaction."""
+
+    request_id: str
+    topic: str
+    payload: bytes
+    ts: float
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SyncCommit:
+    """What a commit did: ``changes`` are the effective ones (no-op writes dropped)."""
+
+    from_version: int
+    to_version: int
+    changes: dict[str, Any]
+    checksum: str
+    #: Outbox id of the delta that carries it (a new one, or the one it was merged into).
+    delta_id: int
+    coalesced: bool
+
+
+def effective_changes(state: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``changes`` that changes ``state`` (compared as canonical JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if value is None:
+            if key in state:
+                out[key] = None
+        elif key not in state or canonical_json(state[key]) != canonical_json(value):
+            out[key] = value
+    return out
+
+
+class SyncTables:
+    """Mixin: the store's synced-state operations. Needs the store's lock and transaction."""
+
+    _lock: threading.Lock
+    _sync_cache: tuple[int, dict[str, Any]] | None
+    _depth: tuple[int, int]
+
+    def _transaction(self, what: str) -> Any:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    def _read(self, what: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        raise NotImplementedError  # pragma: no cover - provided by Store
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        kind: str,
+        key: str | None,
+        created_ts: float,
+        correlation: bytes | None = None,
+        *,
+        base: tuple[int, int] | None = None,
+    ) -> tuple[int, tuple[int, int]]:
+        raise NotImplementedError  # pragma: no cover - provided by Store
+
+    def _remember_reply(
+        self, conn: sqlite3.Connection, reply: ReplyRecord, base: tuple[int, int]
+    ) -> tuple[int, tuple[int, int]]:
+        raise NotImplementedError  # pragma: no cover - provided by Store
+
+    # -- reported state ------------------------------------------------------------------
+
+    def sync_state(self) -> tuple[int, dict[str, Any]]:
+        """(version, a copy of the document)."""
+        version, data = self._sync_loaded()
+        return version, copy.deepcopy(data)
+
+    def _sync_loaded(self) -> tuple[int, dict[str, Any]]:
+        cache = self._sync_cache
+        if cache is None:
+            rows = self._read("sync_state", "SELECT key, value FROM sync_state")
+            meta = self._read("sync_state", "SELECT value FROM meta WHERE key = 'sync.version'")
+            version = int(meta[0][0]) if meta else 0
+            cache = (version, {key: json.loads(value) for key, value in rows})
+            self._sync_cache = cache
+        return cache
+
+    def sync_commit(
+        self,
+        changes: dict[str, Any],
+        *,
+        delta_topic: str,
+        encode_delta: EncodeDelta,
+        coalesce_after_id: int,
+        reply: ReplyRecord | None = None,
+    ) -> SyncCommit | None:
+        """Apply ``changes`` (None deletes) as the next version and queue its delta, with
+        ``reply`` if given, atomically. None when nothing changed (the reply is still queued).
+
+        Raises OutboxFull (nothing written) when the outbox cannot take the messages.
+        """
+        version, state = self._sync_loaded()
+        effective = effective_changes(state, changes)
+        new_state = {k: v for k, v in state.items() if k not in effective}
+        new_state.update({k: v for k, v in effective.items() if v is not None})
+        commit: SyncCommit | None = None
+        with self._lock:
+            with self._transaction("sync_commit") as conn:
+                depth = self._depth
+                if effective:
+                    for key, value in effective.items():
+                        if value is None:
+                            conn.execute("DELETE FROM sync_state WHERE key = ?", (key,))
+                        else:
+                            conn.execute(
+                                "INSERT INTO sync_state (key, value) VALUES (?, ?)"
+                                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                                (key, canonical_json(value).decode()),
+                            )
+                    _set_version(conn, version + 1)
+                    commit, depth = self._queue_delta(
+                        conn,
+                        version,
+                        effective,
+                        state_checksum(new_state),
+                        (delta_topic, encode_delta, coalesce_after_id),
+                        depth,
+                    )
+                if reply is not None:
+                    _, depth = self._remember_reply(conn, reply, depth)
+            self._depth = depth
+            if commit is not None:
+                self._sync_cache = (commit.to_version, new_state)
+        return commit
+
+    def _queue_delta(
+        self,
+        conn: sqlite3.Connection,
+        version: int,
+        effective: dict[str, Any],
+        checksum: str,
+        how: tuple[str, EncodeDelta, int],
+        depth: tuple[int, int],
+    ) -> tuple[SyncCommit, tuple[int, int]]:
+        """Merge into the newest delta not yet handed to MQTT, or queue a new one."""
+        topic, encode_delta, coalesce_after_id = how
+        row = conn.execute(
+            "SELECT id, payload FROM outbox WHERE kind = ? ORDER BY id DESC LIMIT 1",
+            (DELTA_KIND,),
+        ).fetchone()
+        if row is not None and row[0] > coalesce_after_id:
+            delta_id, old_payload = int(row[0]), bytes(row[1])
+            old = json.loads(old_payload)
+            merged = {**old["changes"], **effective}
+            payload = encode_delta(int(old["from_version"]), version + 1, merged, checksum)
+            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (payload, delta_id))
+            count, nbytes = depth
+            depth = (count, nbytes - len(old_payload) + len(payload))
+            return SyncCommit(version, version + 1, effective, checksum, delta_id, True), depth
+        payload = encode_delta(version, version + 1, effective, checksum)
+        delta_id, depth = self._enqueue(
+            conn, topic, payload, 1, False, DELTA_KIND, None, time.time(), None, base=depth
+        )
+        return SyncCommit(version, version + 1, effective, checksum, delta_id, False), depth
+
+    def sync_raise_version(self, version: int) -> None:
+        """Move the version up to ``version`` (after a restore from an older backup)."""
+        current, state = self._sync_loaded()
+        if version <= current:
+            return
+        with self._lock:
+            with self._transaction("sync_raise_version") as conn:
+                _set_version(conn, version)
+            self._sync_cache = (version, state)
+
+    # -- desired state (cloud-owned) ---------------------------------------------------------
+
+    def desired_state(self) -> tuple[int, dict[str, Any]]:
+        """(version, data) of the desired state applied last; (0, {}) before any."""
+        rows = self._read(
+            "desired_state",
+            "SELECT key, value FROM meta WHERE key IN ('desired.version', 'desired.data')",
+        )
+        values = dict(rows)
+        return int(values.get("desired.version", 0)), json.loads(values.get("desired.data", "{}"))
+
+    def set_desired_state(self, version: int, data: dict[str, Any]) -> None:
+        with self._lock, self._transaction("set_desired_state") as conn:
+            for key, value in (
+                ("desired.version", str(version)),
+                ("desired.data", canonical_json(data).decode()),
+            ):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+
+def _set_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('sync.version', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (str(version),),
+    )
