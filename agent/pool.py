@@ -122,6 +122,25 @@ class InvokeResult:
     rss_kb: int
     worker_pid: int
     accepts_context: bool
+    #: The handler's writes to the synced state (None deletes); apply them only on success.
+    changes: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ContextInput:
+    """The synced state and desired state an invocation's ``context`` starts from.
+
+    Immutable snapshots: the caller replaces them, never mutates them. A worker is sent a
+    document only when its version differs from what that worker last received.
+    """
+
+    state_version: int = 0
+    state: Mapping[str, Any] = field(default_factory=dict)
+    desired_version: int = 0
+    desired: Mapping[str, Any] = field(default_factory=dict)
+
+
+EMPTY_CONTEXT = ContextInput()
 
 
 class _Deadline(Exception):
@@ -142,6 +161,8 @@ class Worker:
         self.invocations = 0
         self.memory_limit_kb = 0
         self.accepts_context = False
+        self.sent_state_version = -1
+        self.sent_desired_version = -1
         self.exit_status: int | None = None
         self.maxrss_kb = 0
         #: ru_maxrss survives exec: the agent's own peak at spawn time, seen in the worker's.
@@ -467,8 +488,12 @@ class WorkerPool:
         *,
         request_id: str = "",
         queue_timeout: float | None = None,
+        context: ContextInput | None = None,
     ) -> InvokeResult:
-        """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure."""
+        """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure.
+
+        ``context`` is what a handler taking ``context`` sees (empty when None).
+        """
         started = time.monotonic()
         blob = self._dumps_arguments(function_id, args, kwargs or {})
         # A warm worker found dead at send time never started the invocation: retry once.
@@ -480,15 +505,19 @@ class WorkerPool:
                 if worker is None:
                     worker = self._load(slot, reserved)
                 worker.change_state(WorkerState.BUSY)
+                deadline = time.monotonic() + slot.config.timeout_s
                 try:
-                    worker.send(wire.invoke_header(request_id), blob)
+                    if worker.accepts_context:
+                        self._send_with_context(worker, request_id, deadline, blob, context)
+                    else:
+                        worker.send(wire.invoke_header(request_id), blob)
                 except wire.FrameError:
                     worker.kill()
                     if attempt == 1 and not cold:
                         log.info("warm worker %d of %s had died; retrying", worker.pid, function_id)
                         continue
                     raise worker.death_error(function_id) from None
-                header, result_blob = self._await_result(worker, slot.config)
+                header, result_blob = self._await_result(worker, slot.config, deadline)
                 worker.invocations += 1
                 healthy = True  # from here on the worker answered: it is fine
                 if header.get("ok"):
@@ -499,6 +528,7 @@ class WorkerPool:
                         rss_kb=int(header.get("rss_kb", 0)),
                         worker_pid=worker.pid,
                         accepts_context=worker.accepts_context,
+                        changes=header.get("changes"),
                     )
                 error = header.get("error") or {}
                 if error.get("type") == "memory_exceeded":
@@ -526,10 +556,32 @@ class WorkerPool:
                 f"arguments for {function_id} cannot be sent to a worker: {exc}"
             ) from exc
 
-    def _await_result(self, worker: Worker, config: FunctionConfig) -> tuple[dict[str, Any], bytes]:
+    def _send_with_context(
+        self,
+        worker: Worker,
+        request_id: str,
+        deadline: float,
+        blob: bytes,
+        context: ContextInput | None,
+    ) -> None:
+        ctx = context or EMPTY_CONTEXT
+        header: dict[str, Any] = {"op": "invoke", "request_id": request_id, "deadline": deadline}
+        if worker.sent_state_version != ctx.state_version:
+            header["state"] = dict(ctx.state)
+            header["state_version"] = ctx.state_version
+        if worker.sent_desired_version != ctx.desired_version:
+            header["desired"] = dict(ctx.desired)
+            header["desired_version"] = ctx.desired_version
+        worker.send(header, blob)
+        worker.sent_state_version = ctx.state_version
+        worker.sent_desired_version = ctx.desired_version
+
+    def _await_result(
+        self, worker: Worker, config: FunctionConfig, deadline: float
+    ) -> tuple[dict[str, Any], bytes]:
         """The worker's answer, or the error its death or the deadline means (worker killed)."""
         try:
-            return worker.recv(time.monotonic() + config.timeout_s)
+            return worker.recv(deadline)
         except _Deadline:
             worker.kill()
             raise FunctionTimeout(

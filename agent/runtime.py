@@ -22,7 +22,8 @@ from typing import Any
 from agent.errors import DeploymentRejected, EdgeExecutionError, FunctionNotFound
 from agent.metrics import EdgeMetrics, InvocationRecord
 from agent.models import EdgeFunction, EdgeNode, PackagedHandler
-from agent.pool import FunctionConfig, InvokeResult, WorkerLimits, WorkerPool
+from agent.pool import ContextInput, FunctionConfig, InvokeResult, WorkerLimits, WorkerPool
+from agent.sync import EdgeSynchronizer
 
 
 def function_config(fn: EdgeFunction) -> FunctionConfig:
@@ -85,8 +86,12 @@ class EdgeRuntime:
         metrics: EdgeMetrics | None = None,
         codec: str = "pickle",
         pool: WorkerPool | None = None,
+        synchronizer: EdgeSynchronizer | None = None,
     ) -> None:
         self.node = node
+        #: Backs ``context.state`` for handlers that take a ``context`` parameter; their
+        #: writes become new versions here when the invocation succeeds.
+        self.synchronizer = synchronizer or EdgeSynchronizer()
         self.metrics = metrics or EdgeMetrics()
         self._functions: dict[str, EdgeFunction] = {}
         # uuid4() per call costs ~5 us; a random prefix and a counter are as unique.
@@ -148,7 +153,14 @@ class EdgeRuntime:
         started_wall = time.time()
         started = time.monotonic()
         try:
-            result = self._pool.invoke(function_id, args, kwargs, request_id=request_id)
+            version, data = self.synchronizer.context_input()
+            result = self._pool.invoke(
+                function_id,
+                args,
+                kwargs,
+                request_id=request_id,
+                context=ContextInput(state_version=version, state=data),
+            )
         except EdgeExecutionError as exc:
             if not isinstance(exc, FunctionNotFound):
                 self.metrics.record(
@@ -164,6 +176,8 @@ class EdgeRuntime:
                     )
                 )
             raise
+        if result.changes:
+            self.synchronizer.apply_changes(result.changes)
         self.metrics.record(
             InvocationRecord(
                 function_id=function_id,

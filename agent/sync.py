@@ -80,6 +80,21 @@ class EdgeSynchronizer:
             )
             return copy.deepcopy(state)
 
+    def apply_changes(self, changes: dict[str, Any]) -> SyncState | None:
+        """Apply a handler's write set (None deletes) as the next version; None if no-op."""
+        with self._lock:
+            before = self._local_state.data if self._local_state else {}
+        after = apply_delta(before, changes)
+        if canonical_json(after) == canonical_json(before):
+            return None
+        return self.update_local(after)
+
+    def context_input(self) -> tuple[int, dict[str, Any]]:
+        """(version, data) for an invocation's ``context.state``."""
+        with self._lock:
+            state = self._local_state
+            return (state.version, state.data) if state else (0, {})
+
     def apply_remote(self, state: SyncState) -> bool:
         """Take a remote state if it is strictly newer and its checksum is right."""
         if not state.verify():

@@ -19,9 +19,11 @@ import os
 import pickle
 import resource
 import sys
+import time
 import traceback
 
 from agent import wire
+from agent.context import InvocationContext
 
 TYPE_CHECKING = False  # typing and inspect cost ~50 ms of worker start-up: not at run time
 if TYPE_CHECKING:
@@ -99,20 +101,28 @@ def resolve_entrypoint(path: str, entrypoint: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-def _accepts_context(handler: Callable[..., Any]) -> bool:
-    """True for ``handler(event, context)`` (two positional parameters)."""
+def context_mode(handler: Callable[..., Any], codec: str) -> str:
+    """How the handler takes its :class:`~agent.context.InvocationContext`, if at all.
+
+    ``"keyword"``: it has a parameter named ``context``. ``"positional"``: a daemon handler
+    (JSON codec) with a second required positional parameter, ``handler(event, ctx)``.
+    ``""``: it takes none. Local-mode handlers need the name: ``f(a, b)`` there means two
+    arguments, as in the seed.
+    """
     import inspect
 
     try:
         params = list(inspect.signature(handler).parameters.values())
     except (TypeError, ValueError):
-        return False
+        return ""
+    if any(p.name == "context" and p.kind is not p.VAR_POSITIONAL for p in params):
+        return "keyword"
     positional = [
         p
         for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
-    return len(positional) >= 2
+    return "positional" if codec == "json" and len(positional) >= 2 else ""
 
 
 class WorkerMain:
@@ -127,6 +137,10 @@ class WorkerMain:
         self.memory_mb = 0
         self.reserve: bytearray | None = None
         self.statm_fd: int | None = None
+        self.context_mode = ""
+        #: The synced state and desired state as last sent by the agent (version, data).
+        self.state: tuple[int, dict[str, Any]] = (0, {})
+        self.desired: tuple[int, dict[str, Any]] = (0, {})
         self.page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
         self.peak_seen_kb = 0
 
@@ -173,6 +187,7 @@ class WorkerMain:
                 self.handler = pickle.loads(blob)
                 if not callable(self.handler):
                     raise TypeError(f"handler is not callable: {self.handler!r}")
+            self.context_mode = context_mode(self.handler, self.codec)
         except BaseException as exc:
             kind = "memory_exceeded" if isinstance(exc, MemoryError) else "handler_error"
             self.reserve = None
@@ -190,17 +205,22 @@ class WorkerMain:
         with contextlib.suppress(OSError):
             self.statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         self.peak_seen_kb = read_status_kb(b"VmHWM")
-        self.send(
-            {"op": "loaded", "context": _accepts_context(self.handler), "rss_kb": self.peak_seen_kb}
-        )
+        self.send({"op": "loaded", "context": bool(self.context_mode), "rss_kb": self.peak_seen_kb})
         return True
 
     def invoke(self, header: dict[str, Any], blob: bytes) -> int | None:
         """Run one invocation and answer it; returns an exit code when the worker must die."""
         if self.handler is None:
             return EX_PROTOCOL
+        context = None
         try:
             args, kwargs = pickle.loads(blob)
+            if self.context_mode:
+                context = self.make_context(header)
+                if self.context_mode == "keyword":
+                    kwargs = {**kwargs, "context": context}
+                else:
+                    args = (*args, context)
             result = self.handler(*args, **kwargs)
             out = self.encode_result(result)
             del result
@@ -224,8 +244,30 @@ class WorkerMain:
             reply["rss_kb"] = self.peak_kb()
             self.send(reply, err)
             return None
-        self.send(wire.result_header(self.peak_kb()), out)
+        if context is not None and context.state.writes:
+            # The write set travels back with the result; the agent applies it atomically.
+            reply = {"op": "result", "ok": True, "rss_kb": self.peak_kb()}
+            reply["changes"] = context.state.writes
+            self.send(reply, out)
+        else:
+            self.send(wire.result_header(self.peak_kb()), out)
         return None
+
+    def make_context(self, header: dict[str, Any]) -> InvocationContext:
+        """The handler's context; the agent sends state and desired only when they changed."""
+        if "state" in header:
+            self.state = (int(header["state_version"]), header["state"])
+        if "desired" in header:
+            self.desired = (int(header["desired_version"]), header["desired"])
+        return InvocationContext(
+            function_id=self.function_id,
+            request_id=str(header.get("request_id", "")),
+            deadline=float(header.get("deadline", time.monotonic() + 3600)),
+            state=self.state[1],
+            state_version=self.state[0],
+            desired=self.desired[1],
+            desired_version=self.desired[0],
+        )
 
     def peak_kb(self) -> int:
         """This worker's peak RSS as far as cheaply known (runs after every invocation).
