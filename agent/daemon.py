@@ -43,7 +43,8 @@ from agent.errors import (
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
-from agent.store import OutboxFull, Store
+from agent.statesync import StateSync
+from agent.store import OutboxFull, ReplyRecord, Store
 from agent.systemd import Notifier, set_level
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class Agent:
         )
         self._inflight: dict[str, _Invocation] = {}
         self.outbox = OutboxPump(store, self._publish_item)
+        self.sync = StateSync(
+            store, self.topics, self.outbox, Path(config.agent.state_dir) / "sync.hwm"
+        )
         self._stopping = False
         self._stop_requested = threading.Event()
         self._started = time.monotonic()
@@ -135,6 +139,7 @@ class Agent:
     def boot(self) -> None:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         self.store.open()
+        self.sync.boot()
         self.pool.start()
         restored = self.deployments.restore()
         log.info("restored %d deployed functions from %s", restored, self.store.path)
@@ -250,7 +255,7 @@ class Agent:
             name=node.name,
             location=node.location,
             capabilities=node.capabilities,
-            extra={"functions": len(self.pool.functions())},
+            extra={"functions": len(self.pool.functions()), "sync": self.sync.summary()},
         )
         mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
         deadline = time.monotonic() + wait
@@ -276,6 +281,10 @@ class Agent:
                 scope = "fleet" if kind == "fleet_spec" else "node"
                 self.deployments.on_spec(scope, fid, msg.payload)
                 self._update_status_line()
+            elif kind == "sync_desired":
+                self.sync.on_desired(msg.payload)
+            elif kind == "sync_request":
+                self.sync.on_request(msg.payload)
             else:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
@@ -368,7 +377,10 @@ class Agent:
         request = invocation.request
         try:
             result = self.pool.invoke(
-                request.function_id, (request.payload,), request_id=request.request_id
+                request.function_id,
+                (request.payload,),
+                request_id=request.request_id,
+                context=self.sync.context,  # an immutable snapshot: safe from this thread
             )
         except EdgeExecutionError as exc:
             self.post(_InvokeDone(invocation, None, exc))
@@ -423,10 +435,27 @@ class Agent:
         if error is not None:
             log.info("%s failed: %s", fid, error, extra={"function_id": fid, "request_id": rid})
             payload = self._error_payload(rid, fid, error, duration_ms)
+        targets = invocation.targets
+        changes = done.result.changes if done.result is not None and error is None else None
+        if changes:
+            # The write set, its delta and the reply: one transaction, or nothing.
+            topic, correlation = targets[0]
+            try:
+                self.sync.commit(
+                    changes, ReplyRecord(rid, topic, payload, time.time(), correlation)
+                )
+                targets = targets[1:]
+            except OutboxFull as exc:
+                log.error("outbox full: state changes of %s not applied: %s", rid, exc)
+                full = Overloaded("the outbox is full: the invocation's state changes were lost")
+                payload = self._error_payload(rid, fid, full, duration_ms)
+                error = full
         # Remember the reply for duplicates only when the handler ran: a request refused
         # (overloaded, not deployed yet) must run when it is retried with the same id.
         ran = error is None or not isinstance(error, Overloaded | FunctionNotFound)
-        self._send_reply(rid, payload, invocation.targets, durable=True, remember=ran)
+        if targets:
+            self._send_reply(rid, payload, targets, durable=True, remember=ran and not changes)
+        self.outbox.drain()
         for msg in invocation.acks:
             self._ack(msg)
 
@@ -537,7 +566,11 @@ class Agent:
             "online",
             system_metrics(self.config.agent.state_dir),
             functions,
-            extra={"outbox": {"messages": count, "bytes": nbytes}, "inflight": len(self._inflight)},
+            extra={
+                "outbox": {"messages": count, "bytes": nbytes},
+                "inflight": len(self._inflight),
+                "sync": self.sync.summary(),
+            },
         )
         self.mqtt.publish(self.topics.heartbeat, payload, qos=0)
 

@@ -28,6 +28,11 @@ class OutboxPump:
         self._last_sent_id = 0
 
     @property
+    def last_sent_id(self) -> int:
+        """Items up to this id were handed to MQTT in this process: never rewrite them."""
+        return self._last_sent_id
+
+    @property
     def in_flight(self) -> int:
         return len(self._mid_to_item)
 

@@ -1,0 +1,134 @@
+"""State sync on the agent's side: reported state out, desired state in. Loop thread only.
+
+- Reported state is edge-owned: only handlers change it (``context.state``), and each change
+  goes out as a ``sync/delta`` through the outbox, coalesced while offline (see
+  :mod:`agent.store.sync`).
+- Desired state is cloud-owned: the retained ``sync/desired`` is applied when its version
+  is newer than the one applied; handlers read it as ``context.desired``. The two are never
+  merged (the rule AWS device shadows use between device and cloud).
+- ``sync/request`` is answered with a ``sync/snapshot`` through the outbox.
+- Restores: the highest version ever committed is also written to ``sync.hwm`` beside the
+  database. A ``state.db`` restored from an older backup has a lower version than that mark;
+  at boot the agent then moves its version past the mark (versions never repeat) and sends
+  an unsolicited snapshot (``request_id`` ``restore-...``) so the cloud resets its mirror.
+  A restore of the whole state directory cannot be seen from here; the cloud mirror catches
+  it instead (a delta whose ``from_version`` is behind it makes it ask for a snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent import protocol
+from agent.errors import AgentError
+from agent.models import state_checksum
+from agent.outbox import OutboxPump
+from agent.pool import ContextInput
+from agent.store import ReplyRecord, Store, SyncCommit
+
+log = logging.getLogger(__name__)
+
+
+class StateSync:
+    def __init__(self, store: Store, topics: protocol.Topics, outbox: OutboxPump, hwm: Path):
+        self.store = store
+        self.topics = topics
+        self.outbox = outbox
+        self.hwm_path = hwm
+        #: What invocations start from; replaced (never mutated) on every change.
+        self.context = ContextInput()
+
+    def boot(self) -> None:
+        version, _ = self.store.sync_state()
+        mark = self._read_hwm()
+        if version < mark:
+            log.warning(
+                "state.db holds sync version %d but version %d was committed before: "
+                "restored from an older backup? Moving to %d and sending a snapshot",
+                version,
+                mark,
+                mark + 1,
+            )
+            self.store.sync_raise_version(mark + 1)
+            self._queue_snapshot(f"restore-{uuid.uuid4().hex[:12]}")
+        self._refresh()
+        self._write_hwm(self.context.state_version)
+
+    def _refresh(self) -> None:
+        version, data = self.store.sync_state()
+        desired_version, desired = self.store.desired_state()
+        self.context = ContextInput(version, data, desired_version, desired)
+
+    def commit(self, changes: dict[str, Any], reply: ReplyRecord | None) -> SyncCommit | None:
+        """Apply an invocation's write set with its reply, atomically (raises OutboxFull)."""
+        commit = self.store.sync_commit(
+            changes,
+            delta_topic=self.topics.sync_delta,
+            encode_delta=protocol.encode_sync_delta,
+            coalesce_after_id=self.outbox.last_sent_id,
+            reply=reply,
+        )
+        if commit is not None:
+            self._refresh()
+            self._write_hwm(commit.to_version)
+        return commit
+
+    def on_desired(self, payload: bytes) -> None:
+        if not payload:
+            return  # the retained desired state was cleared: keep what was applied
+        try:
+            version, data = protocol.decode_sync_desired(payload)
+        except AgentError as exc:
+            log.warning(
+                "ignoring bad sync/desired: %s", exc, extra={"topic": self.topics.sync_desired}
+            )
+            return
+        if version <= self.context.desired_version:
+            log.debug(
+                "desired version %d is not newer than %d", version, self.context.desired_version
+            )
+            return
+        self.store.set_desired_state(version, data)
+        self._refresh()
+        log.info("applied desired state version %d", version)
+
+    def on_request(self, payload: bytes) -> None:
+        try:
+            request_id = protocol.decode_sync_request(payload)
+        except AgentError as exc:
+            log.warning(
+                "ignoring bad sync/request: %s", exc, extra={"topic": self.topics.sync_request}
+            )
+            return
+        self._queue_snapshot(request_id)
+
+    def _queue_snapshot(self, request_id: str) -> None:
+        version, data = self.store.sync_state()
+        payload = protocol.encode_sync_snapshot(request_id, version, data, state_checksum(data))
+        self.store.outbox_put(self.topics.sync_snapshot, payload, kind="sync_snapshot")
+        self.outbox.drain()
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "version": self.context.state_version,
+            "desired_version": self.context.desired_version,
+        }
+
+    def _read_hwm(self) -> int:
+        try:
+            return int(self.hwm_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _write_hwm(self, version: int) -> None:
+        # No fsync: losing the last few marks on power loss only weakens restore detection.
+        tmp = self.hwm_path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(f"{version}\n")
+            os.replace(tmp, self.hwm_path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.hwm_path, exc)
