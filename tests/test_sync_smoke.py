@@ -45,3 +45,34 @@ def test_counter_handler_reports_deltas_and_snapshot(cloud: Cloud, agent_factory
     assert snap["version"] == 2 and snap["data"] == {"count": 5}
     assert snap["checksum"] == checksum({"count": 5})
     agent.stop()
+
+
+def test_mirror_follows_handler_writes_and_sets_desired(  # type: ignore[no-untyped-def]
+    cloud: Cloud, broker, agent_factory
+) -> None:
+    """The cloud mirror started late catches up by snapshot, then by deltas."""
+    from agent.mirror import MirrorClient
+    from agent.mqtt import MqttSettings
+
+    agent: AgentProcess = agent_factory().start()
+    cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online")
+    cloud.deploy(None, source_spec("counter", COUNTER))
+    cloud.wait_message(
+        "edge/nodes/gw-test/functions/counter/state", lambda m: m["state"] == "active"
+    )
+    cloud.invoke("gw-test", "counter", 1)  # version 1 happens before the mirror exists
+    mirror = MirrorClient(MqttSettings(port=broker.port, client_id="mirror-test")).start()
+    try:
+        cloud.invoke("gw-test", "counter", 1)  # 1 -> 2: a gap for the mirror, so a snapshot
+        state = mirror.mirror.wait_for("gw-test", lambda s: s.version >= 2, timeout=10)
+        assert state is not None and state.data == {"count": 2}, state
+        assert mirror.mirror.snapshots_requested("gw-test") == 1
+        cloud.invoke("gw-test", "counter", 5)
+        state = mirror.mirror.wait_for("gw-test", lambda s: s.version >= 3, timeout=10)
+        assert state is not None and state.data == {"count": 7} and state.verify()
+        version = mirror.set_desired("gw-test", {"mode": "boost"})
+        reply = cloud.invoke("gw-test", "counter", 0)
+        assert reply["result"]["desired"] == {"mode": "boost"}, (version, reply)
+    finally:
+        mirror.stop()
+        agent.stop()
