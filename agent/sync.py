@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from typing import Any
 
+from agent import protocol
 from agent.models import SyncState, canonical_json
+from agent.store import Store
 
 
 def compute_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -42,19 +45,42 @@ def apply_delta(state: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     return result
 
 
-class EdgeSynchronizer:
-    """Synchronize state between edge and cloud."""
+#: Never coalesce: the seed API lists one pending entry per update.
+_NO_COALESCING = 1 << 62
+_LOCAL_DELTA_TOPIC = "local/sync/delta"
 
-    def __init__(self) -> None:
+
+class EdgeSynchronizer:
+    """Synchronize state between edge and cloud.
+
+    In memory by default (the seed's behaviour, with its bugs fixed). With ``store`` (an
+    :class:`agent.store.Store`, opened on first use), the state, its version and the pending
+    deltas live in SQLite exactly as the daemon keeps them: they survive restarts, and
+    pending changes are the outbox's queued ``sync/delta`` messages.
+    """
+
+    def __init__(self, store: Store | None = None) -> None:
         self._local_state: SyncState | None = None
         self._remote_version = 0
         self._pending_changes: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._store = store
+        self._store_open = False
+
+    def _db(self) -> Store | None:
+        if self._store is not None and not self._store_open:
+            self._store.open()
+            self._store_open = True
+        return self._store
 
     def get_local_state(self) -> SyncState | None:
         """A copy of the current local state (None before the first update)."""
         with self._lock:
-            return copy.deepcopy(self._local_state)
+            db = self._db()
+            if db is None:
+                return copy.deepcopy(self._local_state)
+            version, data = db.sync_state()
+            return SyncState.from_data(data, version) if version else None
 
     def update_local(self, data: dict[str, Any]) -> SyncState:
         """Replace the local state with ``data`` as the next version; queue its delta.
@@ -64,6 +90,9 @@ class EdgeSynchronizer:
         """
         data = {k: v for k, v in data.items() if v is not None}
         with self._lock:
+            db = self._db()
+            if db is not None:
+                return self._update_stored(db, data)
             before = self._local_state.data if self._local_state else {}
             version = (self._local_state.version if self._local_state else 0) + 1
             state = SyncState.from_data(data, version)
@@ -80,10 +109,22 @@ class EdgeSynchronizer:
             )
             return copy.deepcopy(state)
 
+    def _update_stored(self, db: Store, data: dict[str, Any]) -> SyncState:
+        version, before = db.sync_state()
+        commit = db.sync_commit(
+            compute_delta(before, data),
+            delta_topic=_LOCAL_DELTA_TOPIC,
+            encode_delta=protocol.encode_sync_delta,
+            coalesce_after_id=_NO_COALESCING,
+        )
+        if commit is None:  # nothing changed: the seed still made a new version
+            db.sync_raise_version(version + 1)
+        version, after = db.sync_state()
+        return SyncState.from_data(after, version)
+
     def apply_changes(self, changes: dict[str, Any]) -> SyncState | None:
         """Apply a handler's write set (None deletes) as the next version; None if no-op."""
-        with self._lock:
-            before = self._local_state.data if self._local_state else {}
+        before = self.context_input()[1]
         after = apply_delta(before, changes)
         if canonical_json(after) == canonical_json(before):
             return None
@@ -92,6 +133,9 @@ class EdgeSynchronizer:
     def context_input(self) -> tuple[int, dict[str, Any]]:
         """(version, data) for an invocation's ``context.state``."""
         with self._lock:
+            db = self._db()
+            if db is not None:
+                return db.sync_state()
             state = self._local_state
             return (state.version, state.data) if state else (0, {})
 
@@ -100,6 +144,24 @@ class EdgeSynchronizer:
         if not state.verify():
             return False
         with self._lock:
+            db = self._db()
+            if db is not None:
+                version, before = db.sync_state()
+                if version and state.version <= version:
+                    return False
+                db.sync_raise_version(state.version - 1)
+                commit = db.sync_commit(
+                    compute_delta(before, state.data),
+                    delta_topic=_LOCAL_DELTA_TOPIC,
+                    encode_delta=protocol.encode_sync_delta,
+                    coalesce_after_id=_NO_COALESCING,
+                )
+                if commit is None:
+                    db.sync_raise_version(state.version)
+                else:  # the cloud's own state is not a change to send back to it
+                    db.outbox_ack(commit.delta_id)
+                self._remote_version = state.version
+                return True
             if self._local_state is None or state.version > self._local_state.version:
                 self._local_state = SyncState.from_data(state.data, state.version)
                 self._remote_version = state.version
@@ -109,11 +171,39 @@ class EdgeSynchronizer:
     def get_pending_changes(self) -> list[dict[str, Any]]:
         """Changes to sync to remote (a copy)."""
         with self._lock:
-            return copy.deepcopy(self._pending_changes)
+            db = self._db()
+            if db is None:
+                return copy.deepcopy(self._pending_changes)
+            return [
+                {"type": "update", "version": delta["to_version"], **delta}
+                for delta in self._stored_deltas(db)
+            ]
 
     def confirm_sync(self, up_to_version: int) -> None:
         """Drop pending changes up to and including ``up_to_version``."""
         with self._lock:
-            self._pending_changes = [
-                c for c in self._pending_changes if c["version"] > up_to_version
-            ]
+            db = self._db()
+            if db is None:
+                self._pending_changes = [
+                    c for c in self._pending_changes if c["version"] > up_to_version
+                ]
+                return
+            for item in db.outbox_peek(1 << 30):
+                if (
+                    item.kind == "sync_delta"
+                    and json.loads(item.payload)["to_version"] <= up_to_version
+                ):
+                    db.outbox_ack(item.id)
+
+    @staticmethod
+    def _stored_deltas(db: Store) -> list[dict[str, Any]]:
+        return [
+            json.loads(item.payload)
+            for item in db.outbox_peek(1 << 30)
+            if item.kind == "sync_delta"
+        ]
+
+    def close(self) -> None:
+        if self._store is not None and self._store_open:
+            self._store.close()
+            self._store_open = False
