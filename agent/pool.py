@@ -114,7 +114,7 @@ class FunctionConfig:
     version: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~3 us to build, per invocation
 class InvokeResult:
     value: Any
     cold_start: bool
