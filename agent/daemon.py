@@ -8,9 +8,10 @@ watchdog, dedupe pruning) on the monotonic clock.
 Delivery guarantees:
 - An incoming QoS 1 message is acknowledged to the broker only once the loop has handled it
   durably (a spec stored, a reply in the outbox), so a crash before that means redelivery.
-- What the agent owes the cloud (replies, function states) is written to the SQLite outbox
-  before it is published and deleted on the broker's PUBACK; it drains in order after every
-  reconnect and after a restart. Heartbeats and the online status are not queued.
+- What the agent owes the cloud (replies, function states, sync deltas and snapshots) is
+  written to the SQLite outbox before it is published and deleted on the broker's PUBACK;
+  it drains in order after every reconnect and after a restart. Heartbeats and the online
+  status are not queued.
 - Outbox full: new invocations are answered ``overloaded`` (published directly, not queued)
   until it drains; a reply that finds the outbox full is published directly when connected
   and otherwise logged as lost with its request id: the only loss path, and a loud one.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import queue
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -73,7 +73,7 @@ class _Signal:
 
 
 class Agent:
-    """The daemon. Build with :func:`build_agent`; ``run()`` blocks until stopped, returns 0."""
+    """The daemon. ``agent.cli.build_agent`` builds one; ``run()`` blocks until stopped."""
 
     def __init__(
         self,
@@ -115,7 +115,6 @@ class Agent:
             store, self.topics, self.outbox, Path(config.agent.state_dir) / "sync.hwm"
         )
         self._stopping = False
-        self._stop_requested = threading.Event()
         self._started = time.monotonic()
         self._heartbeat_seq = 0
         self._timers: dict[str, float] = {}
@@ -363,6 +362,11 @@ class Agent:
             self._reply_error(rid, request.function_id, [target], missing, durable=True)
             self._ack(msg)
             return
+        if len(self._inflight) >= self._max_inflight():
+            busy = Overloaded(f"{len(self._inflight)} invocations in progress; retry later")
+            self._reply_error(rid, request.function_id, [target], busy, durable=False)
+            self._ack(msg)
+            return
         if not self.store.outbox_has_room(self.config.agent.max_payload_bytes):
             full = Overloaded("the outbox is full; retry when the agent has drained it")
             self._reply_error(rid, request.function_id, [target], full, durable=False)
@@ -371,6 +375,11 @@ class Agent:
         invocation = _Invocation(request, [target], [msg])
         self._inflight[rid] = invocation
         self._executor.submit(self._run_invocation, invocation)
+
+    def _max_inflight(self) -> int:
+        """Accepted and not yet answered, at most: every invocation thread busy plus a queue."""
+        runtime = self.config.runtime
+        return runtime.max_workers * 2 + runtime.max_queue
 
     def _run_invocation(self, invocation: _Invocation) -> None:
         """Executor thread: run it in a worker and post the outcome to the loop."""
