@@ -1,22 +1,128 @@
-"""``EdgeCluster``: the seed's cluster of edge nodes, in one process (local mode)."""
+"""``EdgeCluster``: the seed's cluster of edge nodes, local or remote.
+
+Local mode (``EdgeCluster()``): nodes are registered by hand and each gets an in-process
+:class:`~agent.runtime.EdgeRuntime` (worker subprocesses on this machine).
+
+Remote mode (``EdgeCluster.connect(host, port, ...)``): the nodes are real gateways running
+``edge-agent``, discovered from their retained status topics and kept current from their
+heartbeats by an :class:`~agent.fleet.FleetController`. The seed's methods keep their
+meaning (``list_nodes``, ``get_node``, ``heartbeat``, ``deploy_to_all`` returning the number
+of nodes targeted); ``get_runtime`` returns a :class:`~agent.fleet.RemoteRuntime` whose
+``invoke`` goes over MQTT. Deployments publish retained specs; ``wait_for_rollout`` and
+``rollout`` (canaries first) follow them to per-node results.
+
+This module builds nothing itself in remote mode: the connection, the view and the
+rollouts live in :mod:`agent.fleet`.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.models import EdgeFunction, EdgeNode, EdgeNodeStatus
 from agent.runtime import EdgeRuntime
 
+if TYPE_CHECKING:  # remote mode's modules (and paho) load only when a cluster connects
+    from agent import protocol
+    from agent.fleet import FleetController, RemoteRuntime, RolloutReport, StagedRollout
+    from agent.fleet.controller import Progress
+    from agent.mqtt import MqttSettings
+
+    FunctionLike = EdgeFunction | protocol.FunctionSpec
+
 
 class EdgeCluster:
-    """Manage a cluster of edge nodes, each with its own :class:`EdgeRuntime`."""
+    """Manage a cluster of edge nodes: in this process, or a fleet over MQTT."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, controller: FleetController | None = None) -> None:
         self._nodes: dict[str, EdgeNode] = {}
         self._runtimes: dict[str, EdgeRuntime] = {}
+        self._remote = controller
+
+    @classmethod
+    def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        prefix: str = "edge",
+        tls: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        username: str = "",
+        password: str = "",
+        password_file: str = "",
+        protocol: str = "5",
+        heartbeat_interval_s: float = 30.0,
+        invoke_timeout_s: float = 30.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        settings: MqttSettings | None = None,
+    ) -> EdgeCluster:
+        """A remote-mode cluster, connected and with every retained node status ingested.
+
+        ``heartbeat_interval_s`` is the agents' heartbeat interval (a node silent for three
+        of them is OFFLINE). ``settings`` replaces every connection argument when given.
+        Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
+        within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
+        """
+        from agent.fleet import FleetController
+        from agent.mqtt import MqttSettings
+
+        settings = settings or MqttSettings(
+            host=host,
+            port=port,
+            protocol=protocol,
+            username=username,
+            password=password,
+            password_file=password_file,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            clean_start=True,
+            session_expiry_s=0,
+            reconnect_min_s=0.2,
+            reconnect_max_s=5.0,
+            connect_timeout_s=min(timeout, 10.0),
+        )
+        controller = FleetController(
+            settings,
+            prefix=prefix,
+            heartbeat_interval_s=heartbeat_interval_s,
+            invoke_timeout_s=invoke_timeout_s,
+            clock=clock,
+        )
+        controller.start(timeout)
+        return cls(controller=controller)
+
+    @property
+    def remote(self) -> bool:
+        return self._remote is not None
+
+    @property
+    def controller(self) -> FleetController:
+        """The fleet controller behind a remote-mode cluster (ValueError in local mode)."""
+        if self._remote is None:
+            raise ValueError("a local EdgeCluster has no fleet controller: use connect()")
+        return self._remote
+
+    # -- the seed's API ----------------------------------------------------------------------
 
     def register_node(self, node: EdgeNode) -> None:
-        """Register an edge node (re-registering an id replaces it and its runtime)."""
+        """Register an edge node (re-registering an id replaces it and its runtime).
+
+        Remote mode: nodes register themselves by connecting; this raises ValueError.
+        """
+        if self._remote is not None:
+            raise ValueError(
+                f"{node.id}: in remote mode nodes register themselves when their agent "
+                "connects to the broker"
+            )
         old = self._runtimes.pop(node.id, None)
         if old is not None:
             old.close()
@@ -24,6 +130,10 @@ class EdgeCluster:
         self._runtimes[node.id] = EdgeRuntime(node)
 
     def deregister_node(self, node_id: str) -> bool:
+        """Forget a node. Remote mode: clears its retained status and function states
+        (decommissioning); an agent that connects again registers again."""
+        if self._remote is not None:
+            return self._remote.forget_node(node_id)
         if node_id not in self._nodes:
             return False
         del self._nodes[node_id]
@@ -31,23 +141,41 @@ class EdgeCluster:
         return True
 
     def get_node(self, node_id: str) -> EdgeNode | None:
+        if self._remote is not None:
+            return self._remote.node(node_id)
         return self._nodes.get(node_id)
 
-    def get_runtime(self, node_id: str) -> EdgeRuntime | None:
+    def get_runtime(self, node_id: str) -> EdgeRuntime | RemoteRuntime | None:
+        if self._remote is not None:
+            from agent.fleet import RemoteRuntime
+
+            known = self._remote.node(node_id) is not None
+            return RemoteRuntime(self._remote, node_id) if known else None
         return self._runtimes.get(node_id)
 
     def list_nodes(self, status: EdgeNodeStatus | None = None) -> list[EdgeNode]:
+        if self._remote is not None:
+            return self._remote.nodes(status)
         nodes = list(self._nodes.values())
         if status:
             nodes = [n for n in nodes if n.status == status]
         return nodes
 
-    def deploy_to_all(self, function: EdgeFunction) -> int:
+    def deploy_to_all(self, function: FunctionLike) -> int:
         """Deploy to every ONLINE node; returns how many nodes got it.
 
-        The seed also deployed to offline nodes; a function cannot run there, so they are
-        skipped here (they get it when they come back and are deployed to again).
+        Local mode: the seed also deployed to offline nodes; a function cannot run there, so
+        they are skipped here (they get it when they come back and are deployed to again).
+        Remote mode: publishes the retained fleet spec and returns how many nodes it targets
+        now (not offline, capabilities cover ``requires``); nodes that join later get it from
+        the retained topic. ``wait_for_rollout`` follows their results.
         """
+        if self._remote is not None:
+            from agent.fleet import spec_from_function
+
+            return len(self._remote.deploy_fleet(spec_from_function(function)))
+        if not isinstance(function, EdgeFunction):
+            raise ValueError("a local EdgeCluster deploys EdgeFunction objects, not wire specs")
         count = 0
         for node_id, runtime in self._runtimes.items():
             if self._nodes[node_id].status is EdgeNodeStatus.OFFLINE:
@@ -58,14 +186,74 @@ class EdgeCluster:
 
     def heartbeat(self, node_id: str) -> None:
         """Mark a node ONLINE now; an unknown id is a no-op."""
+        if self._remote is not None:
+            self._remote.heartbeat(node_id)
+            return
         node = self._nodes.get(node_id)
         if node is not None:
             node.last_heartbeat = datetime.now()
             node.status = EdgeNodeStatus.ONLINE
 
+    # -- deployments beyond the seed (remote mode) -------------------------------------------
+
+    def deploy_to_node(self, node_id: str, function: FunctionLike) -> protocol.FunctionSpec:
+        """Publish a per-node spec (it overrides the fleet spec there); the spec."""
+        from agent.fleet import spec_from_function
+
+        spec = spec_from_function(function)
+        self.controller.publish_spec(spec, node_id)
+        return spec
+
+    def undeploy(self, function_id: str, node_id: str | None = None) -> bool:
+        """Clear the fleet spec (``node_id`` None: every node without its own removes it) or
+        one node's own spec; True when there was one."""
+        return self.controller.clear_spec(function_id, node_id)
+
+    def wait_for_rollout(
+        self,
+        function: FunctionLike,
+        nodes: Iterable[str] | None = None,
+        *,
+        timeout: float = 60.0,
+        on_progress: Progress | None = None,
+    ) -> RolloutReport:
+        """Wait for each node's result (active / rejected / failed / offline) for this exact
+        spec (version and sha256), or the deadline (then ``timed_out``, ``pending`` nodes)."""
+        from agent.fleet import spec_from_function
+
+        spec = spec_from_function(function)
+        return self.controller.wait_rollout(spec, nodes, timeout, on_progress)
+
+    def rollout(
+        self,
+        function: FunctionLike,
+        *,
+        canary: int | float | str = "10%",
+        max_failures: int = 0,
+        canary_timeout: float = 60.0,
+        timeout: float = 120.0,
+        on_progress: Progress | None = None,
+    ) -> StagedRollout:
+        """Canaries first, then the fleet; the canaries go back to their previous spec when
+        more than ``max_failures`` of them do not become active (see agent.fleet.controller)."""
+        from agent.fleet import spec_from_function
+
+        return self.controller.staged_rollout(
+            spec_from_function(function),
+            canary=canary,
+            max_failures=max_failures,
+            canary_timeout_s=canary_timeout,
+            timeout_s=timeout,
+            on_progress=on_progress,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
     def close(self) -> None:
         for runtime in self._runtimes.values():
             runtime.close()
+        if self._remote is not None:
+            self._remote.close()
 
     def __enter__(self) -> EdgeCluster:
         return self

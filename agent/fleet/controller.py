@@ -1,0 +1,554 @@
+"""``FleetController``: one MQTT connection that watches the fleet and acts on it.
+
+Owns the controller's connection (an :class:`~agent.mqtt.MqttClient`), the
+:class:`~agent.fleet.view.FleetView` it keeps current, and the cloud side's operations:
+publishing specs (fleet-wide or per node), waiting for rollouts, canary-first rollouts with
+rollback, and invocations over MQTT request/response.
+
+Threads::
+
+    paho network thread (agent.mqtt)   callbacks only convert and enqueue MqttEvents
+    fleet-ingest thread (this module)  the only writer of the view: drains the queue in
+                                       batches under one lock, then wakes the waiters
+    callers' threads                   read the view under the lock, publish through the
+                                       MqttClient (thread-safe), wait with deadlines
+
+Start-up is a barrier, not a guess: after the broker acknowledges the connection (and with
+it our subscriptions, which paho sends first), the controller publishes a *fence* message to
+its own topic. The broker queues retained messages for a subscription before it routes a
+later publish on the same connection, so when the fence comes back every retained status,
+function state and spec has been ingested.
+
+Replies: invocations carry ``reply_to = <p>/controllers/<controller id>/replies`` and MQTT 5
+Correlation Data (the request id); the agent echoes the correlation data on the reply, and
+the request id in its body serves MQTT 3.1.1. (``MqttClient.publish`` cannot set the MQTT 5
+Response Topic property yet, so the topic travels in the body's ``reply_to``.)
+
+Deadlines and waits use ``time.monotonic``; node staleness uses the injectable ``clock``.
+
+Must never: import paho (only agent.mqtt does), block or decide anything in a paho
+callback, or hold the lock while calling user code (progress callbacks run unlocked).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+from agent import protocol
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    DeploymentRejected,
+    FunctionTimeout,
+    error_from_dict,
+)
+from agent.fleet import rollout
+from agent.fleet.rollout import RolloutReport, StagedRollout
+from agent.fleet.view import FleetView
+from agent.models import EdgeNode, EdgeNodeStatus
+from agent.mqtt import (
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Message,
+    MqttClient,
+    MqttEvent,
+    MqttSettings,
+    Published,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, RolloutReport], None]
+
+#: Events handled per lock acquisition by the ingest thread.
+_BATCH = 512
+
+
+class BrokerUnreachable(AgentError):
+    """The broker could not be reached, refused us, or did not acknowledge in time."""
+
+    type = "broker_unreachable"
+
+
+class ReplyTimeout(FunctionTimeout):
+    """No reply arrived from the node within the deadline (a ``FunctionTimeout`` too)."""
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """A remote invocation's reply: the handler's value and what the node said about it."""
+
+    value: Any
+    node_id: str
+    request_id: str
+    duration_ms: float
+    cold_start: bool
+    round_trip_ms: float
+
+
+class _Stop:
+    pass
+
+
+class FleetController:
+    """The cloud side of the wire contract. Construction touches nothing; ``start()`` connects."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        prefix: str = "edge",
+        heartbeat_interval_s: float = 30.0,
+        invoke_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        extra_subscriptions: Iterable[str] = (),
+        on_message: Callable[[str, bytes], None] | None = None,
+        mqtt_factory: Callable[..., MqttClient] = MqttClient,
+    ) -> None:
+        self.controller_id = f"ctl-{uuid.uuid4().hex[:12]}"
+        if not settings.client_id:
+            settings = replace(settings, client_id=self.controller_id)
+        self.settings = settings
+        self.view = FleetView(prefix, heartbeat_interval_s=heartbeat_interval_s)
+        self.prefix = prefix
+        self.invoke_timeout_s = invoke_timeout_s
+        base = f"{prefix}/controllers/{self.controller_id}"
+        self.reply_topic = f"{base}/replies"
+        self._fence_topic = f"{base}/fence"
+        self._subscriptions = [*self.view.subscriptions(), f"{base}/+", *extra_subscriptions]
+        self._on_message = on_message
+        self._clock = clock
+        self._mqtt_factory = mqtt_factory
+        self._mqtt: MqttClient | None = None
+        self._thread: threading.Thread | None = None
+        self._events: queue.SimpleQueue[MqttEvent | _Stop] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._pending: dict[str, Future[dict[str, Any]]] = {}
+        self._acks: dict[int, bool] = {}
+        self._watchers: set[threading.Event] = set()
+        self._request_ids = itertools.count(1)
+        self._fence = b""
+        self._synced = False
+        self._last_failure: str | None = None
+        self.stats: Counter[str] = Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and ingest every retained message; BrokerUnreachable after ``timeout``."""
+        if self._mqtt is not None:
+            return
+        self._thread = threading.Thread(target=self._ingest, name="fleet-ingest", daemon=True)
+        self._thread.start()
+        self._mqtt = self._mqtt_factory(
+            self.settings, self._events.put, subscriptions=self._subscriptions, manual_ack=False
+        )
+        try:
+            self._mqtt.start()
+        except BaseException:
+            self.close()
+            raise
+        if not self.wait_synced(timeout):
+            with self._cond:
+                reason = self._last_failure or "no CONNACK"
+            self.close()
+            s = self.settings
+            raise BrokerUnreachable(
+                f"cannot reach the MQTT broker at {s.host}:{s.port} within {timeout:g}s: {reason}"
+            )
+
+    def wait_synced(self, timeout: float) -> bool:
+        """True once connected and every retained message up to now has been ingested."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._synced:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Disconnect and stop the ingest thread; idempotent."""
+        client, self._mqtt = self._mqtt, None
+        if client is not None:
+            client.stop()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._events.put(_Stop())
+            thread.join(5)
+        with self._cond:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+
+    def __enter__(self) -> FleetController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._mqtt is not None and self._mqtt.connected
+
+    # -- the ingest thread -------------------------------------------------------------------
+
+    def _ingest(self) -> None:
+        while True:
+            batch: list[MqttEvent | _Stop] = [self._events.get()]
+            try:
+                while len(batch) < _BATCH:
+                    batch.append(self._events.get_nowait())
+            except queue.Empty:
+                pass
+            now = self._clock()
+            changed = False
+            with self._cond:
+                for event in batch:
+                    if isinstance(event, _Stop):
+                        self._cond.notify_all()
+                        return
+                    try:
+                        changed |= self._handle(event, now)
+                    except Exception:  # one bad event never stops the ingest thread
+                        log.exception("fleet controller: bug handling %s", type(event).__name__)
+                self._cond.notify_all()
+                if changed:
+                    for watcher in self._watchers:
+                        watcher.set()
+
+    def _handle(self, event: MqttEvent, now: float) -> bool:
+        """Apply one event (lock held); True when a rollout's results may have changed."""
+        if isinstance(event, Message):
+            return self._handle_message(event, now)
+        if isinstance(event, Published):
+            if event.mid in self._acks:
+                self._acks[event.mid] = True
+        elif isinstance(event, Connected):
+            self._last_failure = None
+            self._fence = uuid.uuid4().hex.encode()
+            assert self._mqtt is not None
+            self._mqtt.publish(self._fence_topic, self._fence, qos=1)
+        elif isinstance(event, ConnectFailed | Disconnected):
+            self._synced = False
+            self._last_failure = event.reason
+            log.info("fleet controller: broker connection: %s", event.reason)
+        return True
+
+    def _handle_message(self, msg: Message, now: float) -> bool:
+        self.stats["messages"] += 1
+        if msg.topic == self.reply_topic:
+            self._handle_reply(msg)
+            return False
+        if msg.topic == self._fence_topic:
+            if msg.payload == self._fence:
+                self._synced = True
+            return False
+        kind = self.view.ingest(msg.topic, msg.payload, now=now, retained=msg.retain)
+        if kind == "bad":
+            log.debug("fleet controller: ignored %s", self.view.last_error)
+        elif kind == "unknown" and self._on_message is not None:
+            self._on_message(msg.topic, msg.payload)
+        return kind in ("status", "function_state")
+
+    def _handle_reply(self, msg: Message) -> None:
+        try:
+            reply = protocol.decode_reply(msg.payload)
+        except AgentError as exc:
+            log.warning("fleet controller: unreadable reply: %s", exc)
+            return
+        key = msg.correlation_data.decode("utf-8", "replace") if msg.correlation_data else None
+        future = self._pending.pop(key, None) if key else None
+        if future is None and isinstance(reply.get("request_id"), str):
+            future = self._pending.pop(reply["request_id"], None)
+        if future is None:
+            self.stats["late_replies"] += 1  # its caller gave up (ReplyTimeout) already
+        elif not future.done():
+            future.set_result(reply)
+
+    # -- reading the fleet -------------------------------------------------------------------
+
+    def nodes(self, status: EdgeNodeStatus | None = None) -> list[EdgeNode]:
+        with self._cond:
+            return self.view.nodes(self._clock(), status)
+
+    def node(self, node_id: str) -> EdgeNode | None:
+        with self._cond:
+            rec = self.view.records.get(node_id)
+            return None if rec is None else self.view.refresh(rec, self._clock())
+
+    def heartbeat(self, node_id: str) -> None:
+        with self._cond:
+            self.view.mark_heartbeat(node_id, self._clock())
+
+    def function_states(self, node_id: str) -> dict[str, dict[str, Any]]:
+        """The node's retained function states, by function id (copies)."""
+        with self._cond:
+            return {fid: dict(m) for fid, m in self.view.states.get(node_id, {}).items()}
+
+    def active_functions(self, node_id: str) -> list[str]:
+        with self._cond:
+            return self.view.active_functions(node_id)
+
+    def targets(self, spec: protocol.FunctionSpec) -> list[str]:
+        """Nodes that would deploy ``spec`` from the fleet topic now (not offline, requires)."""
+        with self._cond:
+            return rollout.targets(self.view, spec, self._clock())
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK (BrokerUnreachable if none)."""
+        client = self._mqtt
+        if client is None:
+            raise BrokerUnreachable("the fleet controller is not started")
+        with self._cond:
+            mid = client.publish(topic, payload, qos=1, retain=retain)
+            self._acks[mid] = False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            try:
+                while not self._acks[mid]:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerUnreachable(
+                            f"the broker did not acknowledge the publish to {topic} "
+                            f"within {timeout:g}s"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                del self._acks[mid]
+
+    def spec_topic(self, function_id: str, node_id: str | None = None) -> str:
+        topics = self.view.topics
+        if node_id is None:
+            return topics.fleet_function(function_id)
+        return topics.node(node_id).node_function(function_id)
+
+    def publish_spec(self, spec: protocol.FunctionSpec, node_id: str | None = None) -> None:
+        """Publish ``spec`` retained, fleet-wide (``node_id`` None) or for one node."""
+        self.publish(self.spec_topic(spec.id, node_id), protocol.encode_spec(spec), retain=True)
+
+    def clear_spec(self, function_id: str, node_id: str | None = None) -> bool:
+        """Clear the retained spec (nodes remove the function, or fall back to the fleet
+        spec); True when there was one."""
+        with self._cond:
+            if node_id is None:
+                had = function_id in self.view.fleet_specs
+            else:
+                had = (node_id, function_id) in self.view.node_specs
+        self.publish(self.spec_topic(function_id, node_id), b"", retain=True)
+        return had
+
+    def deploy_fleet(self, spec: protocol.FunctionSpec) -> list[str]:
+        """Publish the fleet spec; the nodes that will deploy it now (the rollout's targets)."""
+        targets = self.targets(spec)
+        self.publish_spec(spec)
+        return targets
+
+    def deploy_nodes(self, spec: protocol.FunctionSpec, node_ids: Iterable[str]) -> list[str]:
+        """Publish a per-node spec to each node; the nodes."""
+        nodes = list(dict.fromkeys(node_ids))
+        for node_id in nodes:
+            self.publish_spec(spec, node_id)
+        return nodes
+
+    def forget_node(self, node_id: str) -> bool:
+        """Clear a decommissioned node's retained status and function states."""
+        with self._cond:
+            known = node_id in self.view.records
+            fids = list(self.view.states.get(node_id, {}))
+        topics = self.view.topics.node(node_id)
+        for fid in fids:
+            self.publish(topics.function_state(fid), b"", retain=True)
+        self.publish(topics.status, b"", retain=True)
+        with self._cond:
+            self.view.records.pop(node_id, None)
+            self.view.states.pop(node_id, None)
+        return known
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    def wait_rollout(
+        self,
+        spec: protocol.FunctionSpec,
+        nodes: Iterable[str] | None = None,
+        timeout: float = 60.0,
+        on_progress: Progress | None = None,
+        *,
+        phase: str = "rollout",
+    ) -> RolloutReport:
+        """Wait until every node in ``nodes`` (default: the targets now) has a final result
+        for ``spec`` (active, rejected, failed, offline), or the deadline; the report says
+        which (``timed_out`` and ``pending`` nodes when the deadline won)."""
+        node_ids = self.targets(spec) if nodes is None else list(dict.fromkeys(nodes))
+        started = time.monotonic()
+        deadline = started + timeout
+        changed = threading.Event()
+        last: dict[str, rollout.NodeResult] | None = None
+        with self._cond:
+            self._watchers.add(changed)
+        try:
+            while True:
+                changed.clear()
+                with self._cond:
+                    current = rollout.report(
+                        self.view,
+                        spec,
+                        node_ids,
+                        self._clock(),
+                        elapsed_s=time.monotonic() - started,
+                    )
+                finished = current.done or time.monotonic() >= deadline
+                if on_progress is not None and (finished or current.results != last):
+                    on_progress(phase, current)
+                last = current.results
+                if finished:
+                    return replace(current, timed_out=not current.done)
+                # Woken by status/state messages; every 0.25 s anyway (staleness advances).
+                changed.wait(min(0.25, max(0.0, deadline - time.monotonic())))
+        finally:
+            with self._cond:
+                self._watchers.discard(changed)
+
+    def staged_rollout(
+        self,
+        spec: protocol.FunctionSpec,
+        *,
+        canary: int | float | str = "10%",
+        max_failures: int = 0,
+        canary_timeout_s: float = 60.0,
+        timeout_s: float = 120.0,
+        on_progress: Progress | None = None,
+    ) -> StagedRollout:
+        """Canaries first (per-node specs), then the fleet; roll the canaries back when more
+        than ``max_failures`` of them do not report the spec active in time."""
+        fid = spec.id
+        with self._cond:
+            now = self._clock()
+            eligible = rollout.targets(self.view, spec, now)
+            count = rollout.canary_count(canary, len(eligible)) if eligible else 0
+            canaries = rollout.pick_canaries(self.view, spec, now, count)
+            previous = {n: self.view.node_specs.get((n, fid)) for n in canaries}
+            previous_fleet = self.view.fleet_specs.get(fid)
+        if not canaries:
+            raise DeploymentRejected(
+                f"{fid}: no ONLINE node satisfies requires {spec.requires}: nothing to canary"
+            )
+        self.deploy_nodes(spec, canaries)
+        canary_report = self.wait_rollout(
+            spec, canaries, canary_timeout_s, on_progress, phase="canary"
+        )
+        failed = [n for n, r in canary_report.results.items() if r.state != "active"]
+        if len(failed) > max_failures:
+            log.warning("%s %s: %d canaries failed; rolling back", fid, spec.version, len(failed))
+            rollback = self._roll_back(fid, previous, previous_fleet, canary_timeout_s, on_progress)
+            notes = [
+                f"{len(failed)} of {len(canaries)} canaries did not become active: "
+                + ", ".join(f"{n} ({canary_report.results[n].state})" for n in failed)
+            ]
+            return StagedRollout(
+                fid, spec.version, canaries, canary_report, None, True, rollback, notes
+            )
+        fleet_targets = sorted(set(self.targets(spec)) | set(canaries))
+        self.publish_spec(spec)  # first the fleet spec, then the canaries follow it
+        for node_id in canaries:
+            self.clear_spec(fid, node_id)
+        fleet_report = self.wait_rollout(spec, fleet_targets, timeout_s, on_progress, phase="fleet")
+        return StagedRollout(fid, spec.version, canaries, canary_report, fleet_report)
+
+    def _roll_back(
+        self,
+        fid: str,
+        previous: dict[str, bytes | None],
+        previous_fleet: bytes | None,
+        timeout: float,
+        on_progress: Progress | None,
+    ) -> RolloutReport | None:
+        """Give each canary back what it had: its own previous spec, or the fleet's."""
+        groups: dict[bytes, list[str]] = {}
+        for node_id, own in previous.items():
+            if own is not None:
+                self.publish(self.spec_topic(fid, node_id), own, retain=True)
+            else:
+                self.clear_spec(fid, node_id)  # falls back to the fleet spec, or removes it
+            restored = own or previous_fleet
+            if restored is not None:
+                groups.setdefault(restored, []).append(node_id)
+        merged: RolloutReport | None = None
+        for raw, nodes in groups.items():
+            spec = protocol.decode_spec(raw, expected_id=fid)
+            part = self.wait_rollout(spec, nodes, timeout, on_progress, phase="rollback")
+            merged = (
+                part
+                if merged is None
+                else replace(
+                    merged,
+                    results={**merged.results, **part.results},
+                    timed_out=merged.timed_out or part.timed_out,
+                )
+            )
+        return merged
+
+    # -- invocations -------------------------------------------------------------------------
+
+    def invoke(
+        self, node_id: str, function_id: str, payload: Any = None, *, timeout: float | None = None
+    ) -> RemoteResult:
+        """Invoke a function on a node; its value, or the error class the node named.
+
+        A reply that does not come within ``timeout`` (default ``invoke_timeout_s``) raises
+        :class:`ReplyTimeout`, a ``FunctionTimeout``.
+        """
+        client = self._mqtt
+        if client is None:
+            raise BrokerUnreachable("the fleet controller is not started")
+        timeout = self.invoke_timeout_s if timeout is None else timeout
+        rid = f"{self.controller_id}-{next(self._request_ids):x}"
+        try:
+            topic = self.view.topics.node(node_id).invoke
+            body = protocol.encode_invoke(rid, function_id, payload, reply_to=self.reply_topic)
+        except (ValueError, TypeError) as exc:  # a bad id, or a payload that is not JSON
+            raise BadRequest(f"invoke {function_id} on {node_id}: {exc}") from exc
+        future: Future[dict[str, Any]] = Future()
+        with self._cond:
+            self._pending[rid] = future
+        started = time.monotonic()
+        client.publish(topic, body, qos=1, correlation_data=rid.encode())
+        try:
+            reply = future.result(timeout)
+        except FutureTimeout:
+            with self._cond:
+                self._pending.pop(rid, None)
+            node = self.node(node_id)
+            where = "unknown to this controller" if node is None else node.status.value
+            raise ReplyTimeout(
+                f"no reply arrived from {node_id} for {function_id} (request {rid}) within "
+                f"{timeout:g}s; the node is {where}"
+            ) from None
+        round_trip_ms = (time.monotonic() - started) * 1000
+        if not reply["ok"]:
+            raise error_from_dict(reply["error"])
+        return RemoteResult(
+            value=reply["result"],
+            node_id=node_id,
+            request_id=rid,
+            duration_ms=float(reply["duration_ms"]),
+            cold_start=bool(reply["cold_start"]),
+            round_trip_ms=round_trip_ms,
+        )
