@@ -334,6 +334,14 @@ class FleetController:
             finally:
                 del self._acks[mid]
 
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Hand a QoS 1 message to the connection without waiting for the broker (safe from
+        ``on_message``, which runs on the ingest thread)."""
+        client = self._mqtt
+        if client is None:
+            raise BrokerUnreachable("the fleet controller is not started")
+        client.publish(topic, payload, qos=1, retain=retain)
+
     def spec_topic(self, function_id: str, node_id: str | None = None) -> str:
         topics = self.view.topics
         if node_id is None:
