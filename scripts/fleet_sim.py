@@ -534,6 +534,14 @@ class SimFleet:
                         if node.client.socket() is not None:
                             node.client.loop_misc()
         finally:
+            for node in self.nodes.values():  # whatever did not close in time
+                sock = node.client.socket()
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()  # type: ignore[union-attr]
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
             self._stopped.set()
 
     def _run_commands(self) -> None:
