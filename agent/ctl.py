@@ -71,6 +71,8 @@ def parse_broker(value: str) -> tuple[str, int]:
         port = rest.removeprefix(":") or port
     elif value.count(":") == 1:
         host, port = value.split(":")
+    elif ":" in value:
+        raise UsageError(f"--broker: put an IPv6 address in brackets ([::1]:1883), got {value!r}")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"--broker: expected HOST:PORT, got {value!r}")
     return host, int(port)
@@ -117,8 +119,12 @@ def _consoles(args: argparse.Namespace) -> tuple[Any, Any]:
     from rich.console import Console
 
     # Piped output is still read by people; 80 columns would fold the node table.
-    width = None if sys.stdout.isatty() else 160
-    return Console(width=width, highlight=False), Console(stderr=True, highlight=False)
+    out_width = None if sys.stdout.isatty() else 160
+    err_width = None if sys.stderr.isatty() else 160
+    return (
+        Console(width=out_width, highlight=False),
+        Console(stderr=True, width=err_width, highlight=False),
+    )
 
 
 def emit_json(data: Any) -> None:
@@ -251,8 +257,9 @@ def _report_problems(args: argparse.Namespace, report: RolloutReport, title: str
         return
     _, err = _consoles(args)
     table = Table(title=title, title_justify="left")
-    for name in ("node", "result", "serving", "error"):
-        table.add_column(name)
+    for name in ("node", "result", "serving"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("error", overflow="fold")
     for result in sorted(bad, key=lambda r: (r.state, r.node_id))[:20]:
         error = result.error or {}
         message = f"{error.get('type', '')}: {error.get('message', '')}" if error else ""
