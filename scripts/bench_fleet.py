@@ -1,0 +1,292 @@
+"""The fleet section of ``scripts/bench``: the controller against 1,000 simulated gateways.
+
+Everything runs on 127.0.0.1: a private mosquitto (``set_tcp_nodelay true``,
+``max_queued_messages 100000``, no persistence) on a free port, started after this process
+raised RLIMIT_NOFILE's soft limit to the hard limit (1,000 client sockets, and the broker
+inherits the limit); ``scripts/fleet_sim.py 1000`` in its own process (one selector thread,
+one real MQTT 5 connection per node, heartbeats every 10 s, 1 s after SIGUSR1); and the
+controller (``EdgeCluster.connect``) in this process, so its CPU and RSS are this process's.
+
+Rows:
+
+- rollout: ``deploy_to_all`` of a source function to 1,000 nodes until every node's retained
+  function state says active for that version and sha256 (``wait_for_rollout``); target
+  <= 10 s. One sample per version deployed (quick 1, full 3);
+- heartbeat ingestion at 1,000 nodes x 10 s (100/s) and at 1,000/s (the simulator switched
+  to 1 s heartbeats): controller CPU (process CPU time / wall time), heartbeats ingested per
+  second against the rate the simulator sent, RSS growth over the window after a warm-up;
+  target at 1,000/s: ingests >= 95% of what was sent with its queue drained, RSS growth
+  < 5 MB;
+- ``edgectl nodes`` with 1,000 nodes: a new process from exec to table printed (the user's
+  wait), and the API call alone in this process (connect, ingest every retained message,
+  ``list_nodes``), plus ``list_nodes`` on a connected cluster.
+
+Everything started here is stopped in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+TITLE = "Fleet controller (agent/fleet) against 1,000 simulated gateways (scripts/fleet_sim.py)"
+
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+NODES = 1000
+ROLLOUT_TARGET_S = 10.0
+RSS_GROWTH_MAX_MB = 5.0
+MB = 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"bench_fleet: mosquitto did not listen on {port}")
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise RuntimeError(f"bench_fleet: the simulator said nothing within {timeout}s")
+    return proc.stdout.readline()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def _measure_ingest(cluster: Any, sim: psutil.Process, seconds: float) -> dict[str, float]:
+    me = psutil.Process()
+    view = cluster.controller.view
+    sent_before = _sim_heartbeats(cluster)
+    rss_before = me.memory_info().rss
+    cpu_before = sum(me.cpu_times()[:2])
+    sim_cpu_before = sum(sim.cpu_times()[:2])
+    hb_before = view.counts["heartbeat"]
+    started = time.monotonic()
+    time.sleep(seconds)  # measuring a window, not waiting for an event
+    wall = time.monotonic() - started
+    ingested = view.counts["heartbeat"] - hb_before
+    return {
+        "wall_s": wall,
+        "cpu_percent": 100 * (sum(me.cpu_times()[:2]) - cpu_before) / wall,
+        "sim_cpu_percent": 100 * (sum(sim.cpu_times()[:2]) - sim_cpu_before) / wall,
+        "ingested_per_s": ingested / wall,
+        "sent_per_s": (_sim_heartbeats(cluster) - sent_before) / wall,
+        "rss_mb": me.memory_info().rss / MB,
+        "rss_growth_mb": (me.memory_info().rss - rss_before) / MB,
+        "queue": float(cluster.controller._events.qsize()),
+    }
+
+
+def _sim_heartbeats(cluster: Any) -> int:
+    """Heartbeats the simulator has sent, per the nodes' own ``seq`` numbers."""
+    with cluster.controller._cond:
+        return sum(
+            int(rec.heartbeat["seq"])
+            for rec in cluster.controller.view.records.values()
+            if rec.heartbeat is not None
+        )
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from agent.cluster import EdgeCluster
+    from agent.fleet import function_spec
+
+    nofile = _raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    port = _free_port()
+    procs: list[subprocess.Popen[Any]] = []
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = [f"RLIMIT_NOFILE soft limit {nofile} (raised to the hard limit)"]
+    extra: dict[str, Any] = {}
+    cluster: Any = None
+    try:
+        conf = work / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "max_queued_messages 100000\npersistence false\n"
+        )
+        procs.append(
+            subprocess.Popen(
+                [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        _wait_port(port, 10)
+        started = time.monotonic()
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "fleet_sim.py"),
+                str(NODES),
+                "--port",
+                str(port),
+                "--heartbeat",
+                "10",
+                "--fast-heartbeat",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        procs.append(sim)
+        ready = _readline(sim, 120)
+        notes.append(f"{NODES} simulated nodes connected in {time.monotonic() - started:.1f}s")
+        cluster = EdgeCluster.connect("127.0.0.1", port, heartbeat_interval_s=10.0, timeout=30)
+        assert len(cluster.list_nodes()) == NODES, ready
+
+        # -- rollout -------------------------------------------------------------------------
+        source = work / "thermo.py"
+        durations = []
+        for attempt in range(1 if quick else 3):
+            source.write_text(f"VERSION = {attempt}\n\ndef handler(e):\n    return e\n")
+            spec = function_spec(source, id="thermo", version=f"b{attempt}")
+            t0 = time.monotonic()
+            targeted = cluster.deploy_to_all(spec)
+            report = cluster.wait_for_rollout(spec, timeout=60)
+            durations.append(time.monotonic() - t0)
+            if not report.ok or targeted != NODES:
+                notes.append(f"rollout {attempt}: {targeted} targeted, {report.counts()}")
+        worst = max(durations)
+        rows.append(
+            {
+                "name": f"rollout: deploy_to_all -> {NODES} nodes active",
+                "n": len(durations),
+                "p50_us": _pct(durations, 0.5) * 1e6,
+                "p99_us": worst * 1e6,
+                "rate": NODES / _pct(durations, 0.5),
+                "target": f"<= {ROLLOUT_TARGET_S:g} s",
+                "passed": worst <= ROLLOUT_TARGET_S,
+                "note": "rate = nodes/s",
+            }
+        )
+
+        # -- edgectl nodes -------------------------------------------------------------------
+        samples = 3 if quick else 7
+        cli, api, listing = [], [], []
+        for _ in range(samples):
+            t0 = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{port}", "nodes"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=False,
+            )
+            cli.append(time.monotonic() - t0)
+            if done.returncode != 0 or f"{NODES} nodes" not in done.stdout:
+                notes.append(f"edgectl nodes failed ({done.returncode}): {done.stderr[-300:]}")
+            t0 = time.monotonic()
+            with EdgeCluster.connect("127.0.0.1", port, timeout=30) as probe:
+                assert len(probe.list_nodes()) == NODES
+                api.append(time.monotonic() - t0)
+            t0 = time.perf_counter()
+            cluster.list_nodes()
+            listing.append(time.perf_counter() - t0)
+        for name, values in (
+            (f"edgectl nodes, {NODES} nodes: exec to table printed", cli),
+            ("API alone: connect + ingest retained + list_nodes", api),
+            ("list_nodes() on a connected cluster", listing),
+        ):
+            rows.append(
+                {
+                    "name": name,
+                    "n": len(values),
+                    "p50_us": _pct(values, 0.5) * 1e6,
+                    "p99_us": max(values) * 1e6,
+                    "passed": None,
+                }
+            )
+
+        # -- heartbeat ingestion -------------------------------------------------------------
+        sim_ps = psutil.Process(sim.pid)
+        slow = _measure_ingest(cluster, sim_ps, 10.0 if quick else 30.0)
+        rows.append(
+            {
+                "name": f"ingest heartbeats, {NODES} nodes x 10 s: controller CPU",
+                "n": round(slow["ingested_per_s"] * slow["wall_s"]),
+                "rate": slow["ingested_per_s"],
+                "ratio": f"{slow['cpu_percent']:.1f}% CPU",
+                "passed": None,
+                "note": f"RSS {slow['rss_mb']:.0f} MB",
+            }
+        )
+        sim.send_signal(signal.SIGUSR1)
+        time.sleep(3.0)  # the simulator spreads the new rhythm over one interval; warm up
+        fast = _measure_ingest(cluster, sim_ps, 15.0 if quick else 60.0)
+        keeps_up = fast["ingested_per_s"] >= 0.95 * fast["sent_per_s"] and fast["queue"] < 1000
+        rows.append(
+            {
+                "name": "ingest heartbeats at ~1,000/s: controller CPU, keeps up",
+                "n": round(fast["ingested_per_s"] * fast["wall_s"]),
+                "rate": fast["ingested_per_s"],
+                "ratio": f"{fast['cpu_percent']:.1f}% CPU",
+                "target": "ingested >= 95% of sent, queue drained",
+                "passed": keeps_up,
+                "note": f"sent {fast['sent_per_s']:.0f}/s, queue {fast['queue']:.0f}",
+            }
+        )
+        rows.append(
+            {
+                "name": "ingest at ~1,000/s: controller RSS growth over the window",
+                "n": round(fast["wall_s"]),
+                "ratio": f"{fast['rss_growth_mb']:+.1f} MB (RSS {fast['rss_mb']:.0f} MB)",
+                "target": f"< {RSS_GROWTH_MAX_MB:g} MB",
+                "passed": fast["rss_growth_mb"] < RSS_GROWTH_MAX_MB,
+            }
+        )
+        notes.append(
+            f"simulator CPU: {slow['sim_cpu_percent']:.0f}% at 100 heartbeats/s, "
+            f"{fast['sim_cpu_percent']:.0f}% at {fast['sent_per_s']:.0f}/s "
+            f"(one process, one thread, {NODES} connections)"
+        )
+        extra = {"ingest_slow": slow, "ingest_fast": fast, "rollout_s": durations}
+    finally:
+        if cluster is not None:
+            cluster.close()
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(work, ignore_errors=True)
+    leftovers = [p.pid for p in psutil.Process().children(recursive=True) if p.is_running()]
+    if leftovers:
+        notes.append(f"child processes left running: {leftovers}")
+    return {"rows": rows, "notes": notes, **extra, "pid": os.getpid()}
