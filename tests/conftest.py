@@ -7,12 +7,15 @@ with a message that says what did not happen.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -375,3 +378,135 @@ def make_zip(members: dict[str, str | bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+# -- helpers for the state-sync tests -------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP relay from a port of its own to a broker: a gateway's uplink that a test can cut.
+
+    :meth:`cut` resets every relayed connection and refuses new ones while the broker and the
+    test's cloud clients stay up; :meth:`restore` accepts connections again. So an agent
+    connected through the proxy really goes offline (and notices at once), its persistent
+    session keeps collecting QoS 1 messages on the broker, and nothing else is disturbed.
+    One thread runs every socket; :meth:`cut` and :meth:`restore` return once it obeyed.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._commands: list[tuple[str, threading.Event]] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
+        self._running = True
+
+    def start(self) -> TcpProxy:
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._listen()
+        self._thread.start()
+        return self
+
+    def cut(self) -> None:
+        self._command("cut")
+
+    def restore(self) -> None:
+        self._command("restore")
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._command("close")
+            self._thread.join(5)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _command(self, name: str) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._commands.append((name, done))
+        self._wake_w.send(b"x")
+        if not done.wait(5):
+            pytest.fail(f"the TCP proxy did not {name} within 5s")
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        self._selector.register(listener, selectors.EVENT_READ)
+
+    def _drop_all(self) -> None:
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        for sock in list(self._peers):
+            self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        peer = self._peers.pop(sock, None)
+        for s in (sock, peer):
+            if s is None:
+                continue
+            self._peers.pop(s, None)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(s)
+            with contextlib.suppress(OSError):
+                # RST rather than FIN: what a dead uplink looks like to both ends.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+    def _run(self) -> None:
+        while self._running:
+            for key, _ in self._selector.select(1.0):
+                sock = key.fileobj
+                if sock is self._wake_r:
+                    self._wake_r.recv(4096)
+                    with self._lock:
+                        commands, self._commands = self._commands, []
+                    for name, done in commands:
+                        if name in ("cut", "close"):
+                            self._drop_all()
+                        elif name == "restore" and self._listener is None:
+                            self._listen()
+                        if name == "close":
+                            self._running = False
+                        done.set()
+                    break  # the selector's map may have changed
+                if sock is self._listener:
+                    client, _ = self._listener.accept()
+                    try:
+                        upstream = socket.create_connection(("127.0.0.1", self.target_port), 2)
+                    except OSError:
+                        client.close()
+                        continue
+                    for s in (client, upstream):
+                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self._selector.register(s, selectors.EVENT_READ)
+                    self._peers[client], self._peers[upstream] = upstream, client
+                    continue
+                assert isinstance(sock, socket.socket)
+                if sock not in self._peers:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                    if data:
+                        self._peers[sock].sendall(data)
+                        continue
+                except OSError:
+                    pass
+                self._close(sock)
+        self._selector.close()
+
+
+@pytest.fixture
+def uplink(broker: Mosquitto) -> Iterator[TcpProxy]:
+    """A cuttable uplink to the test's broker (point an agent's ``mqtt.port`` at ``.port``)."""
+    proxy = TcpProxy(broker.port).start()
+    yield proxy
+    proxy.close()
