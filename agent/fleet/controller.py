@@ -103,7 +103,13 @@ class _Stop:
 
 
 class FleetController:
-    """The cloud side of the wire contract. Construction touches nothing; ``start()`` connects."""
+    """The cloud side of the wire contract. Construction touches nothing; ``start()`` connects.
+
+    ``extra_subscriptions`` adds topic filters to the one connection; messages on them that
+    the view does not know go to ``on_message(topic, payload)``, which runs on the ingest
+    thread with the lock held: it must only update state and ``publish_nowait`` (the sync
+    mirror of ``edgectl state`` is fed this way).
+    """
 
     def __init__(
         self,
