@@ -579,6 +579,8 @@ class Agent:
                 "outbox": {"messages": count, "bytes": nbytes},
                 "inflight": len(self._inflight),
                 "sync": self.sync.summary(),
+                # Lets a controller judge staleness without knowing this node's config.
+                "interval_s": self.config.agent.heartbeat_interval_s,
             },
         )
         self.mqtt.publish(self.topics.heartbeat, payload, qos=0)

@@ -229,15 +229,22 @@ class MqttClient:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
     ) -> int:
-        """Hand a message to paho; its mid (``Published(mid)`` follows on the broker's ack)."""
+        """Hand a message to paho; its mid (``Published(mid)`` follows on the broker's ack).
+
+        ``correlation_data`` and ``response_topic`` become MQTT 5 properties (ignored on 3.1.1).
+        """
         client = self._client
         if client is None:
             raise MqttError("not started")
         properties = None
-        if correlation_data is not None and self.settings.protocol == "5":
+        if self.settings.protocol == "5" and (correlation_data is not None or response_topic):
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = correlation_data
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic:
+                properties.ResponseTopic = response_topic
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")

@@ -543,7 +543,9 @@ class FleetController:
         with self._cond:
             self._pending[rid] = future
         started = time.monotonic()
-        client.publish(topic, body, qos=1, correlation_data=rid.encode())
+        client.publish(
+            topic, body, qos=1, correlation_data=rid.encode(), response_topic=self.reply_topic
+        )
         try:
             reply = future.result(timeout)
         except FutureTimeout:
