@@ -180,11 +180,11 @@ def wait_mirror(mirror: MirrorClient, version: int, timeout: float = 10.0) -> An
     return state
 
 
-def assert_mirror_is(mirror: MirrorClient, agent: AgentProcess) -> None:
-    version, data, _ = stored_sync(agent)
-    state = wait_mirror(mirror, version)
-    assert (state.version, state.data) == (version, data)
-    assert state.checksum == wire_checksum(data)
+def deltas_through(cloud: Cloud, version: int, after: int = 0) -> list[dict[str, Any]]:
+    """The deltas the recording cloud has seen (from index ``after``), once it has seen the one
+    reaching ``version`` (the mirror is another subscriber: it may have had it first)."""
+    wait_after(cloud, after, DELTA, lambda m: m["to_version"] >= version)
+    return messages_after(cloud, after, DELTA)
 
 
 # -- writes reach the mirror --------------------------------------------------------------------
@@ -235,8 +235,7 @@ def test_a_write_that_changes_nothing_sends_no_delta(
     assert same["ok"] is True
     invoke(cloud, "kv", {"set": {"a": 1.0}})  # 1.0 is not [..] and, on the wire, not 1 either
     invoke(cloud, "kv", {"set": {"a": 1}})
-    wait_for(lambda: len(cloud.on(DELTA)) >= 3, 10, "three deltas did not arrive")
-    deltas = cloud.on(DELTA)
+    deltas = deltas_through(cloud, 3)
     assert [(d["from_version"], d["to_version"], d["changes"]) for d in deltas] == [
         (0, 1, {"a": [1, {"b": 2}]}),
         (1, 2, {"a": 1.0}),
@@ -278,7 +277,7 @@ def test_failed_and_timed_out_invocations_write_nothing(
     state = wait_mirror(mirror, 2)
     assert state.data == {"a": 1, "marker": True}
     # the outbox is in order, so every delta before the marker's has arrived by now
-    assert [(d["from_version"], d["changes"]) for d in cloud.on(DELTA)] == [
+    assert [(d["from_version"], d["changes"]) for d in deltas_through(cloud, 2)] == [
         (0, {"a": 1}),
         (1, {"marker": True}),
     ]
@@ -363,7 +362,7 @@ def test_changes_made_offline_coalesce_into_one_delta(
     wait_online(cloud, before)
     state = wait_mirror(mirror, 7)
     assert state.data == data and state.checksum == wire_checksum(data)
-    wire = messages_after(cloud, before, DELTA)
+    wire = deltas_through(cloud, 7, before)
     assert len(wire) == 1, wire
     assert wire[0]["from_version"] == 1 and wire[0]["to_version"] == 7
     assert wire[0]["changes"] == {k: v for k, v in data.items() if k != "base"}
@@ -408,7 +407,7 @@ def test_unsent_deltas_survive_kill9_and_reach_the_mirror(
     state = wait_mirror(mirror, 3)
     assert state.data == data == {"k0": [0], "k1": [1], "k2": [2]}
     assert state.checksum == wire_checksum(data)
-    assert [(d["from_version"], d["to_version"]) for d in cloud.on(DELTA)] == [(0, 3)]
+    assert [(d["from_version"], d["to_version"]) for d in deltas_through(cloud, 3)] == [(0, 3)]
     for rid in rids:
         wait_after(cloud, before, REPLIES, lambda m, rid=rid: m["request_id"] == rid)
     assert all(runs(tmp_path / f"started-{rid}") == 1 for rid in rids)

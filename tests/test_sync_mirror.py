@@ -482,12 +482,13 @@ def test_mirror_client_resync_gets_a_snapshot_from_the_agent(
         got = mirror.mirror.wait_for(AGENT, lambda s: s.version >= 1, 10)
         assert got is not None and got.data == {"count": 1}
         assert got.checksum == wire_checksum({"count": 1})
-        snaps = cloud.on(f"edge/nodes/{AGENT}/sync/snapshot")
-        assert [s["request_id"] for s in snaps] == [
-            json.loads(p)["request_id"]
-            for t, p, _ in cloud.messages
-            if t == f"edge/nodes/{AGENT}/sync/request"
-        ]
+        request = cloud.wait_message(f"edge/nodes/{AGENT}/sync/request")  # the mirror's
+        snap = cloud.wait_message(
+            f"edge/nodes/{AGENT}/sync/snapshot",
+            lambda m: m["request_id"] == request["request_id"],
+        )
+        assert snap["version"] == 1 and snap["data"] == {"count": 1}
+        assert len(cloud.on(f"edge/nodes/{AGENT}/sync/request")) == 1
     finally:
         mirror.stop()
 
