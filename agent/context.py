@@ -39,13 +39,15 @@ class StateView:
 
     def set(self, key: str, value: Any) -> None:
         """Write ``value`` (any JSON value; ``None`` deletes, as ``null`` does on the wire)."""
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"state keys are non-empty strings, got {key!r}")
+        try:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"state keys are non-empty strings, got {key!r}")
+            key.encode()  # a lone surrogate has no UTF-8 form: the wire could not carry it
+            if value is not None:
+                json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise TypeError(f"state value for {key!r} is not UTF-8 JSON: {exc}") from exc
         if value is not None:
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"state value for {key!r} is not JSON: {exc}") from exc
             value = copy.deepcopy(value)
         self.writes[key] = value
 

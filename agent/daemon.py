@@ -44,7 +44,7 @@ from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
 from agent.statesync import StateSync
-from agent.store import OutboxFull, ReplyRecord, Store
+from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.systemd import Notifier, set_level
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,11 @@ class Agent:
         self._inflight: dict[str, _Invocation] = {}
         self.outbox = OutboxPump(store, self._publish_item)
         self.sync = StateSync(
-            store, self.topics, self.outbox, Path(config.agent.state_dir) / "sync.hwm"
+            store,
+            self.topics,
+            self.outbox,
+            Path(config.agent.state_dir) / "sync.hwm",
+            max_payload=config.agent.max_payload_bytes,
         )
         self._stopping = False
         self._started = time.monotonic()
@@ -281,7 +285,8 @@ class Agent:
                 self.deployments.on_spec(scope, fid, msg.payload)
                 self._update_status_line()
             elif kind == "sync_desired":
-                self.sync.on_desired(msg.payload)
+                if self.sync.on_desired(msg.payload) and self._connected:
+                    self._publish_status("online")  # its retained sync.desired_version
             elif kind == "sync_request":
                 self.sync.on_request(msg.payload)
             else:
@@ -459,6 +464,10 @@ class Agent:
                 full = Overloaded("the outbox is full: the invocation's state changes were lost")
                 payload = self._error_payload(rid, fid, full, duration_ms)
                 error = full
+            except (StateTooLarge, ValueError, TypeError) as exc:
+                log.warning("state changes of %s refused: %s", rid, exc, extra={"request_id": rid})
+                error = HandlerError(f"state change refused: {exc}")
+                payload = self._error_payload(rid, fid, error, duration_ms)
         # Remember the reply for duplicates only when the handler ran: a request refused
         # (overloaded, not deployed yet) must run when it is retried with the same id.
         ran = error is None or not isinstance(error, Overloaded | FunctionNotFound)

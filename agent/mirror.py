@@ -14,11 +14,15 @@ Per node it applies deltas in order and checks the checksum after each one:
   snapshot.
 - ``to_version <= version``: an old or repeated delta (at-least-once delivery): ignored.
 - ``from_version < version < to_version``: overlaps what it has: ask for a snapshot.
+- ``to_version <= version`` but a different checksum than the mirror recorded for that
+  version: the node went back in time (its whole state directory was restored): resync.
 - A snapshot (answering its request, or unsolicited after a restore on the node) replaces
-  the mirrored document when its checksum is right.
+  the mirrored document when its checksum is right; a bad one is asked for again, and so
+  is one that has not come within ``snapshot_timeout_s``.
 
-Desired state: the mirror also follows the retained ``sync/desired`` topics, so
-``set_desired`` always publishes a version above the last one.
+Desired state: the mirror also follows the retained ``sync/desired`` topics and the
+``sync.desired_version`` that nodes report in their retained status, so ``set_desired``
+publishes a version above the last one even after the retained desired topic was cleared.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from agent import mqtt, protocol
-from agent.errors import AgentError, BadRequest
+from agent.errors import AgentError
 from agent.models import SyncState, state_checksum
 from agent.sync import apply_delta
 
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: (topic, payload, retain) the caller must publish (QoS 1).
 Outgoing = tuple[str, bytes, bool]
+#: Versions whose checksum the mirror remembers per node.
+_HISTORY = 256
 
 
 @dataclass
@@ -51,6 +59,9 @@ class _Node:
     updated_at: datetime = field(default_factory=datetime.now)
     #: request_id of the snapshot asked for; deltas wait until it arrives.
     pending_request: str | None = None
+    pending_since: float = 0.0
+    #: checksum of each recent version, to notice a node that went back in time.
+    history: OrderedDict[int, str] = field(default_factory=OrderedDict)
     desired_version: int = 0
     desired: dict[str, Any] = field(default_factory=dict)
     snapshots_requested: int = 0
@@ -59,7 +70,16 @@ class _Node:
 class SyncMirror:
     """Mirrors nodes' reported state (all nodes, or only ``nodes``). Thread-safe."""
 
-    def __init__(self, prefix: str = "edge", nodes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str = "edge",
+        nodes: list[str] | None = None,
+        *,
+        snapshot_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.snapshot_timeout_s = snapshot_timeout_s
+        self._clock = clock
         self.fleet = protocol.Topics.for_fleet(prefix)
         self.prefix = prefix
         self._only = set(nodes) if nodes else None
@@ -72,6 +92,7 @@ class SyncMirror:
             f"{p}/nodes/+/sync/delta",
             f"{p}/nodes/+/sync/snapshot",
             f"{p}/nodes/+/sync/desired",
+            f"{p}/nodes/+/status",  # its sync.desired_version survives a cleared desired topic
         ]
 
     # -- input ------------------------------------------------------------------------------
@@ -96,8 +117,21 @@ class SyncMirror:
                     if version > node.desired_version:
                         node.desired_version, node.desired = version, data
                     self._lock.notify_all()
+            if rest == "status" and payload:
+                reported = protocol.decode_status(payload).get("sync")
+                if isinstance(reported, dict) and isinstance(reported.get("desired_version"), int):
+                    with self._lock:
+                        node = self._node(node_id)
+                        node.desired_version = max(
+                            node.desired_version, reported["desired_version"]
+                        )
         except AgentError as exc:
             log.warning("mirror: ignoring bad message on %s: %s", topic, exc)
+            if rest == "sync/snapshot":  # maybe the one we wait for: ask again
+                with self._lock:
+                    node = self._node(node_id)
+                    if node.pending_request is not None:
+                        return self._request_snapshot(node_id, node)
         return []
 
     def _node(self, node_id: str) -> _Node:
@@ -111,8 +145,18 @@ class SyncMirror:
         with self._lock:
             node = self._node(node_id)
             if node.pending_request is not None:
+                if self._clock() - node.pending_since > self.snapshot_timeout_s:
+                    log.info("mirror: %s: snapshot request timed out; asking again", node_id)
+                    return self._request_snapshot(node_id, node)
                 return []  # a snapshot is on its way; it will include this
             if node.version >= 0 and end <= node.version:
+                known = node.history.get(end)
+                if known is not None and known != delta["checksum"]:
+                    log.warning(
+                        "mirror: %s: version %d came back with other content (state restored "
+                        "on the node?); resyncing", node_id, end,
+                    )  # fmt: skip
+                    return self._request_snapshot(node_id, node)
                 return []  # already have it (a redelivery)
             if start != node.version and not (node.version < 0 and start == 0):
                 why = "a gap" if start > node.version else "an overlap"
@@ -125,10 +169,17 @@ class SyncMirror:
             if state_checksum(data) != delta["checksum"]:
                 log.warning("mirror: %s: checksum mismatch at version %d; resyncing", node_id, end)
                 return self._request_snapshot(node_id, node)
-            node.version, node.data, node.checksum = end, data, delta["checksum"]
-            node.updated_at = datetime.now()
-            self._lock.notify_all()
+            self._set(node, end, data, delta["checksum"])
         return []
+
+    def _set(self, node: _Node, version: int, data: dict[str, Any], checksum: str) -> None:
+        """Record a new mirrored version; the caller holds the lock."""
+        node.version, node.data, node.checksum = version, data, checksum
+        node.updated_at = datetime.now()
+        node.history[version] = checksum
+        while len(node.history) > _HISTORY:
+            node.history.popitem(last=False)
+        self._lock.notify_all()
 
     def _on_snapshot(self, node_id: str, snap: dict[str, Any]) -> list[Outgoing]:
         with self._lock:
@@ -138,15 +189,17 @@ class SyncMirror:
             if not (ours or restore or snap["version"] > node.version):
                 return []  # someone else's snapshot of what we already have
             if state_checksum(snap["data"]) != snap["checksum"]:
-                raise BadRequest(f"snapshot of {node_id} has a wrong checksum")
-            node.version, node.data, node.checksum = snap["version"], snap["data"], snap["checksum"]
-            node.updated_at = datetime.now()
+                log.warning("mirror: %s: snapshot with a wrong checksum; asking again", node_id)
+                return self._request_snapshot(node_id, node)
+            if ours or restore:
+                node.history.clear()  # what came before may have been undone on the node
             node.pending_request = None
-            self._lock.notify_all()
+            self._set(node, snap["version"], snap["data"], snap["checksum"])
         return []
 
     def _request_snapshot(self, node_id: str, node: _Node) -> list[Outgoing]:
         node.pending_request = f"mirror-{uuid.uuid4().hex[:16]}"
+        node.pending_since = self._clock()
         node.snapshots_requested += 1
         topic = self.fleet.node(node_id).sync_request
         return [(topic, protocol.encode_sync_request(node.pending_request), False)]
@@ -221,21 +274,36 @@ class MirrorClient:
         self, settings: mqtt.MqttSettings, prefix: str = "edge", nodes: list[str] | None = None
     ) -> None:
         self.mirror = SyncMirror(prefix, nodes)
+        # A message to itself, published after subscribing: when it comes back, the broker
+        # has delivered every retained message the subscriptions match (same connection,
+        # in order), so desired versions and statuses are known before start() returns.
+        self._fence_topic = f"{prefix}/mirror/{uuid.uuid4().hex[:16]}/fence"
+        self._fenced = threading.Event()
         self.client = mqtt.MqttClient(
-            settings, self._on_event, subscriptions=self.mirror.subscriptions(), manual_ack=False
+            settings,
+            self._on_event,
+            subscriptions=[*self.mirror.subscriptions(), self._fence_topic],
+            manual_ack=False,
         )
 
     def _on_event(self, event: Any) -> None:
         # Runs on paho's thread: the mirror is a quick, locked state machine, and its
         # answers are publishes (paho queues them): nothing here blocks.
         if isinstance(event, mqtt.Message):
+            if event.topic == self._fence_topic:
+                self._fenced.set()
+                return
             for topic, payload, retain in self.mirror.on_message(event.topic, event.payload):
                 self.client.publish(topic, payload, qos=1, retain=retain)
 
     def start(self, timeout: float = 10.0) -> MirrorClient:
+        """Connect and read what is retained (statuses, desired states) before returning."""
         self.client.start()
         if not self.client.wait_connected(timeout):
             raise AgentError(f"mirror could not connect within {timeout:g}s")
+        self.client.publish(self._fence_topic, b"fence", qos=1)
+        if not self._fenced.wait(timeout):
+            raise AgentError(f"mirror did not receive the retained messages within {timeout:g}s")
         return self
 
     def set_desired(self, node_id: str, data: dict[str, Any]) -> int:

@@ -28,13 +28,21 @@ from agent.errors import AgentError
 from agent.models import state_checksum
 from agent.outbox import OutboxPump
 from agent.pool import ContextInput
-from agent.store import ReplyRecord, Store, SyncCommit
+from agent.store import OutboxFull, ReplyRecord, Store, SyncCommit
 
 log = logging.getLogger(__name__)
 
 
 class StateSync:
-    def __init__(self, store: Store, topics: protocol.Topics, outbox: OutboxPump, hwm: Path):
+    def __init__(
+        self,
+        store: Store,
+        topics: protocol.Topics,
+        outbox: OutboxPump,
+        hwm: Path,
+        max_payload: int | None = None,
+    ) -> None:
+        self.max_payload = max_payload
         self.store = store
         self.topics = topics
         self.outbox = outbox
@@ -71,30 +79,33 @@ class StateSync:
             encode_delta=protocol.encode_sync_delta,
             coalesce_after_id=self.outbox.last_sent_id,
             reply=reply,
+            max_payload=self.max_payload,
         )
         if commit is not None:
             self._refresh()
             self._write_hwm(commit.to_version)
         return commit
 
-    def on_desired(self, payload: bytes) -> None:
+    def on_desired(self, payload: bytes) -> bool:
+        """Apply a newer desired state; True when applied (the status should say so)."""
         if not payload:
-            return  # the retained desired state was cleared: keep what was applied
+            return False  # the retained desired state was cleared: keep what was applied
         try:
             version, data = protocol.decode_sync_desired(payload)
         except AgentError as exc:
             log.warning(
                 "ignoring bad sync/desired: %s", exc, extra={"topic": self.topics.sync_desired}
             )
-            return
+            return False
         if version <= self.context.desired_version:
             log.debug(
                 "desired version %d is not newer than %d", version, self.context.desired_version
             )
-            return
+            return False
         self.store.set_desired_state(version, data)
         self._refresh()
         log.info("applied desired state version %d", version)
+        return True
 
     def on_request(self, payload: bytes) -> None:
         try:
@@ -109,7 +120,11 @@ class StateSync:
     def _queue_snapshot(self, request_id: str) -> None:
         version, data = self.store.sync_state()
         payload = protocol.encode_sync_snapshot(request_id, version, data, state_checksum(data))
-        self.store.outbox_put(self.topics.sync_snapshot, payload, kind="sync_snapshot")
+        try:
+            self.store.outbox_put(self.topics.sync_snapshot, payload, kind="sync_snapshot")
+        except OutboxFull as exc:  # the mirror asks again when its request times out
+            log.error("outbox full: snapshot for %s not queued: %s", request_id, exc)
+            return
         self.outbox.drain()
 
     def summary(self) -> dict[str, int]:

@@ -93,21 +93,25 @@ class EdgeSynchronizer:
             db = self._db()
             if db is not None:
                 return self._update_stored(db, data)
-            before = self._local_state.data if self._local_state else {}
-            version = (self._local_state.version if self._local_state else 0) + 1
-            state = SyncState.from_data(data, version)
-            self._local_state = state
-            self._pending_changes.append(
-                {
-                    "type": "update",
-                    "version": version,
-                    "from_version": version - 1,
-                    "data": copy.deepcopy(state.data),
-                    "changes": compute_delta(before, state.data),
-                    "checksum": state.checksum,
-                }
-            )
-            return copy.deepcopy(state)
+            return self._update_memory(data)
+
+    def _update_memory(self, data: dict[str, Any]) -> SyncState:
+        """The in-memory update; the caller holds ``self._lock``."""
+        before = self._local_state.data if self._local_state else {}
+        version = (self._local_state.version if self._local_state else 0) + 1
+        state = SyncState.from_data(data, version)
+        self._local_state = state
+        self._pending_changes.append(
+            {
+                "type": "update",
+                "version": version,
+                "from_version": version - 1,
+                "data": copy.deepcopy(state.data),
+                "changes": compute_delta(before, state.data),
+                "checksum": state.checksum,
+            }
+        )
+        return copy.deepcopy(state)
 
     def _update_stored(self, db: Store, data: dict[str, Any]) -> SyncState:
         version, before = db.sync_state()
@@ -123,12 +127,29 @@ class EdgeSynchronizer:
         return SyncState.from_data(after, version)
 
     def apply_changes(self, changes: dict[str, Any]) -> SyncState | None:
-        """Apply a handler's write set (None deletes) as the next version; None if no-op."""
-        before = self.context_input()[1]
-        after = apply_delta(before, changes)
-        if canonical_json(after) == canonical_json(before):
-            return None
-        return self.update_local(after)
+        """Apply a handler's write set (None deletes) as the next version; None if no-op.
+
+        Atomic against concurrent write sets: each is applied to the latest state (last
+        writer wins per key), never to a copy another invocation has since replaced.
+        """
+        with self._lock:
+            db = self._db()
+            if db is not None:
+                commit = db.sync_commit(
+                    changes,
+                    delta_topic=_LOCAL_DELTA_TOPIC,
+                    encode_delta=protocol.encode_sync_delta,
+                    coalesce_after_id=_NO_COALESCING,
+                )
+                if commit is None:
+                    return None
+                version, data = db.sync_state()
+                return SyncState.from_data(data, version)
+            before = self._local_state.data if self._local_state else {}
+            after = apply_delta(before, changes)
+            if canonical_json(after) == canonical_json(before):
+                return None
+            return self._update_memory(after)
 
     def context_input(self) -> tuple[int, dict[str, Any]]:
         """(version, data) for an invocation's ``context.state``."""

@@ -288,12 +288,6 @@ def test_handler_without_context_is_called_as_before(runtime: EdgeRuntime) -> No
 # -- bugs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EdgeSynchronizer.apply_changes reads the state, then update_local() replaces "
-    "the whole document, without one lock around both: concurrent invocations' writes to "
-    "other keys are reverted (EdgeRuntime.invoke is documented as thread-safe)",
-)
 def test_concurrent_write_sets_are_last_writer_wins_per_key() -> None:
     """Two invocations finishing together, each writing its own key: both keys must stay.
 

@@ -571,11 +571,6 @@ def test_restart_without_restore_sends_no_snapshot(
 # -- bugs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a state value holding a lone surrogate passes StateView.set but makes "
-    "Store.sync_commit raise UnicodeEncodeError in the agent's loop: no reply, no ack",
-)
 def test_state_value_that_is_not_utf8_gets_an_error_reply(
     cloud: Cloud, agent_factory: AgentFactory
 ) -> None:
@@ -593,11 +588,6 @@ def test_state_value_that_is_not_utf8_gets_an_error_reply(
     assert "bug while handling" not in agent.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deltas (and snapshots) are not held to agent.max_payload_bytes as replies "
-    "are: a big write is published, the broker drops the agent for it, over and over",
-)
 def test_state_write_over_max_payload_does_not_block_the_outbox(
     agent_factory: AgentFactory, tmp_path: Path
 ) -> None:

@@ -388,12 +388,6 @@ def test_delta_rewritten_after_a_restart_is_resolved_by_a_snapshot(tmp_path: Pat
 # -- bugs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Store._queue_delta merges a new change into a delta queued BEFORE a "
-    "sync/snapshot; the mirror (waiting for that snapshot) drops the delta and then takes "
-    "the older snapshot: it stays one change behind until the next write",
-)
 def test_change_after_a_snapshot_request_is_not_lost_by_coalescing(tmp_path: Path) -> None:
     """Reachable whenever a delta is still unsent when a request comes in: the pump's
     window (64 messages) is full on a slow link, or the outbox is long after a reconnect."""
@@ -411,12 +405,6 @@ def test_change_after_a_snapshot_request_is_not_lost_by_coalescing(tmp_path: Pat
         assert state_of(mirror) == (2, {"a": 1, "b": 2})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a whole-state-directory restore the node repeats versions with other "
-    "data; SyncMirror ignores every delta with to_version <= its version as a redelivery, "
-    "so it keeps the newer, wrong document (contrary to agent/statesync.py's docstring)",
-)
 def test_whole_directory_restore_is_detected_by_the_mirror() -> None:
     """The node went back from version 10 to 5 (state.db and sync.hwm restored together) and
     commits 5 -> 6 with data the mirror never saw at 6: the mirror must resync."""
@@ -428,11 +416,6 @@ def test_whole_directory_restore_is_detected_by_the_mirror() -> None:
     assert state_of(mirror) == (6, {"count": "rolled back", "even": False})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a snapshot the mirror rejects (bad checksum) leaves pending_request set for "
-    "good: every later delta is dropped and no new request is ever sent",
-)
 def test_mirror_asks_again_after_a_rejected_snapshot() -> None:
     mirror = mirror_at(2)
     rid = requested(mirror.on_message(f"{T}delta", history(4)[3][0]))  # a gap
@@ -493,12 +476,6 @@ def test_mirror_client_resync_gets_a_snapshot_from_the_agent(
         mirror.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SyncMirror.set_desired numbers versions from what it saw on the retained "
-    "topic only; once that is cleared a new mirror starts again at 1, which the agent "
-    "ignores (it applied a higher one) without telling anyone",
-)
 def test_new_mirror_can_set_desired_after_the_retained_desired_was_cleared(
     broker: Mosquitto, cloud: Cloud, running: AgentProcess
 ) -> None:

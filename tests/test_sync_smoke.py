@@ -71,6 +71,9 @@ def test_mirror_follows_handler_writes_and_sets_desired(  # type: ignore[no-unty
         state = mirror.mirror.wait_for("gw-test", lambda s: s.version >= 3, timeout=10)
         assert state is not None and state.data == {"count": 7} and state.verify()
         version = mirror.set_desired("gw-test", {"mode": "boost"})
+        # The mirror's publish and the cloud's invoke travel on two connections: wait for the
+        # agent to have applied the desired state before invoking.
+        agent.wait_log(f"applied desired state version {version}")
         reply = cloud.invoke("gw-test", "counter", 0)
         assert reply["result"]["desired"] == {"mode": "boost"}, (version, reply)
     finally:

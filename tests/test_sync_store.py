@@ -258,11 +258,6 @@ def test_desired_state_round_trip(tmp_path: Path) -> None:
 # -- bugs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: merging into a queued delta never checks outbox.max_bytes: coalescing "
-    "grows the outbox past its byte bound, where a new delta of that size is refused",
-)
 def test_coalesced_delta_respects_the_outbox_byte_bound(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db", max_bytes=4000) as store:
         commit(store, {"a": 1})

@@ -10,7 +10,7 @@ from agent.store.core import (
     OutboxItem,
     Store,
 )
-from agent.store.sync import ReplyRecord, SyncCommit, effective_changes
+from agent.store.sync import ReplyRecord, StateTooLarge, SyncCommit, effective_changes
 
 __all__ = [
     "MIGRATIONS",
@@ -20,6 +20,7 @@ __all__ = [
     "OutboxFull",
     "OutboxItem",
     "ReplyRecord",
+    "StateTooLarge",
     "Store",
     "SyncCommit",
     "effective_changes",

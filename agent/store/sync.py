@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.errors import StoreError
 from agent.models import canonical_json, state_checksum
 
 #: The schema this mixin needs (appended to the store's MIGRATIONS as version 2).
@@ -37,6 +38,13 @@ SYNC_SCHEMA = """
 """
 
 DELTA_KIND = "sync_delta"
+#: What a snapshot message adds around the document (ids, version, checksum, ts).
+_SNAPSHOT_OVERHEAD = 400
+
+
+class StateTooLarge(StoreError):
+    """A change would make the synced state (or its delta) too big to publish."""
+
 
 #: (from_version, to_version, changes, checksum) -> the delta message's bytes.
 EncodeDelta = Callable[[int, int, dict[str, Any], str], bytes]
@@ -84,6 +92,10 @@ class SyncTables:
     _lock: threading.Lock
     _sync_cache: tuple[int, dict[str, Any]] | None
     _depth: tuple[int, int]
+    _max_bytes: int
+
+    def _connection(self) -> sqlite3.Connection:
+        raise NotImplementedError  # pragma: no cover - provided by Store
 
     def _transaction(self, what: str) -> Any:  # pragma: no cover - provided by Store
         raise NotImplementedError
@@ -116,15 +128,21 @@ class SyncTables:
 
     def sync_state(self) -> tuple[int, dict[str, Any]]:
         """(version, a copy of the document)."""
-        version, data = self._sync_loaded()
-        return version, copy.deepcopy(data)
+        with self._lock:
+            version, data = self._sync_loaded_locked()
+            return version, copy.deepcopy(data)
 
-    def _sync_loaded(self) -> tuple[int, dict[str, Any]]:
+    def _sync_loaded_locked(self) -> tuple[int, dict[str, Any]]:
+        """The cached (version, document); the caller holds ``self._lock``."""
         cache = self._sync_cache
         if cache is None:
-            rows = self._read("sync_state", "SELECT key, value FROM sync_state")
-            meta = self._read("sync_state", "SELECT value FROM meta WHERE key = 'sync.version'")
-            version = int(meta[0][0]) if meta else 0
+            conn = self._connection()
+            try:
+                rows = conn.execute("SELECT key, value FROM sync_state").fetchall()
+                meta = conn.execute("SELECT value FROM meta WHERE key = 'sync.version'").fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading the synced state failed: {exc}") from exc
+            version = int(meta[0]) if meta else 0
             cache = (version, {key: json.loads(value) for key, value in rows})
             self._sync_cache = cache
         return cache
@@ -137,18 +155,29 @@ class SyncTables:
         encode_delta: EncodeDelta,
         coalesce_after_id: int,
         reply: ReplyRecord | None = None,
+        max_payload: int | None = None,
     ) -> SyncCommit | None:
         """Apply ``changes`` (None deletes) as the next version and queue its delta, with
         ``reply`` if given, atomically. None when nothing changed (the reply is still queued).
 
-        Raises OutboxFull (nothing written) when the outbox cannot take the messages.
+        Raises OutboxFull (nothing written) when the outbox cannot take the messages, and
+        StateTooLarge (nothing written) when the document, or the delta carrying the change,
+        would not fit in ``max_payload`` bytes: every delta and snapshot must be publishable.
+        Read, apply and write happen under one lock: concurrent commits never lose keys.
         """
-        version, state = self._sync_loaded()
-        effective = effective_changes(state, changes)
-        new_state = {k: v for k, v in state.items() if k not in effective}
-        new_state.update({k: v for k, v in effective.items() if v is not None})
         commit: SyncCommit | None = None
         with self._lock:
+            version, state = self._sync_loaded_locked()
+            effective = effective_changes(state, changes)
+            new_state = {k: v for k, v in state.items() if k not in effective}
+            new_state.update({k: v for k, v in effective.items() if v is not None})
+            if effective and max_payload is not None:
+                size = len(canonical_json(new_state)) + _SNAPSHOT_OVERHEAD
+                if size > max_payload:
+                    raise StateTooLarge(
+                        f"the synced state would be {size} bytes as a snapshot, over "
+                        f"agent.max_payload_bytes ({max_payload}); the change was not applied"
+                    )
             with self._transaction("sync_commit") as conn:
                 depth = self._depth
                 if effective:
@@ -167,7 +196,7 @@ class SyncTables:
                         version,
                         effective,
                         state_checksum(new_state),
-                        (delta_topic, encode_delta, coalesce_after_id),
+                        (delta_topic, encode_delta, coalesce_after_id, max_payload),
                         depth,
                     )
                 if reply is not None:
@@ -183,25 +212,42 @@ class SyncTables:
         version: int,
         effective: dict[str, Any],
         checksum: str,
-        how: tuple[str, EncodeDelta, int],
+        how: tuple[str, EncodeDelta, int, int | None],
         depth: tuple[int, int],
     ) -> tuple[SyncCommit, tuple[int, int]]:
-        """Merge into the newest delta not yet handed to MQTT, or queue a new one."""
-        topic, encode_delta, coalesce_after_id = how
+        """Merge into the newest delta not yet handed to MQTT, or queue a new one.
+
+        No merge across a snapshot queued after that delta (a mirror waiting for the
+        snapshot drops deltas it holds, so the change must come after it), nor when the
+        merged delta would outgrow ``max_payload`` or the outbox's byte bound.
+        """
+        topic, encode_delta, coalesce_after_id, max_payload = how
         row = conn.execute(
             "SELECT id, payload FROM outbox WHERE kind = ? ORDER BY id DESC LIMIT 1",
             (DELTA_KIND,),
         ).fetchone()
         if row is not None and row[0] > coalesce_after_id:
             delta_id, old_payload = int(row[0]), bytes(row[1])
+            snapshot_after = conn.execute(
+                "SELECT 1 FROM outbox WHERE kind = 'sync_snapshot' AND id > ? LIMIT 1",
+                (delta_id,),
+            ).fetchone()
             old = json.loads(old_payload)
             merged = {**old["changes"], **effective}
             payload = encode_delta(int(old["from_version"]), version + 1, merged, checksum)
-            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (payload, delta_id))
             count, nbytes = depth
-            depth = (count, nbytes - len(old_payload) + len(payload))
-            return SyncCommit(version, version + 1, effective, checksum, delta_id, True), depth
+            grown = nbytes - len(old_payload) + len(payload)
+            fits = max_payload is None or len(payload) <= max_payload
+            if snapshot_after is None and fits and grown <= self._max_bytes:
+                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (payload, delta_id))
+                commit = SyncCommit(version, version + 1, effective, checksum, delta_id, True)
+                return commit, (count, grown)
         payload = encode_delta(version, version + 1, effective, checksum)
+        if max_payload is not None and len(payload) > max_payload:
+            raise StateTooLarge(
+                f"the delta for this change is {len(payload)} bytes, over "
+                f"agent.max_payload_bytes ({max_payload}); the change was not applied"
+            )
         delta_id, depth = self._enqueue(
             conn, topic, payload, 1, False, DELTA_KIND, None, time.time(), None, base=depth
         )
@@ -209,10 +255,10 @@ class SyncTables:
 
     def sync_raise_version(self, version: int) -> None:
         """Move the version up to ``version`` (after a restore from an older backup)."""
-        current, state = self._sync_loaded()
-        if version <= current:
-            return
         with self._lock:
+            current, state = self._sync_loaded_locked()
+            if version <= current:
+                return
             with self._transaction("sync_raise_version") as conn:
                 _set_version(conn, version)
             self._sync_cache = (version, state)
