@@ -70,7 +70,7 @@ FLOOR_REPLY = "bench/floor/reply"
 
 WINDOW = 32
 #: Extra invocations before the second memory reading (full mode), so the agent has run over
-#: 10,000 by then: agent.metrics keeps the last 10,000 InvocationRecords in memory.
+#: 10,000 by then: memory must not grow with the number of invocations served.
 HISTORY_FILL = 3_000
 RESTART_POLL_S = 0.020
 MB = 1024 * 1024
@@ -844,9 +844,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         "apart after deploy + warm-up, and again after the latency and throughput rows "
         f"({memory_after['invocations']:,} invocations by then"
         + (
-            ", past the 10,000 InvocationRecords agent.metrics keeps in memory"
+            ": the daemon keeps counters and a bounded latency window, no per-invocation log"
             if not quick
-            else "; quick mode does not fill agent.metrics' 10,000-record history"
+            else "; quick mode runs fewer invocations"
         )
         + "); the last reading is shown, the USS target is judged on the largest. The "
         f"workers ({memory['worker_count']}, later {memory_after['worker_count']}: the "
