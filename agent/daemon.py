@@ -311,7 +311,7 @@ class Agent:
         sha256: str | None,
         state: str,
         error: dict[str, str] | None,
-        active_version: str | None = None,
+        active_version: str | None,
     ) -> None:
         payload = protocol.encode_function_state(
             fid, version, sha256, state, error, extra={"active_version": active_version}

@@ -41,7 +41,7 @@ class DeploymentController:
         self.pool = pool
         self.deployer = deployer
         self.capabilities = tuple(capabilities)
-        self._report_cb = report
+        self._report = report
         self._forget = forget
         #: function id -> fingerprint of the spec the deployer is preparing.
         self._pending_fingerprint: dict[str, str] = {}
@@ -55,17 +55,6 @@ class DeploymentController:
                 self.pool.register(pool_config(spec, Path(row.active_code_dir)))
                 restored += 1
         return restored
-
-    def _report(
-        self,
-        fid: str,
-        version: str | None,
-        sha256: str | None,
-        state: str,
-        error: dict[str, str] | None,
-        active_version: str | None = None,
-    ) -> None:
-        self._report_cb(fid, version, sha256, state, error, active_version)
 
     def on_spec(self, scope: str, fid: str, payload: bytes) -> None:
         """A retained spec (or its removal) arrived for ``scope``; store it, then reconcile."""
@@ -134,7 +123,7 @@ class DeploymentController:
         self._forget(fid)
         bundles.remove_function(self.deployer.functions_dir, fid)
         log.info("removed %s", fid, extra={"function_id": fid})
-        self._report(fid, row.active_version or row.version, row.sha256, "removed", None)
+        self._report(fid, row.active_version or row.version, row.sha256, "removed", None, None)
 
     def on_outcome(self, outcome: DeployOutcome) -> None:
         """The deployer finished preparing a spec: switch to it, or report why not."""
