@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -33,9 +33,10 @@ from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
+def wait_for(predicate: Callable[[], T], timeout: float, message: str) -> T:
     """Poll ``predicate`` until truthy; fail with ``message`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

@@ -15,13 +15,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from agent import EdgeNode, EdgeRuntime
 
@@ -29,18 +29,6 @@ T = TypeVar("T")
 
 HANDLERS_PKG = Path(__file__).resolve().parent / "handlers_pkg"
 MIB = 1024 * 1024
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, message: str) -> T:
-    """Poll ``predicate`` until it is truthy; fail with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"{message} (not within {timeout:g}s)")
-        time.sleep(0.005)  # polling interval, not synchronisation
 
 
 def child_pids() -> set[int]:
