@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-# Not `from typing import ...`: typing costs a worker ~30 ms of start-up (see pool.py).
+# Not `from typing import ...`: typing costs each worker ~30 ms of start-up (agent/pool/).
 TYPE_CHECKING = False
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ from typing import Any
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime
 
-TITLE = "Function runtime (agent/pool.py, agent/worker.py)"
+TITLE = "Function runtime (agent/pool/, agent/worker.py)"
 
 #: Targets from the runtime issue.
 WARM_FLOOR_RATIO_MAX = 3.0

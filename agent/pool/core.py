@@ -1,4 +1,4 @@
-"""Worker processes: spawning, limiting, killing and reaping. The only module that does so.
+"""The worker pool: which worker runs which invocation, under which caps.
 
 Every invocation runs in a worker, a fresh interpreter (``python -I``, never a fork of the
 multi-threaded agent) in its own session, so its process group is its own and a SIGKILL to
@@ -10,14 +10,7 @@ waiting with ``poll`` on the monotonic deadline: at the deadline the parent SIGK
 group and reaps it, whatever the worker is doing. A small set of pre-started generic
 interpreters (``prestart``) makes a cold start pay only for loading the handler.
 
-Worker states (``WorkerState``), changed only through ``Worker.change_state``::
-
-    STARTING -> GENERIC    booted, no function yet (prestart pool)
-    GENERIC  -> LOADING    a function's code and limits were sent
-    LOADING  -> IDLE       handler loaded: warm and parked for its function
-    IDLE     -> BUSY       checked out by one invocation
-    BUSY     -> IDLE       answered and still healthy
-    any      -> DEAD       killed (deadline, memory, recycle, close) or died; always reaped
+Worker states and the process side: :mod:`agent.pool.process`.
 
 Never call user code in this process; never block while holding the pool lock.
 """
@@ -26,23 +19,16 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import enum
 import itertools
 import json
 import logging
-import os
 import pickle
-import resource
-import select
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agent import wire
@@ -57,44 +43,15 @@ from agent.errors import (
     Overloaded,
     WorkerCrashed,
 )
-from agent.worker import EX_MEMORY
+from agent.pool.process import (
+    Worker,
+    WorkerLimits,
+    WorkerState,
+    _Deadline,
+    spawn,
+)
 
 log = logging.getLogger(__name__)
-
-#: The clean base environment of every worker; a function's ``environment`` goes on top.
-BASE_ENV: Mapping[str, str] = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
-_AGENT_ROOT = str(Path(__file__).resolve().parent.parent)
-# -I: no PYTHONPATH, no user site, no cwd on sys.path. The agent's own root is appended so
-# a source checkout works too; an installed agent is found first on the normal path.
-_BOOTSTRAP = (
-    "import sys; sys.path.append(sys.argv[1]); from agent.worker import main; main(sys.argv[2:])"
-)
-_READ_CHUNK = 1 << 16
-#: A dead worker whose peak RSS reached this share of its limit died of memory.
-_MEMORY_DEATH_SHARE = 0.9
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    GENERIC = "generic"
-    LOADING = "loading"
-    IDLE = "idle"
-    BUSY = "busy"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True)
-class WorkerLimits:
-    """rlimits besides memory, applied in the worker before user code is loaded."""
-
-    nofile: int = 1024
-    fsize_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -141,149 +98,6 @@ class ContextInput:
 
 
 EMPTY_CONTEXT = ContextInput()
-
-
-class _Deadline(Exception):
-    pass
-
-
-class Worker:
-    """One worker process and its pipes; used by one thread at a time."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], rfd: int, wfd: int) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.rfd = rfd
-        self.wfd = wfd
-        self.state = WorkerState.STARTING
-        self.function_id = ""
-        self.generation = 0
-        self.invocations = 0
-        self.memory_limit_kb = 0
-        self.accepts_context = False
-        self.sent_state_version = -1
-        self.sent_desired_version = -1
-        self.exit_status: int | None = None
-        self.maxrss_kb = 0
-        #: ru_maxrss survives exec: the agent's own peak at spawn time, seen in the worker's.
-        self.inherited_maxrss_kb = _own_maxrss_kb()
-        #: The worker's peak RSS once its handler was loaded (VmHWM, reported on load).
-        self.baseline_rss_kb = 0
-        self._kill_lock = threading.Lock()
-        self._reader = wire.FrameReader()
-        self._poll = select.poll()
-        self._poll.register(rfd, select.POLLIN)
-        # Non-blocking: the answer is often there already when our write returns (the
-        # worker ran on wake-up), so recv reads first and polls only when it must.
-        os.set_blocking(rfd, False)
-
-    def change_state(self, new: WorkerState) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # twice per invocation: skip the call when off
-            log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
-        self.state = new
-
-    def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
-        try:
-            wire.write_all(self.wfd, wire.encode_frame(header, blob))
-        except OSError as exc:  # EPIPE: it died; the read that follows says how
-            raise wire.FrameError(f"worker {self.pid} pipe closed: {exc}", eof=True) from exc
-
-    def recv(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
-        """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof)."""
-        while (frame := self._reader.take()) is None:
-            try:
-                chunk = os.read(self.rfd, _READ_CHUNK)
-            except BlockingIOError:
-                if deadline is None:
-                    self._poll.poll()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Deadline from None
-                self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
-                continue
-            if not chunk:
-                raise wire.FrameError(f"worker {self.pid} closed its pipe", eof=True)
-            self._reader.feed(chunk)
-        return frame
-
-    def signal_kill(self) -> None:
-        """SIGKILL the process group only; the thread that owns the worker reaps it.
-
-        Used on a worker another thread is talking to: closing its fds under that thread
-        would break its read (or worse, hand it a recycled fd).
-        """
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group, reap, close the pipes. Idempotent, thread-safe."""
-        with self._kill_lock:
-            if self.state is WorkerState.DEAD:
-                return
-            self._kill_locked()
-
-    def _kill_locked(self) -> None:
-        self.change_state(WorkerState.DEAD)
-        # The group outlives the leader while grandchildren remain, so killing the group
-        # first and reaping second never signals a recycled pid.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self._reap()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # stragglers forked during the reap
-        for fd in (self.rfd, self.wfd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                _, status, rusage = os.wait4(self.pid, 0)
-            except ChildProcessError:
-                self.exit_status = self.proc.returncode
-                return
-            except InterruptedError:
-                continue
-            self.exit_status = status
-            self.maxrss_kb = int(rusage.ru_maxrss)
-            # Tell Popen so it neither warns nor tries to reap the pid again.
-            self.proc.returncode = os.waitstatus_to_exitcode(status)
-            return
-
-    def death_error(self, function_id: str) -> EdgeExecutionError:
-        """Classify a worker that died on its own (after ``kill`` has reaped it).
-
-        Memory: the worker's own exit code EX_MEMORY, or a signal death whose peak RSS grew
-        past 90% of memory_mb above what the loaded worker used. ru_maxrss is only the
-        worker's own when it exceeds what it inherited from the agent at spawn.
-        """
-        status = self.exit_status
-        own_peak = self.maxrss_kb > self.inherited_maxrss_kb
-        grown_kb = self.maxrss_kb - self.baseline_rss_kb
-        near_limit = (
-            bool(self.memory_limit_kb)
-            and own_peak
-            and grown_kb >= _MEMORY_DEATH_SHARE * self.memory_limit_kb
-        )
-        if status is None:
-            return WorkerCrashed(f"worker of {function_id} vanished")
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            if near_limit:
-                return MemoryLimitExceeded(
-                    f"function {function_id} exceeded its memory limit "
-                    f"(worker killed by {signal.Signals(sig).name} at {self.maxrss_kb} KiB RSS)"
-                )
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            return WorkerCrashed(f"worker of {function_id} died from {name} ({sig})", signal=sig)
-        code = os.WEXITSTATUS(status)
-        if code == EX_MEMORY:
-            return MemoryLimitExceeded(f"function {function_id} exceeded its memory limit")
-        return WorkerCrashed(f"worker of {function_id} exited with code {code}", exit_code=code)
 
 
 class _Slot:
@@ -793,38 +607,7 @@ class WorkerPool:
     # -- spawning --------------------------------------------------------------------------
 
     def _spawn(self) -> Worker:
-        parent_r, child_w = os.pipe()
-        child_r, parent_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [
-                    self.python,
-                    "-I",
-                    "-c",
-                    _BOOTSTRAP,
-                    _AGENT_ROOT,
-                    str(child_r),
-                    str(child_w),
-                    self.codec,
-                ],
-                stdin=subprocess.DEVNULL,
-                pass_fds=(child_r, child_w),
-                close_fds=True,
-                start_new_session=True,
-                env=dict(BASE_ENV),
-                cwd=self.cwd or "/",
-                user=self.user,
-                group=_user_group(self.user),
-                extra_groups=[] if self.user else None,
-            )
-        except BaseException:
-            for fd in (parent_r, parent_w):
-                os.close(fd)
-            raise
-        finally:
-            os.close(child_r)
-            os.close(child_w)
-        worker = Worker(proc, parent_r, parent_w)
+        worker = spawn(python=self.python, codec=self.codec, user=self.user, cwd=self.cwd)
         with self._cond:
             self._all.add(worker)
         return worker
@@ -875,17 +658,5 @@ class WorkerPool:
                 self._cond.notify_all()
 
 
-def _own_maxrss_kb() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
 def _loads(blob: bytes) -> Any:
     return pickle.loads(blob) if blob else None
-
-
-def _user_group(user: str | None) -> int | None:
-    if not user:
-        return None
-    import pwd
-
-    return pwd.getpwnam(user).pw_gid
