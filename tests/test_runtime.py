@@ -15,9 +15,11 @@ import contextlib
 import gc
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -52,7 +54,7 @@ from agent import (
     PackagedHandler,
     WorkerCrashed,
 )
-from agent.pool import BASE_ENV, WorkerLimits
+from agent.pool import BASE_ENV, WorkerLimits, WorkerPool
 
 #: Crash tests use a generous memory_mb so that a crash is never mistaken for a memory death
 #: by the RSS heuristic (see test_crash_is_not_memory_when_parent_rss_was_high).
@@ -793,3 +795,67 @@ def test_close_during_an_invocation_ends_it_promptly(tmp_path: Path) -> None:
         with pytest.raises(Exception):  # noqa: B017
             pending.result(timeout=5)
         assert time.monotonic() - started < 2.0
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpreter_for(user: str) -> str | None:
+    """A Python 3.11+ that ``user`` can run and that finds the agent as a worker would
+    (this venv lives under /root on the CI machine, so nobody cannot run it; Debian's own
+    /usr/bin/python3 can), or None."""
+    runuser = shutil.which("runuser")
+    if os.geteuid() != 0 or runuser is None:
+        return None
+    probe = f"import sys; sys.path.append({str(REPO_ROOT)!r}); import agent.worker"
+    for python in (sys.executable, "/usr/bin/python3"):
+        ok = subprocess.run(
+            [runuser, "-u", user, "--", python, "-I", "-c", probe],
+            capture_output=True,
+            cwd="/",
+        )
+        if ok.returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.skipif(
+    _interpreter_for("nobody") is None,
+    reason="needs root and a Python 3.11 that user nobody can run",
+)
+def test_worker_user_runs_handlers_unprivileged() -> None:
+    """With worker_user set (agent as root), handlers run with that user's uid and gid only.
+
+    A packaged handler, so the worker's interpreter needs nothing beyond the stdlib."""
+    import pwd
+
+    # pytest's tmp_path sits under a 0700 directory: nobody could not read the code there.
+    code = Path(tempfile.mkdtemp(prefix="edge-worker-user-"))
+    try:
+        code.chmod(0o755)
+        (code / "who.py").write_text(
+            "import os\n\ndef ids():\n    return os.getuid(), os.getgid()\n"
+        )
+        nobody = pwd.getpwnam("nobody")
+        python = _interpreter_for("nobody")
+        assert python is not None
+        pool = WorkerPool(prestart=0, user="nobody", python=python)
+        with EdgeRuntime(EdgeNode(id="n", name="n"), pool=pool) as rt:
+            rt.deploy(EdgeFunction.from_package("who", "who", str(code), "who:ids"))
+            assert rt.invoke("who") == (nobody.pw_uid, nobody.pw_gid)
+    finally:
+        shutil.rmtree(code)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_worker_that_cannot_start_is_a_worker_crash_not_a_raw_oserror(tmp_path: Path) -> None:
+    """An interpreter the worker user may not run gives WorkerCrashed, and the runtime lives."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = private / "python"
+    python.symlink_to(sys.executable)
+    pool = WorkerPool(prestart=0, user="nobody", python=str(python))
+    with EdgeRuntime(EdgeNode(id="n", name="n"), pool=pool) as rt:
+        rt.deploy(EdgeFunction(id="f", name="f", handler=lambda: 1))
+        with pytest.raises(WorkerCrashed, match="cannot start a worker"):
+            rt.invoke("f")

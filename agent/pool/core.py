@@ -515,7 +515,14 @@ class WorkerPool:
 
     def _load(self, slot: _Slot, reserved: Worker | None) -> Worker:
         config = slot.config
-        worker = reserved or self._spawn()
+        try:
+            worker = reserved or self._spawn()
+        except OSError as exc:  # e.g. worker_user cannot execute the interpreter
+            error: EdgeExecutionError = WorkerCrashed(
+                f"cannot start a worker for {config.function_id}: {exc}"
+            )
+            self._note_load_failure(slot, error)
+            raise error from exc
         deadline = time.monotonic() + max(config.timeout_s, 10.0)
         try:
             if worker.state is WorkerState.STARTING:
@@ -540,7 +547,7 @@ class WorkerPool:
             reply, _ = worker.recv(deadline)
         except _Deadline:
             self._discard(worker)
-            error: EdgeExecutionError = FunctionTimeout(
+            error = FunctionTimeout(
                 f"function {config.function_id}: loading the handler took longer than "
                 f"{max(config.timeout_s, 10.0):g}s"
             )
