@@ -30,7 +30,6 @@ import gc
 import hashlib
 import itertools
 import json
-import math
 import os
 import selectors
 import shutil
@@ -49,7 +48,13 @@ from typing import Any
 import paho.mqtt.client as paho
 import psutil
 import tomli_w
+
+# scripts/ is on sys.path (scripts/bench imports sections from it; running this file puts it
+# there too): the runtime section's latency rows and the agent's nearest-rank percentile.
+from bench_runtime import latency_row_us as latency_row
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.metrics import percentile
 
 TITLE = "MQTT daemon end to end (agent/daemon.py, agent/mqtt.py) against a paho floor"
 
@@ -113,30 +118,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: fl
         if time.monotonic() >= deadline:
             raise BenchError(f"{what} (within {timeout:g} s)")
         time.sleep(poll)  # polling interval, not synchronisation
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending, non-empty list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def latency_row(name: str, samples_us: list[float], **extra: Any) -> dict[str, Any]:
-    ordered = sorted(samples_us)
-    return {
-        "name": name,
-        "n": len(ordered),
-        "p50_us": round(percentile(ordered, 50), 2),
-        "p99_us": round(percentile(ordered, 99), 2),
-        "mean_us": round(sum(ordered) / len(ordered), 2),
-        "min_us": round(ordered[0], 2),
-        "max_us": round(ordered[-1], 2),
-        "rate": None,
-        "ratio": None,
-        "target": None,
-        "passed": None,
-        **extra,
-    }
 
 
 def info_row(name: str, **extra: Any) -> dict[str, Any]:

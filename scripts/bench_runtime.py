@@ -21,7 +21,6 @@ updating when they change) and prints the median time of each step.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime
+from agent.metrics import percentile
 
 TITLE = "Function runtime (agent/pool/, agent/worker.py)"
 
@@ -54,14 +54,10 @@ def identity(x: Any) -> Any:
     return x
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending, non-empty list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def latency_row(name: str, samples_ns: list[int], **extra: Any) -> dict[str, Any]:
-    ordered = sorted(ns / 1000 for ns in samples_ns)
+def latency_row_us(name: str, samples_us: list[float], **extra: Any) -> dict[str, Any]:
+    """A table row of latencies in microseconds (nearest-rank percentiles); other sections
+    (bench_mqtt) build theirs with it too."""
+    ordered = sorted(samples_us)
     return {
         "name": name,
         "n": len(ordered),
@@ -76,6 +72,10 @@ def latency_row(name: str, samples_ns: list[int], **extra: Any) -> dict[str, Any
         "passed": None,
         **extra,
     }
+
+
+def latency_row(name: str, samples_ns: list[int], **extra: Any) -> dict[str, Any]:
+    return latency_row_us(name, [ns / 1000 for ns in samples_ns], **extra)
 
 
 def time_calls(call: Callable[[int], object], count: int, warmup: int) -> list[int]:
