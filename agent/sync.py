@@ -16,7 +16,7 @@ from typing import Any
 
 from agent import protocol
 from agent.models import SyncState, canonical_json
-from agent.store import Store
+from agent.store import Store, SyncCommit
 
 
 def compute_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -115,12 +115,7 @@ class EdgeSynchronizer:
 
     def _update_stored(self, db: Store, data: dict[str, Any]) -> SyncState:
         version, before = db.sync_state()
-        commit = db.sync_commit(
-            compute_delta(before, data),
-            delta_topic=_LOCAL_DELTA_TOPIC,
-            encode_delta=protocol.encode_sync_delta,
-            coalesce_after_id=_NO_COALESCING,
-        )
+        commit = _commit(db, compute_delta(before, data))
         if commit is None:  # nothing changed: the seed still made a new version
             db.sync_raise_version(version + 1)
         version, after = db.sync_state()
@@ -135,12 +130,7 @@ class EdgeSynchronizer:
         with self._lock:
             db = self._db()
             if db is not None:
-                commit = db.sync_commit(
-                    changes,
-                    delta_topic=_LOCAL_DELTA_TOPIC,
-                    encode_delta=protocol.encode_sync_delta,
-                    coalesce_after_id=_NO_COALESCING,
-                )
+                commit = _commit(db, changes)
                 if commit is None:
                     return None
                 version, data = db.sync_state()
@@ -171,12 +161,7 @@ class EdgeSynchronizer:
                 if version and state.version <= version:
                     return False
                 db.sync_raise_version(state.version - 1)
-                commit = db.sync_commit(
-                    compute_delta(before, state.data),
-                    delta_topic=_LOCAL_DELTA_TOPIC,
-                    encode_delta=protocol.encode_sync_delta,
-                    coalesce_after_id=_NO_COALESCING,
-                )
+                commit = _commit(db, compute_delta(before, state.data))
                 if commit is None:
                     db.sync_raise_version(state.version)
                 else:  # the cloud's own state is not a change to send back to it
@@ -197,7 +182,7 @@ class EdgeSynchronizer:
                 return copy.deepcopy(self._pending_changes)
             return [
                 {"type": "update", "version": delta["to_version"], **delta}
-                for delta in self._stored_deltas(db)
+                for _, delta in _stored_deltas(db)
             ]
 
     def confirm_sync(self, up_to_version: int) -> None:
@@ -209,22 +194,30 @@ class EdgeSynchronizer:
                     c for c in self._pending_changes if c["version"] > up_to_version
                 ]
                 return
-            for item in db.outbox_peek(1 << 30):
-                if (
-                    item.kind == "sync_delta"
-                    and json.loads(item.payload)["to_version"] <= up_to_version
-                ):
-                    db.outbox_ack(item.id)
-
-    @staticmethod
-    def _stored_deltas(db: Store) -> list[dict[str, Any]]:
-        return [
-            json.loads(item.payload)
-            for item in db.outbox_peek(1 << 30)
-            if item.kind == "sync_delta"
-        ]
+            for item_id, delta in _stored_deltas(db):
+                if delta["to_version"] <= up_to_version:
+                    db.outbox_ack(item_id)
 
     def close(self) -> None:
         if self._store is not None and self._store_open:
             self._store.close()
             self._store_open = False
+
+
+def _commit(db: Store, changes: dict[str, Any]) -> SyncCommit | None:
+    """Commit a change set the way local mode does: one pending delta per update."""
+    return db.sync_commit(
+        changes,
+        delta_topic=_LOCAL_DELTA_TOPIC,
+        encode_delta=protocol.encode_sync_delta,
+        coalesce_after_id=_NO_COALESCING,
+    )
+
+
+def _stored_deltas(db: Store) -> list[tuple[int, dict[str, Any]]]:
+    """(outbox id, delta) of every pending delta, in order."""
+    return [
+        (item.id, json.loads(item.payload))
+        for item in db.outbox_peek(1 << 30)
+        if item.kind == "sync_delta"
+    ]
