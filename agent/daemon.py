@@ -362,7 +362,7 @@ class Agent:
             self._send_reply(rid, answered.reply, [target], durable=True, remember=False)
             self._ack(msg)
             return
-        if request.function_id not in self.pool.functions():
+        if not self.pool.has_function(request.function_id):
             missing = FunctionNotFound(f"Function not found: {request.function_id}")
             self._reply_error(rid, request.function_id, [target], missing, durable=True)
             self._ack(msg)

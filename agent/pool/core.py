@@ -288,6 +288,10 @@ class WorkerPool:
         """Kill and reap a worker that :meth:`check_load` returned and nobody will use."""
         self._discard(worker)
 
+    def has_function(self, function_id: str) -> bool:
+        """Whether it is deployed: one dict lookup, for the daemon's per-invoke check."""
+        return function_id in self._slots
+
     def functions(self) -> list[str]:
         with self._cond:
             return list(self._slots)
