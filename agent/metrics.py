@@ -10,6 +10,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 #: Latencies kept per function for percentiles.
@@ -20,20 +21,35 @@ DEFAULT_HISTORY = 10_000
 
 @dataclass(slots=True)
 class InvocationRecord:
-    """One invocation's outcome (the seed's fields first, then edge-agent's)."""
+    """One invocation's outcome: the seed's fields, in the seed's order with its defaults,
+    then edge-agent's (all defaulted).
+
+    ``timestamp`` is when the record was made (the invocation's end), a naive local
+    ``datetime.now()`` as in the seed and like ``EdgeNode.last_heartbeat``, so the two
+    compare. ``start_time`` is when the invocation started, epoch seconds; left out it is
+    ``timestamp`` minus ``duration_ms``. ``error`` is ``""`` on success; ``None`` is taken
+    for it and stored as ``""``.
+    """
 
     function_id: str
     node_id: str
-    start_time: float
     duration_ms: float
     success: bool
-    error: str | None = None
+    timestamp: datetime = field(default_factory=datetime.now)
+    error: str = ""
+    start_time: float | None = None
     request_id: str | None = None
     cold_start: bool = False
     #: Peak RSS of the worker that ran it, KiB (the worker's lifetime peak so far).
     peak_rss_kb: int = 0
     #: Wire error type (``timeout``, ``memory_exceeded``, ...) when it failed.
     error_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is None:  # the agent's callers said "no error" with None before
+            self.error = ""  # type: ignore[unreachable]
+        if self.start_time is None:
+            self.start_time = self.timestamp.timestamp() - self.duration_ms / 1000
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -44,7 +60,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-@dataclass
+@dataclass(slots=True)
 class _FunctionStats:
     invocations: int = 0
     errors: int = 0
@@ -52,6 +68,8 @@ class _FunctionStats:
     cold_starts: int = 0
     total_ms: float = 0.0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=DEFAULT_WINDOW))
+    #: node_id -> [invocations, errors], for the seed's ``node_id`` filters.
+    by_node: dict[str, list[int]] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, Any]:
         ordered = sorted(self.latencies)
@@ -68,12 +86,21 @@ class _FunctionStats:
         }
 
 
+#: Counts of a node no record named.
+_NONE = (0, 0)
+
+
 def _rate(total: int, errors: int) -> float:
     return 100.0 if total == 0 else (total - errors) / total * 100.0
 
 
 class EdgeMetrics:
-    """Collects invocation records; every query accepts an optional ``function_id``."""
+    """Collects invocation records.
+
+    The seed's queries with the seed's parameters: ``total_invocations(function_id,
+    node_id)``, ``success_rate(function_id)``, ``avg_latency_ms(function_id)``,
+    ``error_count(node_id)``; ours add ``error_count(function_id=)`` and percentiles.
+    """
 
     def __init__(self, *, window: int = DEFAULT_WINDOW, history: int = DEFAULT_HISTORY) -> None:
         self._window = window
@@ -83,6 +110,11 @@ class EdgeMetrics:
         self.records: deque[InvocationRecord] = deque(maxlen=history)
 
     def record(self, record: InvocationRecord) -> None:
+        # Read the record once, outside the lock: this runs once per invocation.
+        node_id, ms = record.node_id, record.duration_ms
+        failed = 0 if record.success else 1
+        timed_out = record.error_type == "timeout"
+        cold = record.cold_start
         with self._lock:
             self.records.append(record)
             stats = self._stats.get(record.function_id)
@@ -92,20 +124,29 @@ class EdgeMetrics:
                 )
             for target in (stats, self._total):
                 target.invocations += 1
-                target.total_ms += record.duration_ms
-                target.latencies.append(record.duration_ms)
-                target.errors += 0 if record.success else 1
-                target.timeouts += record.error_type == "timeout"
-                target.cold_starts += record.cold_start
+                target.total_ms += ms
+                target.latencies.append(ms)
+                target.errors += failed
+                target.timeouts += timed_out
+                target.cold_starts += cold
+                counts = target.by_node.get(node_id)
+                if counts is None:
+                    counts = target.by_node[node_id] = [0, 0]
+                counts[0] += 1
+                counts[1] += failed
 
     def _get(self, function_id: str | None) -> _FunctionStats:
         if function_id is None:
             return self._total
         return self._stats.get(function_id) or _FunctionStats()
 
-    def total_invocations(self, function_id: str | None = None) -> int:
+    def total_invocations(self, function_id: str | None = None, node_id: str | None = None) -> int:
+        """Invocations recorded, of one function and/or on one node when given."""
         with self._lock:
-            return self._get(function_id).invocations
+            stats = self._get(function_id)
+            if node_id is None:
+                return stats.invocations
+            return stats.by_node.get(node_id, _NONE)[0]
 
     def success_rate(self, function_id: str | None = None) -> float:
         """Percent of successful invocations; 100.0 when there were none."""
@@ -119,9 +160,16 @@ class EdgeMetrics:
             stats = self._get(function_id)
             return stats.total_ms / stats.invocations if stats.invocations else 0.0
 
-    def error_count(self, function_id: str | None = None) -> int:
+    def error_count(self, node_id: str | None = None, *, function_id: str | None = None) -> int:
+        """Failed invocations, on one node and/or of one function when given.
+
+        The seed's first parameter is ``node_id``: ``error_count("gw-01")`` counts a node.
+        """
         with self._lock:
-            return self._get(function_id).errors
+            stats = self._get(function_id)
+            if node_id is None:
+                return stats.errors
+            return stats.by_node.get(node_id, _NONE)[1]
 
     def percentiles(self, function_id: str | None = None) -> dict[str, float]:
         """p50/p95/p99 in ms over the last ``window`` invocations."""
@@ -138,12 +186,14 @@ class EdgeMetrics:
             self._stats.pop(function_id, None)
 
     def summary(self) -> dict[str, Any]:
+        """The seed's keys first (``total``, ``success_rate``, ``avg_latency`` in ms,
+        ``error_count``), then percentiles and per-function stats."""
         with self._lock:
             total = self._total.snapshot()
             return {
-                "total_invocations": total["invocations"],
+                "total": total["invocations"],
                 "success_rate": total["success_rate"],
-                "avg_latency_ms": total["avg_latency_ms"],
+                "avg_latency": total["avg_latency_ms"],
                 "error_count": total["errors"],
                 "p50_ms": total["p50_ms"],
                 "p95_ms": total["p95_ms"],

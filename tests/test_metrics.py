@@ -17,31 +17,34 @@ def record(
     success: bool = True,
     error_type: str | None = None,
     cold_start: bool = False,
+    node_id: str = "gw",
 ) -> InvocationRecord:
     return InvocationRecord(
         function_id=function_id,
-        node_id="gw",
-        start_time=0.0,
+        node_id=node_id,
         duration_ms=duration_ms,
         success=success,
-        error=None if success else "boom",
+        error="" if success else "boom",
         error_type=error_type,
         cold_start=cold_start,
     )
 
 
-def test_invocation_record_seed_fields_and_defaults() -> None:
-    """InvocationRecord keeps the seed's positional fields; the additions default off."""
-    rec = InvocationRecord("f", "gw", 12.5, 3.0, True)
-    assert (rec.function_id, rec.node_id, rec.start_time, rec.duration_ms, rec.success) == (
-        "f",
-        "gw",
-        12.5,
-        3.0,
-        True,
+def test_invocation_record_start_time_defaults_from_timestamp() -> None:
+    """Without start_time, it is the record's timestamp minus its duration (epoch seconds)."""
+    rec = InvocationRecord("f", "gw", 250.0, True)
+    assert rec.start_time == rec.timestamp.timestamp() - 0.25
+    given = InvocationRecord("f", "gw", 3.0, True, start_time=12.5)
+    assert given.start_time == 12.5
+
+
+def test_invocation_record_error_none_is_stored_as_empty() -> None:
+    """error=None (what the agent's callers passed for a success) is stored as the seed's ""."""
+    rec = InvocationRecord(
+        function_id="f", node_id="gw", start_time=1.0, duration_ms=1.0, success=True, error=None
     )
-    assert rec.error is None and rec.request_id is None and rec.error_type is None
-    assert rec.cold_start is False and rec.peak_rss_kb == 0
+    assert rec.error == ""
+    assert InvocationRecord("f", "gw", 1.0, False, error="boom").error == "boom"
 
 
 def test_empty_metrics() -> None:
@@ -56,7 +59,10 @@ def test_empty_metrics() -> None:
     assert metrics.avg_latency_ms("unknown") == 0.0
     assert list(metrics.records) == []
     summary = metrics.summary()
-    assert summary["total_invocations"] == 0 and summary["functions"] == {}
+    assert list(summary)[:4] == ["total", "success_rate", "avg_latency", "error_count"]
+    assert (summary["total"], summary["success_rate"]) == (0, 100.0)
+    assert (summary["avg_latency"], summary["error_count"]) == (0.0, 0)
+    assert summary["functions"] == {}
 
 
 def test_counters_per_function_and_total() -> None:
@@ -74,13 +80,35 @@ def test_counters_per_function_and_total() -> None:
     assert metrics.success_rate("b") == 0.0
     assert metrics.avg_latency_ms() == 25.0
     assert metrics.avg_latency_ms("a") == 20.0
-    assert metrics.error_count() == 2 and metrics.error_count("b") == 1
+    assert metrics.error_count() == 2 and metrics.error_count(function_id="b") == 1
     a = metrics.function_stats("a")
     assert (a["invocations"], a["errors"], a["timeouts"], a["cold_starts"]) == (3, 1, 0, 1)
     assert metrics.function_stats("b")["timeouts"] == 1
     summary = metrics.summary()
-    assert summary["error_count"] == 2
+    assert (summary["total"], summary["success_rate"]) == (4, 50.0)
+    assert (summary["avg_latency"], summary["error_count"]) == (25.0, 2)
     assert set(summary["functions"]) == {"a", "b"}
+
+
+def test_counts_per_node() -> None:
+    """The seed's node_id filters: total_invocations(fid, node_id) and error_count(node_id)."""
+    metrics = EdgeMetrics()
+    metrics.record(record("a", node_id="gw-1"))
+    metrics.record(record("a", node_id="gw-2", success=False))
+    metrics.record(record("b", node_id="gw-2", success=False))
+    metrics.record(record("b", node_id="gw-2"))
+
+    assert metrics.total_invocations(node_id="gw-2") == 3
+    assert metrics.total_invocations("a", "gw-2") == 1
+    assert metrics.total_invocations("b", node_id="gw-1") == 0
+    assert metrics.total_invocations(node_id="gw-9") == 0
+    assert metrics.error_count("gw-2") == 2, "error_count's first parameter is node_id"
+    assert metrics.error_count("gw-1") == 0 and metrics.error_count("a") == 0
+    assert metrics.error_count("gw-2", function_id="b") == 1
+    assert metrics.error_count(function_id="a") == 1
+    metrics.forget("a")
+    assert metrics.total_invocations(node_id="gw-2") == 3, "forget keeps the node totals"
+    assert metrics.total_invocations("a", "gw-2") == 0
 
 
 def test_percentiles_are_nearest_rank() -> None:
