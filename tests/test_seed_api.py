@@ -5,6 +5,10 @@ in a fresh interpreter, exactly as a user would run it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -31,9 +35,11 @@ from agent import (
     EdgeNode,
     EdgeNodeStatus,
     EdgeRuntime,
+    EdgeSynchronizer,
     FunctionNotFound,
     HandlerError,
     InvocationRecord,
+    SyncState,
 )
 
 QUICK_START = """\
@@ -169,6 +175,210 @@ def test_edge_function_defaults() -> None:
     assert other.environment == {}, "mutable defaults are shared"
 
 
+# -- the seed's dataclasses field by field, its signatures ---------------------------------------
+
+
+class _Required:
+    """A seed field with no default."""
+
+
+class _Fresh:
+    """A seed field whose default_factory gives a new empty ``kind`` each time."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+
+class _Now:
+    """A seed field whose default_factory gives a naive ``datetime.now()``."""
+
+
+REQUIRED, NOW = _Required(), _Now()
+
+#: The seed's fields in the seed's order with the seed's defaults (DESIGN.md, "Python API").
+SEED_FIELDS: dict[type, list[tuple[str, Any]]] = {
+    EdgeNode: [
+        ("id", REQUIRED),
+        ("name", REQUIRED),
+        ("location", ""),
+        ("status", EdgeNodeStatus.ONLINE),
+        ("capabilities", _Fresh(list)),
+        ("metadata", _Fresh(dict)),
+        ("last_heartbeat", NOW),
+    ],
+    EdgeFunction: [
+        ("id", REQUIRED),
+        ("name", REQUIRED),
+        ("handler", REQUIRED),
+        ("memory_mb", 128),
+        ("timeout_seconds", 30),
+        ("environment", _Fresh(dict)),
+    ],
+    SyncState: [
+        ("version", REQUIRED),
+        ("data", REQUIRED),
+        ("checksum", REQUIRED),
+        ("updated_at", NOW),
+    ],
+    InvocationRecord: [
+        ("function_id", REQUIRED),
+        ("node_id", REQUIRED),
+        ("duration_ms", REQUIRED),
+        ("success", REQUIRED),
+        ("timestamp", NOW),
+        ("error", ""),
+    ],
+}
+
+#: Values for the seed's required fields, passed positionally as a seed user would.
+SEED_REQUIRED_ARGS: dict[type, tuple[Any, ...]] = {
+    EdgeNode: ("gw", "Gateway"),
+    EdgeFunction: ("f", "F", len),
+    SyncState: (1, {"a": 1}, "0" * 64),
+    InvocationRecord: ("f", "gw", 3.0, True),
+}
+
+
+def _check_default(owner: str, f: dataclasses.Field[Any], expected: Any) -> None:
+    if isinstance(expected, _Required):
+        assert f.default is dataclasses.MISSING, f"{owner} must be required"
+        assert f.default_factory is dataclasses.MISSING, f"{owner} must be required"
+        return
+    if isinstance(expected, _Fresh | _Now):
+        assert f.default_factory is not dataclasses.MISSING, f"{owner}: no default_factory"
+        before = datetime.now()
+        first, second = f.default_factory(), f.default_factory()
+        if isinstance(expected, _Fresh):
+            assert type(first) is expected.kind and first == expected.kind(), owner
+            assert first is not second, f"{owner}: one default shared by every instance"
+        else:
+            assert type(first) is datetime, owner
+            assert before <= first <= second <= datetime.now(), f"{owner} is not now: {first}"
+        return
+    assert f.default_factory is dataclasses.MISSING, owner
+    assert type(f.default) is type(expected) and f.default == expected, (
+        f"{owner}: default {f.default!r}, the seed's is {expected!r}"
+    )
+
+
+@pytest.mark.parametrize("cls", list(SEED_FIELDS), ids=lambda c: c.__name__)
+def test_seed_dataclass_fields_names_order_and_defaults(cls: type) -> None:
+    """The seed's fields come first, in its order, with its defaults; ours all default."""
+    seed = SEED_FIELDS[cls]
+    fields = dataclasses.fields(cls)
+    assert [f.name for f in fields[: len(seed)]] == [name for name, _ in seed]
+    for f, (name, expected) in zip(fields, seed, strict=False):
+        _check_default(f"{cls.__name__}.{name}", f, expected)
+    for f in fields[len(seed) :]:
+        assert f.init, f"{cls.__name__}.{f.name}"
+        assert (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING), (
+            f"{cls.__name__}.{f.name} is an addition, so it needs a default"
+        )
+
+
+@pytest.mark.parametrize("cls", list(SEED_FIELDS), ids=lambda c: c.__name__)
+def test_seed_dataclass_built_positionally_keeps_the_defaults(cls: type) -> None:
+    """Built from the seed's required fields alone, positionally, an instance holds the
+    seed's defaults (nothing in __post_init__ rewrites them)."""
+    required = SEED_REQUIRED_ARGS[cls]
+    before = datetime.now()
+    instance, other = cls(*required), cls(*required)
+    after = datetime.now()
+    for i, (name, expected) in enumerate(SEED_FIELDS[cls]):
+        value = getattr(instance, name)
+        if isinstance(expected, _Required):
+            assert value is required[i], name
+        elif isinstance(expected, _Fresh):
+            assert value == expected.kind() and value is not getattr(other, name), name
+        elif isinstance(expected, _Now):
+            assert type(value) is datetime and before <= value <= after, name
+        else:
+            assert value == expected and type(value) is type(expected), name
+
+
+def test_invocation_record_positional_seed_form() -> None:
+    """InvocationRecord(fid, node, ms, ok, timestamp, error): the seed's six, positionally."""
+    when = datetime(2026, 1, 2, 3, 4, 5)
+    rec = InvocationRecord("f", "gw", 2000.0, False, when, "boom")
+    assert (rec.timestamp, rec.error) == (when, "boom")
+    assert rec.start_time == when.timestamp() - 2.0
+
+
+def test_sync_state_from_data_is_a_classmethod_with_a_sha256_checksum() -> None:
+    """SyncState.from_data(data, version) builds a SyncState; the checksum is SHA-256 of
+    the canonical JSON (our deliberate change from the seed's MD5)."""
+    assert isinstance(inspect.getattr_static(SyncState, "from_data"), classmethod)
+    data = {"b": [1, 2], "a": "é"}
+    before = datetime.now()
+    state = SyncState.from_data(data, 3)
+
+    assert type(state) is SyncState
+    assert (state.version, state.data) == (3, data)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert state.checksum == hashlib.sha256(canonical.encode()).hexdigest()
+    assert before <= state.updated_at <= datetime.now()
+
+
+def _render(p: inspect.Parameter) -> str:
+    if p.kind is p.VAR_POSITIONAL:
+        return f"*{p.name}"
+    if p.kind is p.VAR_KEYWORD:
+        return f"**{p.name}"
+    text = p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+    return f"{text} (keyword-only)" if p.kind is p.KEYWORD_ONLY else text
+
+
+#: The seed's parameters of each method (self left out), as DESIGN.md lists them.
+SEED_SIGNATURES: list[tuple[type, str, list[str]]] = [
+    (EdgeRuntime, "__init__", ["node"]),
+    (EdgeRuntime, "deploy", ["function"]),
+    (EdgeRuntime, "undeploy", ["function_id"]),
+    (EdgeRuntime, "invoke", ["function_id", "*args", "**kwargs"]),
+    (EdgeRuntime, "list_functions", []),
+    (EdgeCluster, "__init__", []),
+    (EdgeCluster, "register_node", ["node"]),
+    (EdgeCluster, "deregister_node", ["node_id"]),
+    (EdgeCluster, "get_node", ["node_id"]),
+    (EdgeCluster, "get_runtime", ["node_id"]),
+    (EdgeCluster, "list_nodes", ["status=None"]),
+    (EdgeCluster, "deploy_to_all", ["function"]),
+    (EdgeCluster, "heartbeat", ["node_id"]),
+    (EdgeSynchronizer, "__init__", []),
+    (EdgeSynchronizer, "get_local_state", []),
+    (EdgeSynchronizer, "update_local", ["data"]),
+    (EdgeSynchronizer, "apply_remote", ["state"]),
+    (EdgeSynchronizer, "get_pending_changes", []),
+    (EdgeSynchronizer, "confirm_sync", ["up_to_version"]),
+    (EdgeMetrics, "__init__", []),
+    (EdgeMetrics, "record", ["record"]),
+    (EdgeMetrics, "total_invocations", ["function_id=None", "node_id=None"]),
+    (EdgeMetrics, "success_rate", ["function_id=None"]),
+    (EdgeMetrics, "avg_latency_ms", ["function_id=None"]),
+    (EdgeMetrics, "error_count", ["node_id=None"]),
+    (EdgeMetrics, "summary", []),
+    (SyncState, "from_data", ["data", "version"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "method", "seed"),
+    SEED_SIGNATURES,
+    ids=[f"{c.__name__}.{m}" for c, m, _ in SEED_SIGNATURES],
+)
+def test_seed_method_signatures(cls: type, method: str, seed: list[str]) -> None:
+    """Each seed method takes the seed's parameters first, in order, by the seed's names
+    and defaults; anything we added after them is optional."""
+    params = list(inspect.signature(getattr(cls, method)).parameters.values())
+    if params and params[0].name == "self":
+        params = params[1:]
+    rendered = [_render(p) for p in params]
+    assert rendered[: len(seed)] == seed, f"{cls.__name__}.{method}{tuple(rendered)}"
+    for p in params[len(seed) :]:
+        assert p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty, (
+            f"{cls.__name__}.{method}: {p.name} is an addition, so it needs a default"
+        )
+
+
 # -- the Quick Start ---------------------------------------------------------------------------
 
 
@@ -201,6 +411,7 @@ def test_deploy_invoke_list_undeploy(runtime: EdgeRuntime) -> None:
 
     assert runtime.invoke("add", 2, b=5) == 7
     assert runtime.invoke("neg", 3) == -3
+    assert type(runtime.list_functions()) is list
     assert sorted(fn.id for fn in runtime.list_functions()) == ["add", "neg"]
     assert all(isinstance(fn, EdgeFunction) for fn in runtime.list_functions())
 
@@ -289,11 +500,16 @@ def test_runtime_records_metrics_for_every_invocation(runtime: EdgeRuntime) -> N
     assert first.request_id and len(first.request_id) >= 16
     assert first.duration_ms > 0
     assert second.request_id == "req-42" and not second.cold_start
+    assert first.error == "" and isinstance(first.timestamp, datetime)
+    assert first.start_time is not None
+    assert first.start_time <= first.timestamp.timestamp() <= second.timestamp.timestamp()
     assert not failed.success
     assert failed.error_type == "handler_error"
-    assert "bad reading" in (failed.error or "")
+    assert "bad reading" in failed.error
     assert runtime.metrics.total_invocations("fail") == 3
-    assert runtime.metrics.error_count("fail") == 1
+    assert runtime.metrics.total_invocations("fail", "gateway-01") == 3
+    assert runtime.metrics.error_count("gateway-01") == 1
+    assert runtime.metrics.error_count(function_id="fail") == 1
 
 
 def test_main_script_exception_class_comes_back_as_cause(tmp_path: Path) -> None:
@@ -365,6 +581,7 @@ def test_cluster_register_get_list(cluster: EdgeCluster) -> None:
     assert cluster.get_runtime("gw-a") is not runtime
     assert cluster.get_node("missing") is None
     assert cluster.get_runtime("missing") is None
+    assert type(cluster.list_nodes()) is list
     assert [n.id for n in cluster.list_nodes()] == ["gw-a", "gw-b", "gw-c"]
     assert [n.id for n in cluster.list_nodes(EdgeNodeStatus.OFFLINE)] == ["gw-c"]
     assert [n.id for n in cluster.list_nodes(EdgeNodeStatus.ONLINE)] == ["gw-a", "gw-b"]
@@ -377,7 +594,8 @@ def test_cluster_deploy_to_all_skips_offline_nodes(cluster: EdgeCluster) -> None
         cluster.register_node(node)
     fn = EdgeFunction(id="double", name="Double", handler=lambda x: 2 * x)
 
-    assert cluster.deploy_to_all(fn) == 2
+    count = cluster.deploy_to_all(fn)
+    assert type(count) is int and count == 2
 
     for node_id in ("gw-a", "gw-b"):
         runtime = cluster.get_runtime(node_id)
@@ -429,8 +647,8 @@ def test_cluster_heartbeat(cluster: EdgeCluster) -> None:
     )
     before = datetime.now()
 
-    cluster.heartbeat("gw")
-    cluster.heartbeat("unknown")
+    assert cluster.heartbeat("gw") is None
+    assert cluster.heartbeat("unknown") is None
 
     node = cluster.get_node("gw")
     assert node is not None
@@ -450,3 +668,54 @@ def test_cluster_close_stops_every_runtime() -> None:
             runtimes = [cluster.get_runtime(n.id) for n in cluster.list_nodes()]
             assert [r.invoke("f") for r in runtimes[:2] if r is not None] == ["ok", "ok"]
         assert all(r is not None and r.pool.worker_pids() == [] for r in runtimes)
+
+
+# -- EdgeSynchronizer and EdgeMetrics: the seed's return shapes ----------------------------------
+
+
+def test_synchronizer_return_shapes() -> None:
+    """get_local_state -> SyncState | None, update_local -> SyncState, apply_remote -> bool,
+    get_pending_changes -> list[dict], confirm_sync -> None."""
+    sync = EdgeSynchronizer()
+    assert sync.get_local_state() is None
+    assert sync.get_pending_changes() == []
+
+    state = sync.update_local({"setpoint": 21})
+    assert type(state) is SyncState and state.version == 1 and state.data == {"setpoint": 21}
+    local = sync.get_local_state()
+    assert type(local) is SyncState and local.checksum == state.checksum
+    pending = sync.get_pending_changes()
+    assert type(pending) is list and len(pending) == 1 and type(pending[0]) is dict
+    assert pending[0]["version"] == 1
+
+    assert sync.apply_remote(SyncState.from_data({"setpoint": 19}, 5)) is True
+    assert sync.apply_remote(SyncState.from_data({"setpoint": 18}, 2)) is False
+    assert sync.confirm_sync(1) is None
+    assert sync.get_pending_changes() == []
+
+
+def test_metrics_seed_queries_and_summary() -> None:
+    """EdgeMetrics(): record -> None; the queries' types and empty values; summary() has the
+    seed's four keys first, with the seed's names."""
+    metrics = EdgeMetrics()
+    assert (metrics.total_invocations(), metrics.error_count()) == (0, 0)
+    assert type(metrics.success_rate()) is float and metrics.success_rate() == 100.0
+    assert type(metrics.avg_latency_ms()) is float and metrics.avg_latency_ms() == 0.0
+
+    assert metrics.record(InvocationRecord("f", "gw-1", 10.0, True)) is None
+    metrics.record(InvocationRecord("f", "gw-2", 30.0, False, error="boom"))
+    metrics.record(InvocationRecord("g", "gw-2", 20.0, True))
+
+    assert type(metrics.total_invocations()) is int and metrics.total_invocations() == 3
+    assert metrics.total_invocations("f") == 2
+    assert metrics.total_invocations("f", "gw-2") == metrics.total_invocations(node_id="gw-1") == 1
+    assert metrics.success_rate("f") == 50.0
+    assert metrics.avg_latency_ms() == 20.0 and metrics.avg_latency_ms("g") == 20.0
+    assert metrics.error_count() == 1
+    assert metrics.error_count("gw-2") == 1 and metrics.error_count("gw-1") == 0
+    summary = metrics.summary()
+    assert type(summary) is dict
+    assert list(summary)[:4] == ["total", "success_rate", "avg_latency", "error_count"]
+    assert summary["total"] == 3 and summary["error_count"] == 1
+    assert summary["success_rate"] == pytest.approx(200 / 3)
+    assert summary["avg_latency"] == 20.0
