@@ -429,16 +429,16 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
     verify exits 0 even on unknown keys and unparsable values, so the test fails on any
     stdout/stderr. verify rejects an ExecStart binary that does not exist, so when
-    /usr/local/bin/edge-agent is not installed the unit is copied to tmp_path with only
+    /opt/edge-agent/bin/edge-agent (the .deb's) is not installed the unit is copied to tmp_path with only
     that path replaced by /bin/true; every other line is checked as shipped.
     SYSTEMD_LOG_LEVEL=warning, SYSTEMD_LOG_TARGET=console (so findings reach stderr even
     under systemd), SYSTEMD_LOG_COLOR=0, --recursive-errors=no (do not report problems
     in the system's own units that ours merely references).
     """
     text = UNIT.read_text(encoding="utf-8")
-    exec_start = "ExecStart=/usr/local/bin/edge-agent "
+    exec_start = "ExecStart=/opt/edge-agent/bin/edge-agent "
     assert text.count(exec_start) == 1, "ExecStart moved; update this test and the README"
-    if not os.access("/usr/local/bin/edge-agent", os.X_OK):
+    if not os.access("/opt/edge-agent/bin/edge-agent", os.X_OK):
         text = text.replace(exec_start, "ExecStart=/bin/true ")
     unit = tmp_path / UNIT.name
     unit.write_text(text, encoding="utf-8")
