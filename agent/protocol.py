@@ -491,6 +491,17 @@ class CodeSpec:
 
 
 @dataclass(frozen=True)
+class SpecSignature:
+    """An ed25519 signature over :func:`signing_bytes` of the spec that carries it."""
+
+    key_id: str
+    sig: str  # base64 of the 64-byte signature
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key_id": self.key_id, "sig": self.sig}
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     """A function spec as the cloud publishes it; ``extra`` keeps fields this version ignores."""
 
@@ -504,11 +515,22 @@ class FunctionSpec:
     environment: dict[str, str] = field(default_factory=dict, hash=False)
     requires: list[str] = field(default_factory=list, hash=False)
     concurrency: int = 1
-    signature: str | None = None
+    #: ``SpecSignature`` on a signed spec; a string is carried for old senders, never trusted.
+    signature: SpecSignature | str | None = None
+    #: Signed deployments: only goes up per function and scope (replay and downgrade guard).
+    sequence: int | None = None
+    #: Signed deployments: ``"fleet"`` or the node id the spec was signed for.
+    target: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 _SPEC_FIELDS: Final = frozenset(FunctionSpec.__dataclass_fields__) - {"extra"}
+#: Written only when set, so an unsigned spec's JSON (and fingerprint) is what it always was.
+_OPTIONAL_SIGNING_FIELDS: Final = ("sequence", "target")
+FLEET_TARGET: Final = "fleet"
+#: ``signature.key_id``: the first 16 hex digits of the SHA-256 of the raw ed25519 public key.
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 
 def _spec_from_obj(obj: Mapping[str, Any], err: _Err) -> FunctionSpec:
@@ -527,9 +549,36 @@ def _spec_from_obj(obj: Mapping[str, Any], err: _Err) -> FunctionSpec:
         environment=_environment(f),
         requires=list(_strings(f, "requires", f.array("requires", optional=True))),
         concurrency=1 if concurrency is None else f.integer("concurrency", minimum=1),
-        signature=f.nullable_text("signature", "a string or null") if "signature" in obj else None,
+        signature=_signature(f, obj.get("signature")),
+        sequence=None if obj.get("sequence") is None else f.integer("sequence", minimum=0),
+        target=_target(f, obj.get("target")),
         extra={k: v for k, v in obj.items() if k not in _SPEC_FIELDS},
     )
+
+
+def _signature(f: _Fields, value: Any) -> SpecSignature | str | None:
+    """An object ``{key_id, sig}``; a string or null is tolerated here (the trust policy
+    refuses it when signatures are required)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        f.bad("signature", "a string or null", value)  # the old message, kept for old tests
+    s = f.child("signature", value)
+    for key in value:
+        if key not in ("key_id", "sig"):
+            s.fail(key, "unknown field (a signature is {key_id, sig})")
+    return SpecSignature(
+        key_id=s.text("key_id", "16 lowercase hex digits", KEY_ID_RE),
+        sig=s.text("sig", "base64 of an ed25519 signature", _B64_RE),
+    )
+
+
+def _target(f: _Fields, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value != FLEET_TARGET and not is_valid_id(value):
+        f.bad("target", f'"{FLEET_TARGET}" or a node id', value)
+    return str(value)
 
 
 def _entrypoint(f: _Fields) -> str:
@@ -591,9 +640,28 @@ def spec_to_dict(spec: FunctionSpec) -> dict[str, Any]:
         "environment": dict(spec.environment),
         "requires": list(spec.requires),
         "concurrency": spec.concurrency,
-        "signature": spec.signature,
+        "signature": (
+            spec.signature.to_dict()
+            if isinstance(spec.signature, SpecSignature)
+            else spec.signature
+        ),
     }
+    for key in _OPTIONAL_SIGNING_FIELDS:
+        if getattr(spec, key) is not None:
+            data[key] = getattr(spec, key)
     return _merge_extra(data, spec.extra)
+
+
+def signing_bytes(spec: FunctionSpec) -> bytes:
+    """What a spec's signature covers: the canonical JSON (``agent.models.canonical_json``:
+    sorted keys, compact, UTF-8) of its wire form without ``signature``, extra fields
+    included. Computed from the decoded spec, so ``5`` and ``5.0`` sign alike."""
+    data = spec_to_dict(spec)
+    del data["signature"]
+    try:
+        return canonical_json(data)
+    except UnicodeEncodeError:  # a lone surrogate: sign the escaped form
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def encode_spec(spec: FunctionSpec) -> bytes:
