@@ -454,6 +454,47 @@ class OutboxConfig:
     )
 
 
+def key_files(value: Any) -> tuple[str, ...]:
+    """A list of distinct absolute paths (public key files); the files are read at start."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid("expected a list of absolute paths", value)
+    items: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            text = path(required=True)(item)
+        except _Invalid as exc:
+            raise _Invalid(exc.problem, item, at=f"[{index}]") from None
+        if not text.startswith("/"):
+            raise _Invalid("expected an absolute path", item, at=f"[{index}]")
+        if text in items:
+            raise _Invalid("duplicate entry", item, at=f"[{index}]")
+        items.append(text)
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """``[trust]``: who may deploy code to this node (signed function specs)."""
+
+    keys: tuple[str, ...] = _key(
+        (),
+        key_files,
+        "ed25519 public keys (PEM files, as `edgectl keygen` writes them) whose signatures\n"
+        "this node accepts on function specs; several at once for key rotation. Each file and\n"
+        "its directory must not be writable by the agent's user or group, nor by anyone\n"
+        "but root, or the agent refuses to start (exit 78). Removing a key and sending SIGHUP\n"
+        "revokes it: the functions it signed stop. Empty: every spec is accepted unsigned, the\n"
+        'agent warns at start and its status says "trust": "unsigned".',
+    )
+    require_signed: bool = _key(
+        True,
+        flag,
+        "With keys set, refuse unsigned specs (the default). false accepts unsigned specs\n"
+        "next to signed ones (signed ones are still checked in full): a migration mode.\n"
+        "Without keys this setting has no effect.",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; see each section's class."""
@@ -469,6 +510,10 @@ class Config:
     outbox: OutboxConfig = field(
         default_factory=OutboxConfig,
         metadata={"doc": "Messages kept in state.db while the broker is unreachable."},
+    )
+    trust: TrustConfig = field(
+        default_factory=TrustConfig,
+        metadata={"doc": "Who may deploy code here: keys that sign function specs."},
     )
 
     def __post_init__(self) -> None:
