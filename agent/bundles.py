@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import importlib.machinery
 import io
 import logging
 import os
@@ -34,6 +35,7 @@ import secrets
 import shutil
 import stat
 import struct
+import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -50,7 +52,9 @@ __all__ = [
     "make_zip_bundle",
     "prune_versions",
     "remove_function",
+    "resolves_outside_bundle",
     "sha256_hex",
+    "verify_installed",
     "version_dir",
 ]
 
@@ -284,11 +288,21 @@ def install_bundle(
     # Nothing reads the bytes before the digest matched.
     _check_sha256(raw, expected)
 
+    _check_module_is_bundled(module_parts, entrypoint)
+
     target = version_dir(functions_dir, function_id, version, expected)
     if _lstat_is(target, stat.S_ISDIR):
-        # Idempotent re-delivery; the spec's entrypoint may still have changed.
+        # Idempotent re-delivery, unless someone changed the installed files meanwhile:
+        # then the version is installed again from the verified bytes.
+        # The spec's entrypoint may have changed: the module must still be there.
         _check_entrypoint_module(target, module_parts, entrypoint)
-        return target
+        problem = verify_installed(
+            target, code_format, raw, entrypoint, max_bytes=max_bytes, max_files=max_files
+        )
+        if problem is None:
+            return target
+        log.warning("reinstalling %s %s: %s", function_id, version, problem)
+        _discard(target, f"{TRASH_PREFIX}{secrets.token_hex(8)}")
 
     function_dir = _ensure_function_dir(functions_dir, function_id)
     staging = _make_staging_dir(function_dir)
@@ -365,6 +379,128 @@ def _check_entrypoint_module(root: Path, module_parts: list[str], entrypoint: st
             return
     module = ".".join(module_parts)
     raise DeploymentRejected(f"entrypoint module {module!r} ({entrypoint}) not found in bundle")
+
+
+def _check_module_is_bundled(module_parts: list[str], entrypoint: str) -> None:
+    """The worker puts the bundle first on ``sys.path`` and imports the entrypoint's module,
+    but a name the interpreter already knows (``os``, ``json``, an installed package) comes
+    from ``sys.modules`` or the standard library instead: ``os:system`` would run a shell.
+    Refuse any top-level name that resolves without the bundle."""
+    top = module_parts[0]
+    where = resolves_outside_bundle(top)
+    if where is not None:
+        raise DeploymentRejected(
+            f"entrypoint {entrypoint!r}: module {top!r} is {where}, so the worker would "
+            "import that instead of the bundle's code; give the bundle's module another name"
+        )
+
+
+def resolves_outside_bundle(name: str) -> str | None:
+    """What an importable top-level module ``name`` is outside any bundle, or None.
+
+    Namespace packages (a bare directory on ``sys.path``) do not count: a bundle's regular
+    module or package comes first on the worker's path and wins over them.
+    """
+    if name in sys.builtin_module_names:
+        return "a built-in module"
+    if name in sys.stdlib_module_names:
+        return "a standard library module"
+    if name in sys.modules:
+        return "a module the agent has loaded"
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is not None and spec.origin is not None and spec.origin != "namespace":
+        return f"installed at {spec.origin}"
+    return None
+
+
+def expected_files(
+    code_format: str, raw: bytes, entrypoint: str, *, max_bytes: int, max_files: int
+) -> dict[str, str]:
+    """The manifest of a bundle: ``relative path -> sha256`` of every file it installs,
+    computed from the (already verified) bundle bytes, never from the disk."""
+    module_parts = _parse_entrypoint(entrypoint, code_format)
+    if code_format == "source":
+        return {f"{module_parts[0]}.py": sha256_hex(raw)}
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except _CORRUPT_ZIP_ERRORS as exc:
+        raise DeploymentRejected(f"corrupt zip: {exc}") from exc
+    files: dict[str, str] = {}
+    with archive:
+        infos = archive.infolist()
+        _check_members(infos, max_bytes=max_bytes, max_files=max_files)
+        budget = _Budget(max_bytes)
+        for info in infos:
+            if info.is_dir():
+                continue
+            digest = hashlib.sha256()
+            try:
+                src = archive.open(info)
+            except _CORRUPT_ZIP_ERRORS as exc:
+                raise _reject_member(info, f"corrupt zip: {exc}") from exc
+            with src:
+                for chunk in _read_limited(src, info, budget):
+                    digest.update(chunk)
+            files["/".join(_member_parts(info.orig_filename))] = digest.hexdigest()
+    return files
+
+
+def installed_files(root: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``root`` as it is on disk now; a
+    symlink or other special file is listed as ``"<not a regular file>"``."""
+    files: dict[str, str] = {}
+
+    def walk(directory: Path, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = f"{prefix}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    walk(Path(entry.path), f"{name}/")
+                elif entry.is_file(follow_symlinks=False):
+                    digest = hashlib.sha256()
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as handle:
+                        while chunk := handle.read(_CHUNK):
+                            digest.update(chunk)
+                    files[name] = digest.hexdigest()
+                else:
+                    files[name] = "<not a regular file>"
+
+    walk(root, "")
+    return files
+
+
+def verify_installed(
+    code_dir: Path,
+    code_format: str,
+    raw: bytes,
+    entrypoint: str,
+    *,
+    max_bytes: int = MAX_BUNDLE_BYTES,
+    max_files: int = MAX_BUNDLE_FILES,
+) -> str | None:
+    """Compare an installed version with the bundle it came from; None when identical,
+    else what differs (a changed, missing or extra file, which ``.pyc`` files also are)."""
+    if not _lstat_is(code_dir, stat.S_ISDIR):
+        return f"installed code {code_dir} is missing"
+    try:
+        want = expected_files(
+            code_format, raw, entrypoint, max_bytes=max_bytes, max_files=max_files
+        )
+        have = installed_files(code_dir)
+    except (DeploymentRejected, OSError) as exc:
+        return f"installed code {code_dir} cannot be checked: {exc}"
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            return f"installed code {code_dir}: {name} is missing"
+        if name not in want:
+            return f"installed code {code_dir}: {name} was added after install"
+        if want[name] != have[name]:
+            return f"installed code {code_dir}: {name} was modified after install"
+    return None
 
 
 def _lstat_is(path: Path, predicate: Callable[[int], bool]) -> bool:
