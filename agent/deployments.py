@@ -4,6 +4,15 @@ The event loop calls this controller; the slow work (unpacking, test-loading) ha
 the :class:`~agent.deployer.Deployer` thread, whose outcomes come back through the loop.
 It keeps the store's rows and the pool's registrations in step and reports each change on
 the function's retained state topic through ``report`` (which queues it in the outbox).
+
+Trust (:mod:`agent.trust`) is applied here, before a spec is stored: signature, key and
+target by the :class:`~agent.trust.TrustPolicy`, and the replay guard, which needs the
+store: a signed spec's ``sequence`` must be above the last one accepted for that function
+on that scope (fleet or node), kept in the store's meta table under
+``trust.sequence.<scope>.<fid>`` (no schema change; kept after a removal, so an old spec
+cannot come back once its function was removed). Code runs only while its spec is still
+trusted: checked again when it is restored at start (with its installed files compared to
+the bundle in the stored spec), on SIGHUP, and whenever a stored spec is reconciled.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from pathlib import Path
 
 from agent import bundles, protocol
 from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec, pool_config
-from agent.errors import AgentError, error_to_dict
+from agent.errors import AgentError, DeploymentRejected, error_to_dict
 from agent.pool import WorkerPool
 from agent.store import DeploymentRow, Store
+from agent.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,7 @@ class DeploymentController:
         capabilities: Iterable[str],
         report: Report,
         forget: Callable[[str], None] = lambda fid: None,
+        trust: TrustPolicy | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -43,26 +54,110 @@ class DeploymentController:
         self.capabilities = tuple(capabilities)
         self._report = report
         self._forget = forget
+        #: Unsigned mode (accept everything) unless the daemon hands in its policy.
+        self.trust = trust or TrustPolicy((), require_signed=False, node_id="")
         #: function id -> fingerprint of the spec the deployer is preparing.
         self._pending_fingerprint: dict[str, str] = {}
 
+    @property
+    def trust_mode(self) -> str:
+        """``signed`` or ``unsigned``: what status and heartbeats say."""
+        return self.trust.mode
+
     def restore(self) -> int:
-        """Serve what was active before the restart, from disk; no broker needed."""
+        """Serve what was active before the restart, from disk; no broker needed.
+
+        Only code whose spec is still trusted and whose installed files are exactly the
+        bundle's (compared with the bundle kept in the stored spec) is served; anything
+        else is reported (``rejected``: its key is no longer trusted; ``failed``: the files
+        changed or are gone) and not run.
+        """
         restored = 0
         for row in self.store.list_deployments():
-            if row.active_spec_json and row.active_code_dir and Path(row.active_code_dir).is_dir():
-                spec = protocol.decode_spec(row.active_spec_json.encode())
-                self.pool.register(pool_config(spec, Path(row.active_code_dir)))
-                restored += 1
+            if not (row.active_spec_json and row.active_code_dir):
+                continue
+            spec = protocol.decode_spec(row.active_spec_json.encode())
+            code_dir = Path(row.active_code_dir)
+            untrusted = self.trust.still_trusted(spec)
+            if untrusted is not None:
+                self._stop_serving(row, "rejected", untrusted)
+                continue
+            problem = bundles.verify_installed(
+                code_dir,
+                spec.code.format,
+                protocol.code_bytes(spec.code),
+                spec.entrypoint,
+                max_bytes=self.deployer.runtime.max_bundle_bytes,
+                max_files=self.deployer.runtime.max_bundle_files,
+            )
+            if problem is not None:
+                self._stop_serving(row, "failed", f"{problem}: not run")
+                continue
+            self.pool.register(pool_config(spec, code_dir))
+            restored += 1
         return restored
+
+    def set_trust(self, trust: TrustPolicy) -> None:
+        """SIGHUP: a new policy. Functions whose spec it no longer trusts (a key removed, or
+        unsigned code once signatures are required) stop serving and report ``rejected``."""
+        self.trust = trust
+        for row in self.store.list_deployments():
+            if not row.active_spec_json:
+                continue
+            spec = protocol.decode_spec(row.active_spec_json.encode())
+            problem = trust.still_trusted(spec)
+            if problem is not None:
+                self.pool.unregister(row.function_id)
+                self._stop_serving(row, "rejected", problem)
+
+    def _stop_serving(self, row: DeploymentRow, state: str, message: str) -> None:
+        """Record that ``row``'s active code must not run, and report why."""
+        fid = row.function_id
+        log.error("%s %s: %s", fid, row.active_version, message, extra={"function_id": fid})
+        error = {"type": "deployment_rejected", "message": message}
+        self.store.put_deployment(
+            replace(
+                row,
+                fingerprint="",  # a trusted spec arriving again deploys afresh
+                state=state,
+                error_json=json.dumps(error),
+                active_version=None,
+                active_code_dir=None,
+                active_spec_json=None,
+                updated_ts=time.time(),
+            )
+        )
+        self._report(fid, row.active_version, row.sha256, state, error, None)
+
+    def _check_sequence(self, scope: str, spec: protocol.FunctionSpec, sequence: int) -> None:
+        """A signed spec's sequence must be above the last accepted on this scope; the same
+        spec again (a retained re-delivery) is the one exception."""
+        last = self.store.get_meta(_sequence_key(scope, spec.id))
+        if last is None or sequence > int(last):
+            return
+        if sequence == int(last):
+            stored = self.store.get_spec_sources().get(spec.id, {}).get(scope)
+            if stored is not None and protocol.spec_fingerprint(
+                protocol.decode_spec(stored.encode())
+            ) == protocol.spec_fingerprint(spec):
+                return
+        raise DeploymentRejected(
+            f'function spec "{spec.id}": sequence: {sequence} is not above {last}, the last '
+            f"accepted on the {scope} topic (a replay or a downgrade; a rollback needs a "
+            "new, higher sequence)"
+        )
 
     def on_spec(self, scope: str, fid: str, payload: bytes) -> None:
         """A retained spec (or its removal) arrived for ``scope``; store it, then reconcile."""
         if protocol.is_removal(payload):
             self.store.put_spec_source(scope, fid, None)
         else:
+            spec = None
             try:
                 spec = protocol.decode_spec(payload, expected_id=fid)
+                sequence = self.trust.check(spec, scope)
+                if sequence is not None:
+                    self._check_sequence(scope, spec, sequence)
             except AgentError as exc:
                 log.warning(
                     "rejected %s spec for %s: %s", scope, fid, exc, extra={"function_id": fid}
@@ -82,9 +177,14 @@ class DeploymentController:
                         )
                     )
                 active = row.active_version if row is not None else None
-                self._report(fid, None, None, "rejected", error, active)
+                # A spec that parsed names its version, so a rollout can match the refusal.
+                version = spec.version if spec is not None else None
+                sha256 = spec.code.sha256 if spec is not None else None
+                self._report(fid, version, sha256, "rejected", error, active)
                 return
             self.store.put_spec_source(scope, fid, protocol.encode_spec(spec).decode())
+            if sequence is not None:
+                self.store.set_meta(_sequence_key(scope, fid), str(sequence))
         self.reconcile(fid)
 
     def reconcile_all(self) -> None:
@@ -112,6 +212,14 @@ class DeploymentController:
             self._pending_fingerprint.get(fid) == fingerprint
         ):
             return  # re-delivery of what is deployed (or being deployed): a no-op
+        untrusted = self.trust.still_trusted(spec)
+        if untrusted is not None:  # stored before its key was revoked
+            self._pending_fingerprint.pop(fid, None)
+            error = {"type": "deployment_rejected", "message": untrusted}
+            log.warning("not deploying %s: %s", fid, untrusted, extra={"function_id": fid})
+            active = row.active_version if row is not None else None
+            self._report(fid, spec.version, spec.code.sha256, "rejected", error, active)
+            return
         self._pending_fingerprint[fid] = fingerprint
         log.info("deploying %s %s", fid, spec.version, extra={"function_id": fid})
         self.deployer.submit(DeployJob(spec, fingerprint))
@@ -178,3 +286,7 @@ class DeploymentController:
         self._report(
             fid, spec.version, spec.code.sha256, outcome.state, outcome.error, row.active_version
         )
+
+
+def _sequence_key(scope: str, fid: str) -> str:
+    return f"trust.sequence.{scope}.{fid}"
