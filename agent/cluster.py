@@ -62,6 +62,7 @@ class EdgeCluster:
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         settings: MqttSettings | None = None,
+        sign_key: str | None = None,
     ) -> EdgeCluster:
         """A remote-mode cluster, connected and with every retained node status ingested.
 
@@ -69,9 +70,16 @@ class EdgeCluster:
         of them is OFFLINE). ``settings`` replaces every connection argument when given.
         Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
         within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
+
+        ``sign_key`` is a private key file (``edgectl keygen``): every spec the cluster
+        publishes is then signed (ConfigError when the file is unusable or others can
+        read it).
         """
         from agent.fleet import FleetController
         from agent.mqtt import MqttSettings
+        from agent.trust import Signer
+
+        signer = Signer.from_file(sign_key) if sign_key else None
 
         settings = settings or MqttSettings(
             host=host,
@@ -96,6 +104,7 @@ class EdgeCluster:
             heartbeat_interval_s=heartbeat_interval_s,
             invoke_timeout_s=invoke_timeout_s,
             clock=clock,
+            signer=signer,
         )
         controller.start(timeout)
         return cls(controller=controller)

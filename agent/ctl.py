@@ -7,6 +7,13 @@
     edgectl invoke NODE FUNCTION --payload JSON     request/response over MQTT
     edgectl state NODE                              the node's synchronised state (snapshot)
     edgectl desired NODE --set JSON                 publish the next desired state
+    edgectl keygen PATH                             a signing key pair: PATH (0600), PATH.pub
+    edgectl acl mosquitto --nodes a,b --controllers c   a reference broker ACL, on stdout
+
+Signing: ``--sign-key PATH`` (``EDGECTL_SIGN_KEY``) on ``deploy`` signs every spec it
+publishes, canaries and rollbacks included, for its target (``fleet`` or the node) with a
+new ``sequence`` (see ``FleetController.next_sequence``). Agents with ``[trust] keys``
+refuse specs that are not signed by one of them.
 
 Connection flags work before or after the command; their defaults come from the
 environment: ``--broker HOST:PORT`` (``EDGECTL_BROKER``, default 127.0.0.1:1883),
@@ -33,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +56,7 @@ from agent.fleet import (
     function_spec,
 )
 from agent.mqtt import MqttSettings
+from agent.trust import Signer, generate_keypair
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -104,12 +113,15 @@ def connect(
     extra_subscriptions: Sequence[str] = (),
     on_message: Callable[[str, bytes], None] | None = None,
 ) -> EdgeCluster:
+    sign_key = getattr(args, "sign_key", "")
+    signer = Signer.from_file(sign_key) if sign_key else None  # ConfigError: exit 2
     controller = FleetController(
         settings_from(args),
         prefix=args.prefix,
         heartbeat_interval_s=args.heartbeat_interval,
         extra_subscriptions=extra_subscriptions,
         on_message=on_message,
+        signer=signer,
     )
     controller.start(args.connect_timeout)
     return EdgeCluster(controller=controller)
@@ -304,6 +316,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         )
     except (DeploymentRejected, OSError) as exc:
         raise UsageError(str(exc)) from exc
+    if args.sequence is not None:
+        if not args.sign_key:
+            raise UsageError("--sequence needs --sign-key (only signed specs carry one)")
+        spec = replace(spec, sequence=args.sequence)
     with connect(args) as cluster:
         controller = cluster.controller
         if args.canary:
@@ -518,6 +534,85 @@ def cmd_desired(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- keys and the broker ACL --------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        kid = generate_keypair(args.path)
+    except OSError as exc:  # FileExistsError included: never overwrite a key
+        raise UsageError(f"keygen: {exc}") from exc
+    if args.json:
+        emit_json({"key_id": kid, "private": args.path, "public": f"{args.path}.pub"})
+    else:
+        print(f"key {kid}: private key {args.path} (keep it secret), public key {args.path}.pub")
+        print(f'give {args.path}.pub to the agents: [trust] keys = ["/etc/edge-agent/trust/..."]')
+    return EXIT_OK
+
+
+def _ids(flag: str, value: str) -> list[str]:
+    ids = [item.strip() for item in value.split(",") if item.strip()]
+    for item in ids:
+        if not protocol.is_valid_id(item):
+            raise UsageError(f"{flag}: not an id: {item!r}")
+    return ids
+
+
+def mosquitto_acl(prefix: str, nodes: Sequence[str], controllers: Sequence[str]) -> str:
+    """A Mosquitto ``acl_file``: each node (user name = node id) publishes only its own
+    status, heartbeat, replies, function states and sync messages (and replies to
+    controllers) and reads the fleet specs and its own topics; only controllers publish
+    specs, invocations and desired state, and they read everything under the prefix."""
+    p = prefix
+    lines = [
+        f"# Mosquitto ACL for edge-agent under {p}/ (edgectl acl mosquitto).",
+        "# Use it with password_file (a user per node, named as the node id, and per",
+        "# controller) and allow_anonymous false. No line comes before the first `user`,",
+        "# so anonymous clients, if allowed at all, may neither publish nor subscribe.",
+    ]
+    for name in controllers:
+        lines += [
+            "",
+            f"# controller {name}: reads the whole fleet; publishes specs, invokes, desired",
+            f"user {name}",
+            f"topic readwrite {p}/#",
+        ]
+    for node in nodes:
+        n = f"{p}/nodes/{node}"
+        lines += [
+            "",
+            f"# node {node}",
+            f"user {node}",
+            f"topic write {n}/status",
+            f"topic write {n}/heartbeat",
+            f"topic write {n}/replies",
+            f"topic write {n}/functions/+/state",
+            f"topic write {n}/sync/delta",
+            f"topic write {n}/sync/snapshot",
+            f"topic write {p}/controllers/+/replies",
+            f"topic read {p}/fleet/functions/+",
+            f"topic read {n}/functions/+",
+            f"topic read {n}/invoke",
+            f"topic read {n}/sync/desired",
+            f"topic read {n}/sync/request",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    if not protocol.is_valid_prefix(args.prefix):
+        raise UsageError(f"--prefix: not a usable topic prefix: {args.prefix!r}")
+    nodes = _ids("--nodes", args.nodes)
+    controllers = _ids("--controllers", args.controllers)
+    if not controllers:
+        raise UsageError("--controllers: at least one controller user is needed")
+    clash = set(nodes) & set(controllers)
+    if clash:
+        raise UsageError(f"--nodes and --controllers share {', '.join(sorted(clash))}")
+    sys.stdout.write(mosquitto_acl(args.prefix, nodes, controllers))
+    return EXIT_OK
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -617,6 +712,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canary-timeout", type=float, default=60.0, metavar="S")
     p.add_argument("--wait", type=float, default=120.0, metavar="S", help="rollout deadline")
     p.add_argument("--no-wait", action="store_true", help="publish and exit")
+    p.add_argument(
+        "--sign-key",
+        default=_env("SIGN_KEY", ""),
+        metavar="PATH",
+        help="sign every spec with this private key (env EDGECTL_SIGN_KEY; edgectl keygen)",
+    )
+    p.add_argument(
+        "--sequence",
+        type=int,
+        metavar="N",
+        help="the signed spec's sequence, when the default (ms clock) is not above the last",
+    )
 
     p = command("undeploy", "clear a function's spec", cmd_undeploy)
     p.add_argument("function_id")
@@ -637,6 +744,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("desired", "publish a node's next desired state", cmd_desired)
     p.add_argument("node")
     p.add_argument("--set", required=True, metavar="JSON", help="the desired data (an object)")
+
+    p = command("keygen", "write an ed25519 signing key pair: PATH and PATH.pub", cmd_keygen)
+    p.add_argument("path", help="where the private key goes (mode 0600); PATH.pub: public")
+
+    p = command("acl", "print a reference broker ACL", cmd_acl)
+    p.add_argument("broker_kind", choices=["mosquitto"], help="the broker's ACL format")
+    p.add_argument("--nodes", default="", help="node ids, comma-separated (their user names)")
+    p.add_argument("--controllers", required=True, help="controller user names, comma-separated")
     return parser
 
 

@@ -33,6 +33,7 @@ callback, or hold the lock while calling user code (progress callbacks run unloc
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -67,6 +68,7 @@ from agent.mqtt import (
     MqttSettings,
     Published,
 )
+from agent.trust import Signer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,11 @@ class FleetController:
         extra_subscriptions: Iterable[str] = (),
         on_message: Callable[[str, bytes], None] | None = None,
         mqtt_factory: Callable[..., MqttClient] = MqttClient,
+        signer: Signer | None = None,
     ) -> None:
+        #: Signs every spec this controller publishes (deploys, canaries, rollbacks).
+        self.signer = signer
+        self._last_sequence = 0
         self.controller_id = f"ctl-{uuid.uuid4().hex[:12]}"
         if not settings.client_id:
             settings = replace(settings, client_id=self.controller_id)
@@ -355,8 +361,30 @@ class FleetController:
         return topics.node(node_id).node_function(function_id)
 
     def publish_spec(self, spec: protocol.FunctionSpec, node_id: str | None = None) -> None:
-        """Publish ``spec`` retained, fleet-wide (``node_id`` None) or for one node."""
+        """Publish ``spec`` retained, fleet-wide (``node_id`` None) or for one node; signed
+        for that target with a new sequence when the controller has a signer."""
+        if self.signer is not None:
+            target = protocol.FLEET_TARGET if node_id is None else node_id
+            spec = self.signer.sign(spec, target=target, sequence=self.next_sequence(spec))
         self.publish(self.spec_topic(spec.id, node_id), protocol.encode_spec(spec), retain=True)
+
+    def next_sequence(self, spec: protocol.FunctionSpec) -> int:
+        """A sequence above every one this controller used and every retained spec of the
+        function shows: the wall clock in milliseconds, or one more than the highest seen.
+
+        The clock needs no coordination between controllers and keeps going up after a
+        function was removed (its retained specs gone, the nodes' last sequence kept); the
+        retained floor covers a controller whose clock is behind the last publisher's.
+        An explicit ``spec.sequence`` above both wins (``edgectl deploy --sequence``).
+        """
+        with self._cond:
+            retained = [self.view.fleet_specs.get(spec.id)]
+            retained += [raw for (_, fid), raw in self.view.node_specs.items() if fid == spec.id]
+        seen = [_sequence_of(raw) for raw in retained if raw]
+        floor = max([self._last_sequence, *seen]) + 1
+        sequence = max(floor, int(time.time() * 1000), spec.sequence or 0)
+        self._last_sequence = sequence
+        return sequence
 
     def clear_spec(self, function_id: str, node_id: str | None = None) -> bool:
         """Clear the retained spec (nodes remove the function, or fall back to the fleet
@@ -497,7 +525,11 @@ class FleetController:
         """Give each canary back what it had: its own previous spec, or the fleet's."""
         groups: dict[bytes, list[str]] = {}
         for node_id, own in previous.items():
-            if own is not None:
+            if own is not None and self.signer is not None:
+                # The old code again, under a new sequence: the node refuses a replay.
+                old = protocol.decode_spec(own, expected_id=fid)
+                self.publish_spec(replace(old, signature=None, sequence=None), node_id)
+            elif own is not None:
                 self.publish(self.spec_topic(fid, node_id), own, retain=True)
             else:
                 self.clear_spec(fid, node_id)  # falls back to the fleet spec, or removes it
@@ -568,3 +600,12 @@ class FleetController:
             cold_start=bool(reply["cold_start"]),
             round_trip_ms=round_trip_ms,
         )
+
+
+def _sequence_of(raw: bytes) -> int:
+    """The ``sequence`` of a retained spec, 0 when it has none or does not parse."""
+    try:
+        value = json.loads(raw).get("sequence")
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
