@@ -46,6 +46,7 @@ from agent.pool import InvokeResult, WorkerPool
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.systemd import Notifier, set_level
+from agent.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class Agent:
             config.node.capabilities,
             self._report_state,
             forget=self.metrics.forget,
+            # Reads and checks [trust] keys: a ConfigError here is exit 78.
+            trust=TrustPolicy.from_config(config),
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(
@@ -258,7 +261,11 @@ class Agent:
             name=node.name,
             location=node.location,
             capabilities=node.capabilities,
-            extra={"functions": len(self.pool.functions()), "sync": self.sync.summary()},
+            extra={
+                "functions": len(self.pool.functions()),
+                "sync": self.sync.summary(),
+                "trust": self.deployments.trust_mode,  # "unsigned" is visible from the cloud
+            },
         )
         mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
         deadline = time.monotonic() + wait
@@ -588,6 +595,7 @@ class Agent:
                 "outbox": {"messages": count, "bytes": nbytes},
                 "inflight": len(self._inflight),
                 "sync": self.sync.summary(),
+                "trust": self.deployments.trust_mode,
                 # Lets a controller judge staleness without knowing this node's config.
                 "interval_s": self.config.agent.heartbeat_interval_s,
             },
@@ -619,6 +627,11 @@ class Agent:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
+            trust = TrustPolicy.from_files(
+                new.trust.keys,
+                require_signed=new.trust.require_signed,
+                node_id=self.config.node.id,
+            )
         except AgentError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notifier.ready()
@@ -645,7 +658,10 @@ class Agent:
             prestart=new.runtime.prestart,
         )
         self.deployer.runtime = running.runtime
+        self.deployments.set_trust(trust)  # a removed key is revoked now
         self.config = running
+        if self._connected:
+            self._publish_status("online")  # its retained "trust" may have changed
         if self._timers.get("heartbeat"):
             self._timers["heartbeat"] = time.monotonic() + new.agent.heartbeat_interval_s
         log.info("reloaded %s", self.config_path)
