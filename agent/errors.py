@@ -14,7 +14,9 @@ Classified by what the caller should do::
         ├── WorkerCrashed                        ``worker_crashed``: the worker died
         ├── FunctionNotFound (ValueError)        ``function_not_found``
         ├── BadRequest (ValueError)              ``bad_request``: malformed input
-        └── Overloaded                           ``overloaded``: queue full, retry later
+        ├── Overloaded                           ``overloaded``: queue full, retry later
+        └── StateConflict                        ``conflict``: synced state changed under
+                                                 it; nothing written, retry
 
 Errors cross process boundaries and the wire as ``{"type": ..., "message": ...}``
 (:func:`error_to_dict` / :func:`error_from_dict`); the ``type`` strings are part of the
@@ -108,7 +110,22 @@ class Overloaded(EdgeExecutionError):
     type = "overloaded"
 
 
-#: Wire ``type`` -> exception class; the contract's eight names, no more, no fewer.
+class StateConflict(EdgeExecutionError):
+    """Keys the invocation read or wrote were changed by another invocation since it started.
+
+    The handler ran, but none of its writes were applied and it is not re-run behind the
+    caller's back (handlers have side effects): the caller may retry. ``keys`` names them
+    (``["*"]`` when the handler read the whole document).
+    """
+
+    type = "conflict"
+
+    def __init__(self, message: str, *, keys: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.keys = list(keys or [])
+
+
+#: Wire ``type`` -> exception class: the contract's eight names plus ``conflict``.
 ERROR_TYPES: dict[str, type[AgentError]] = {
     cls.type: cls
     for cls in (
@@ -120,14 +137,24 @@ ERROR_TYPES: dict[str, type[AgentError]] = {
         BadRequest,
         Overloaded,
         DeploymentRejected,
+        StateConflict,
     )
 }
 
 
-def error_to_dict(exc: BaseException) -> dict[str, str]:
-    """The wire form ``{type, message}`` of an exception; unknown ones are handler errors."""
+def error_to_dict(exc: BaseException) -> dict[str, Any]:
+    """The wire form ``{type, message}`` of an exception; unknown ones are handler errors.
+
+    A conflict also carries ``keys`` (an additive field: readers may ignore it).
+    """
     kind = exc.type if isinstance(exc, AgentError) and exc.type in ERROR_TYPES else None
-    return {"type": kind or HandlerError.type, "message": str(exc) or exc.__class__.__name__}
+    out: dict[str, Any] = {
+        "type": kind or HandlerError.type,
+        "message": str(exc) or exc.__class__.__name__,
+    }
+    if isinstance(exc, StateConflict):
+        out["keys"] = list(exc.keys)
+    return out
 
 
 def error_from_dict(data: Any) -> AgentError:
@@ -135,4 +162,8 @@ def error_from_dict(data: Any) -> AgentError:
     if not isinstance(data, dict):
         return HandlerError(f"malformed error: {data!r}")
     cls = ERROR_TYPES.get(str(data.get("type")), HandlerError)
-    return cls(str(data.get("message", "")))
+    message = str(data.get("message", ""))
+    if cls is StateConflict:
+        keys = data.get("keys")
+        return StateConflict(message, keys=[str(k) for k in keys] if isinstance(keys, list) else [])
+    return cls(message)
