@@ -5,9 +5,12 @@ records writes; the writes go back to the agent with the result and are applied 
 only if the invocation succeeded (a raise, a timeout or a crash applies nothing).
 ``context.desired`` is the cloud's desired state, read-only.
 
-Concurrency: invocations running at the same time each see the state as of their start and
-their write sets are applied in the order they finish (last writer wins per key). There are
-no transactions across invocations.
+Consistency: the state an invocation reads is taken when it starts executing (when the agent
+hands it to its worker), and every write committed before that is in it. Its write set is
+committed with an optimistic check: if another invocation changed a key this one read or
+wrote since its snapshot, nothing is written and it fails with ``conflict`` (it is never
+re-run behind the caller's back). :class:`StateView` records what was read for that check;
+listing the keys (``keys``, iteration, ``to_dict``) reads the whole document.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ class StateView:
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data = data
         self.writes: dict[str, Any] = {}
+        #: Keys read from the snapshot (not from this invocation's own writes).
+        self.reads: set[str] = set()
+        #: The key set was listed: any change to the document conflicts.
+        self.read_all = False
 
     def get(self, key: str, default: Any = None) -> Any:
         """A copy of the value (mutating it changes nothing: call ``set``)."""
         if key in self.writes:
             value = self.writes[key]
             return default if value is None else copy.deepcopy(value)
+        self.reads.add(key)
         return copy.deepcopy(self._data[key]) if key in self._data else default
 
     def set(self, key: str, value: Any) -> None:
@@ -57,10 +65,17 @@ class StateView:
     def __contains__(self, key: object) -> bool:
         if key in self.writes:
             return self.writes[key] is not None
+        if isinstance(key, str):
+            self.reads.add(key)
         return key in self._data
 
     def keys(self) -> list[str]:
-        return sorted(k for k in {*self._data, *self.writes} if k in self)
+        self.read_all = True
+        return sorted(
+            k
+            for k in {*self._data, *self.writes}
+            if (self.writes[k] is not None if k in self.writes else k in self._data)
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -68,6 +83,10 @@ class StateView:
     def to_dict(self) -> dict[str, Any]:
         """A copy of the whole document as this invocation sees it."""
         return {key: self.get(key) for key in self.keys()}
+
+    def check_set(self) -> tuple[list[str], bool]:
+        """(keys read or written, whether the whole document was read): the commit's check."""
+        return sorted(self.reads | self.writes.keys()), self.read_all
 
 
 class InvocationContext:

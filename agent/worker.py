@@ -245,9 +245,14 @@ class WorkerMain:
             self.send(reply, err)
             return None
         if context is not None and context.state.writes:
-            # The write set travels back with the result; the agent applies it atomically.
+            # The write set travels back with the result, with the keys the agent must find
+            # unchanged since this invocation's snapshot to apply it (atomically).
+            keys, read_all = context.state.check_set()
             reply = {"op": "result", "ok": True, "rss_kb": self.peak_kb()}
             reply["changes"] = context.state.writes
+            reply["checked"] = keys
+            if read_all:
+                reply["read_all"] = True
             self.send(reply, out)
         else:
             self.send(wire.result_header(self.peak_kb()), out)

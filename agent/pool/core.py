@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,12 @@ class InvokeResult:
     accepts_context: bool
     #: The handler's writes to the synced state (None deletes); apply them only on success.
     changes: dict[str, Any] | None = None
+    #: The synced-state version the invocation's ``context`` was built from.
+    state_version: int = 0
+    #: Keys it read or wrote: none may have changed since ``state_version`` at commit.
+    checked: list[str] | None = None
+    #: It listed the whole document: any change since ``state_version`` conflicts.
+    read_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ class ContextInput:
 
 
 EMPTY_CONTEXT = ContextInput()
+
+#: Where an invocation's context comes from: a snapshot, or a function read at send time.
+ContextSource = ContextInput | Callable[[], ContextInput] | None
+#: Called with a successful result while its worker is still held (see ``invoke``).
+OnResult = Callable[[InvokeResult], None]
 
 
 class _Slot:
@@ -306,14 +317,22 @@ class WorkerPool:
         *,
         request_id: str = "",
         queue_timeout: float | None = None,
-        context: ContextInput | None = None,
+        context: ContextSource = None,
+        on_result: OnResult | None = None,
     ) -> InvokeResult:
         """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure.
 
-        ``context`` is what a handler taking ``context`` sees (empty when None).
+        ``context`` is what a handler taking ``context`` sees (empty when None). A callable
+        is called when the invocation is handed to its worker, not before it waits for
+        one: the state it reads is at least as new as every commit made before it started.
+
+        ``on_result`` runs on success while this invocation still holds its worker (so,
+        with ``concurrency`` 1, before the function's next invocation starts): the caller
+        commits the write set there. What it raises is raised from here; the worker stays.
         """
         started = time.monotonic()
         blob = self._dumps_arguments(function_id, args, kwargs or {})
+        state_version = 0
         # A warm worker found dead at send time never started the invocation: retry once.
         for attempt in (1, 2):
             worker, slot, reserved = self._acquire(function_id, queue_timeout)
@@ -326,7 +345,9 @@ class WorkerPool:
                 deadline = time.monotonic() + slot.config.timeout_s
                 try:
                     if worker.accepts_context:
-                        self._send_with_context(worker, request_id, deadline, blob, context)
+                        state_version = self._send_with_context(
+                            worker, request_id, deadline, blob, context
+                        )
                     else:
                         worker.send(wire.invoke_header(request_id), blob)
                 except wire.FrameError:
@@ -339,15 +360,23 @@ class WorkerPool:
                 worker.invocations += 1
                 healthy = True  # from here on the worker answered: it is fine
                 if header.get("ok"):
-                    return InvokeResult(
+                    result = InvokeResult(
                         value=self._result_value(function_id, header, result_blob),
                         cold_start=cold,
                         duration_ms=(time.monotonic() - started) * 1000,
                         rss_kb=int(header.get("rss_kb", 0)),
                         worker_pid=worker.pid,
                         accepts_context=worker.accepts_context,
-                        changes=header.get("changes"),
                     )
+                    changes = header.get("changes")
+                    if changes:
+                        result.changes = changes
+                        result.state_version = state_version
+                        result.checked = header.get("checked") or list(changes)
+                        result.read_all = bool(header.get("read_all"))
+                    if on_result is not None:
+                        on_result(result)
+                    return result
                 error = header.get("error") or {}
                 if error.get("type") == "memory_exceeded":
                     healthy = False
@@ -380,9 +409,10 @@ class WorkerPool:
         request_id: str,
         deadline: float,
         blob: bytes,
-        context: ContextInput | None,
-    ) -> None:
-        ctx = context or EMPTY_CONTEXT
+        context: ContextSource,
+    ) -> int:
+        """Send an invoke with the context as of now; the state version it carries."""
+        ctx = (context() if callable(context) else context) or EMPTY_CONTEXT
         header: dict[str, Any] = {"op": "invoke", "request_id": request_id, "deadline": deadline}
         if worker.sent_state_version != ctx.state_version:
             header["state"] = dict(ctx.state)
@@ -393,6 +423,7 @@ class WorkerPool:
         worker.send(header, blob)
         worker.sent_state_version = ctx.state_version
         worker.sent_desired_version = ctx.desired_version
+        return ctx.state_version
 
     def _await_result(
         self, worker: Worker, config: FunctionConfig, deadline: float
@@ -519,6 +550,12 @@ class WorkerPool:
 
     def _load(self, slot: _Slot, reserved: Worker | None) -> Worker:
         config = slot.config
+        if reserved is not None and reserved.proc.poll() is not None:
+            # A pre-started interpreter that died idle (killed from outside, say) never saw
+            # this function: not a load failure, so no backoff; start another instead.
+            log.info("pre-started worker %d had died; spawning another", reserved.pid)
+            self._discard(reserved)
+            reserved = None
         try:
             worker = reserved or self._spawn()
         except OSError as exc:  # e.g. worker_user cannot execute the interpreter
