@@ -19,6 +19,7 @@ Delivery guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import signal
@@ -38,6 +39,7 @@ from agent.errors import (
     FunctionNotFound,
     HandlerError,
     Overloaded,
+    StateConflict,
     error_to_dict,
 )
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
@@ -59,6 +61,9 @@ class _Invocation:
     #: Incoming messages to acknowledge once the reply is in the outbox.
     acks: list[mqtt.Message]
     started: float = field(default_factory=time.monotonic)
+    #: The reply committed with the invocation's state changes (to ``targets[0]``), set
+    #: by the invocation thread before it gives its worker back.
+    committed_reply: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -401,7 +406,9 @@ class Agent:
                 request.function_id,
                 (request.payload,),
                 request_id=request.request_id,
-                context=self.sync.context,  # an immutable snapshot: safe from this thread
+                # Read when the worker gets it, not now: it may wait for a worker first.
+                context=self.sync.current,
+                on_result=functools.partial(self._commit_state, invocation),
             )
         except EdgeExecutionError as exc:
             self.post(_InvokeDone(invocation, None, exc))
@@ -411,6 +418,64 @@ class Agent:
         else:
             self.post(_InvokeDone(invocation, result, None))
 
+    def _commit_state(self, invocation: _Invocation, result: InvokeResult) -> None:
+        """Invocation thread, worker still held: commit the write set with its reply.
+
+        Holding the worker means the function's next invocation (with ``concurrency`` 1)
+        cannot start before this commit is in its context. Raises what fails the
+        invocation instead (StateConflict, Overloaded, HandlerError); nothing is written then.
+        """
+        if not result.changes:
+            return
+        request = invocation.request
+        rid = request.request_id
+        payload, error = self._ok_reply(request, result)
+        if error is not None:
+            raise error
+        topic, correlation = invocation.targets[0]
+        try:
+            self.sync.commit(
+                result.changes,
+                ReplyRecord(rid, topic, payload, time.time(), correlation),
+                base_version=result.state_version,
+                checked=result.checked,
+                read_all=result.read_all,
+            )
+        except OutboxFull as exc:
+            log.error("outbox full: state changes of %s not applied: %s", rid, exc)
+            raise Overloaded(
+                "the outbox is full: the invocation's state changes were not applied"
+            ) from exc
+        except (StateTooLarge, ValueError, TypeError) as exc:
+            log.warning("state changes of %s refused: %s", rid, exc, extra={"request_id": rid})
+            raise HandlerError(f"state change refused: {exc}") from exc
+        invocation.committed_reply = payload
+
+    def _ok_reply(
+        self, request: protocol.InvokeRequest, result: InvokeResult
+    ) -> tuple[bytes, EdgeExecutionError | None]:
+        """The success reply's bytes, or the error that replaces it (too big, not JSON)."""
+        rid, fid = request.request_id, request.function_id
+        try:
+            payload = protocol.encode_reply(
+                rid,
+                fid,
+                ok=True,
+                result=result.value,
+                duration_ms=round(result.duration_ms, 3),
+                cold_start=result.cold_start,
+                node_id=self.config.node.id,
+            )
+        except (TypeError, ValueError) as exc:
+            return b"", HandlerError(str(exc))
+        limit = self.config.agent.max_payload_bytes
+        if len(payload) > limit:  # a broker with max_packet_size would drop us for it
+            return b"", HandlerError(
+                f"the result of {fid} is {len(payload)} bytes as a reply, over "
+                f"agent.max_payload_bytes ({limit})"
+            )
+        return payload, None
+
     def handle_invoke_done(self, done: _InvokeDone) -> None:
         invocation = done.invocation
         request = invocation.request
@@ -419,26 +484,10 @@ class Agent:
         duration_ms = (time.monotonic() - invocation.started) * 1000
         error = done.error
         payload = b""
-        if done.result is not None:
-            try:
-                payload = protocol.encode_reply(
-                    rid,
-                    fid,
-                    ok=True,
-                    result=done.result.value,
-                    duration_ms=round(done.result.duration_ms, 3),
-                    cold_start=done.result.cold_start,
-                    node_id=self.config.node.id,
-                )
-            except (TypeError, ValueError) as exc:
-                error = HandlerError(str(exc))
-            else:
-                limit = self.config.agent.max_payload_bytes
-                if len(payload) > limit:  # a broker with max_packet_size would drop us for it
-                    error = HandlerError(
-                        f"the result of {fid} is {len(payload)} bytes as a reply, over "
-                        f"agent.max_payload_bytes ({limit})"
-                    )
+        if invocation.committed_reply is not None:
+            payload = invocation.committed_reply  # queued and remembered with the state
+        elif done.result is not None:
+            payload, error = self._ok_reply(request, done.result)
         self.metrics.record(
             InvocationRecord(
                 function_id=fid,
@@ -446,7 +495,7 @@ class Agent:
                 start_time=time.time() - duration_ms / 1000,
                 duration_ms=duration_ms,
                 success=error is None,
-                error=None if error is None else str(error),
+                error="" if error is None else str(error),
                 request_id=rid,
                 cold_start=bool(done.result and done.result.cold_start),
                 peak_rss_kb=done.result.rss_kb if done.result else 0,
@@ -457,29 +506,17 @@ class Agent:
             log.info("%s failed: %s", fid, error, extra={"function_id": fid, "request_id": rid})
             payload = self._error_payload(rid, fid, error, duration_ms)
         targets = invocation.targets
-        changes = done.result.changes if done.result is not None and error is None else None
-        if changes:
-            # The write set, its delta and the reply: one transaction, or nothing.
-            topic, correlation = targets[0]
-            try:
-                self.sync.commit(
-                    changes, ReplyRecord(rid, topic, payload, time.time(), correlation)
-                )
-                targets = targets[1:]
-            except OutboxFull as exc:
-                log.error("outbox full: state changes of %s not applied: %s", rid, exc)
-                full = Overloaded("the outbox is full: the invocation's state changes were lost")
-                payload = self._error_payload(rid, fid, full, duration_ms)
-                error = full
-            except (StateTooLarge, ValueError, TypeError) as exc:
-                log.warning("state changes of %s refused: %s", rid, exc, extra={"request_id": rid})
-                error = HandlerError(f"state change refused: {exc}")
-                payload = self._error_payload(rid, fid, error, duration_ms)
-        # Remember the reply for duplicates only when the handler ran: a request refused
-        # (overloaded, not deployed yet) must run when it is retried with the same id.
-        ran = error is None or not isinstance(error, Overloaded | FunctionNotFound)
+        committed = invocation.committed_reply is not None
+        if committed:
+            targets = targets[1:]  # the first reply went into the outbox with the state
+        # Remember the reply for duplicates only when the handler's outcome is final: a
+        # request refused (overloaded, not deployed yet) or in conflict must run again
+        # when it is retried with the same id.
+        final = error is None or not isinstance(
+            error, Overloaded | FunctionNotFound | StateConflict
+        )
         if targets:
-            self._send_reply(rid, payload, targets, durable=True, remember=ran and not changes)
+            self._send_reply(rid, payload, targets, durable=True, remember=final and not committed)
         self.outbox.drain()
         for msg in invocation.acks:
             self._ack(msg)

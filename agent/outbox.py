@@ -47,7 +47,7 @@ class OutboxPump:
         room = self.window - len(self._mid_to_item)
         if room <= 0:
             return
-        for item in self.store.outbox_peek(room, after_id=self._last_sent_id):
+        for item in self.store.outbox_peek(room, after_id=self._last_sent_id, claim=True):
             mid = self.publish(item.topic, item.payload, item.qos, item.retain, item.correlation)
             self._last_sent_id = item.id
             if item.qos == 0:

@@ -153,13 +153,13 @@ class EdgeRuntime:
         started_wall = time.time()
         started = time.monotonic()
         try:
-            version, data = self.synchronizer.context_input()
             result = self._pool.invoke(
                 function_id,
                 args,
                 kwargs,
                 request_id=request_id,
-                context=ContextInput(state_version=version, state=data),
+                context=self._context,  # read when a worker takes it, not now
+                on_result=self._commit_state,  # before the worker serves the next one
             )
         except EdgeExecutionError as exc:
             if not isinstance(exc, FunctionNotFound):
@@ -176,8 +176,6 @@ class EdgeRuntime:
                     )
                 )
             raise
-        if result.changes:
-            self.synchronizer.apply_changes(result.changes)
         self.metrics.record(
             InvocationRecord(
                 function_id=function_id,
@@ -191,6 +189,20 @@ class EdgeRuntime:
             )
         )
         return result
+
+    def _context(self) -> ContextInput:
+        version, data = self.synchronizer.context_input()
+        return ContextInput(state_version=version, state=data)
+
+    def _commit_state(self, result: InvokeResult) -> None:
+        """Apply a successful handler's writes (StateConflict if what it read changed)."""
+        if result.changes:
+            self.synchronizer.apply_changes(
+                result.changes,
+                base_version=result.state_version,
+                checked=result.checked,
+                read_all=result.read_all,
+            )
 
     def close(self) -> None:
         """Stop every worker and reap it; idempotent."""

@@ -1,4 +1,9 @@
-"""State sync on the agent's side: reported state out, desired state in. Loop thread only.
+"""State sync on the agent's side: reported state out, desired state in.
+
+Threads: :meth:`StateSync.commit` runs on invocation threads (while the invocation still
+holds its worker, so the function's next invocation starts from it); everything else runs
+on the loop. One lock orders commits and context refreshes, so ``context`` only moves
+forward. Consistency rules: :mod:`agent.context` and :mod:`agent.statecheck`.
 
 - Reported state is edge-owned: only handlers change it (``context.state``), and each change
   goes out as a ``sync/delta`` through the outbox, coalesced while offline (see
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ class StateSync:
         self.hwm_path = hwm
         #: What invocations start from; replaced (never mutated) on every change.
         self.context = ContextInput()
+        self._lock = threading.Lock()
 
     def boot(self) -> None:
         version, _ = self.store.sync_state()
@@ -66,24 +73,47 @@ class StateSync:
         self._refresh()
         self._write_hwm(self.context.state_version)
 
-    def _refresh(self) -> None:
-        version, data = self.store.sync_state()
-        desired_version, desired = self.store.desired_state()
-        self.context = ContextInput(version, data, desired_version, desired)
+    def current(self) -> ContextInput:
+        """The context an invocation starting now reads (any thread)."""
+        return self.context
 
-    def commit(self, changes: dict[str, Any], reply: ReplyRecord | None) -> SyncCommit | None:
-        """Apply an invocation's write set with its reply, atomically (raises OutboxFull)."""
-        commit = self.store.sync_commit(
-            changes,
-            delta_topic=self.topics.sync_delta,
-            encode_delta=protocol.encode_sync_delta,
-            coalesce_after_id=self.outbox.last_sent_id,
-            reply=reply,
-            max_payload=self.max_payload,
-        )
-        if commit is not None:
-            self._refresh()
-            self._write_hwm(commit.to_version)
+    def _refresh(self) -> None:
+        with self._lock:
+            version, data = self.store.sync_view()
+            desired_version, desired = self.store.desired_state()
+            self.context = ContextInput(version, data, desired_version, desired)
+
+    def commit(
+        self,
+        changes: dict[str, Any],
+        reply: ReplyRecord | None,
+        *,
+        base_version: int | None = None,
+        checked: list[str] | None = None,
+        read_all: bool = False,
+    ) -> SyncCommit | None:
+        """Apply an invocation's write set with its reply, atomically. Any thread.
+
+        Raises StateConflict when what it read or wrote changed after ``base_version``,
+        OutboxFull and StateTooLarge; each writes nothing.
+        """
+        with self._lock:
+            commit = self.store.sync_commit(
+                changes,
+                delta_topic=self.topics.sync_delta,
+                encode_delta=protocol.encode_sync_delta,
+                coalesce_after_id=self.outbox.last_sent_id,
+                reply=reply,
+                max_payload=self.max_payload,
+                base_version=base_version,
+                checked=checked,
+                read_all=read_all,
+            )
+            if commit is not None:
+                version, data = self.store.sync_view()
+                old = self.context
+                self.context = ContextInput(version, data, old.desired_version, old.desired)
+                self._write_hwm(commit.to_version)
         return commit
 
     def on_desired(self, payload: bytes) -> bool:

@@ -5,6 +5,9 @@
 - ``apply_remote`` verifies the checksum and only takes a strictly newer version.
 - Pending entries carry a real delta (``changes``: changed keys to new values, deleted keys
   to ``None``) between consecutive versions, ready for ``sync/delta`` on the wire.
+- Handler write sets (:meth:`EdgeSynchronizer.apply_changes`) get the daemon's optimistic
+  check: given the version the invocation read, a change to a key it read or wrote since
+  then raises StateConflict and writes nothing (:mod:`agent.statecheck`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import threading
 from typing import Any
 
 from agent import protocol
+from agent.errors import StateConflict
 from agent.models import SyncState, canonical_json
+from agent.statecheck import ChangeVersions, conflict_message
 from agent.store import Store, SyncCommit
 
 
@@ -63,6 +68,7 @@ class EdgeSynchronizer:
         self._local_state: SyncState | None = None
         self._remote_version = 0
         self._pending_changes: list[dict[str, Any]] = []
+        self._changes = ChangeVersions()  # in memory only; the store keeps its own
         self._lock = threading.Lock()
         self._store = store
         self._store_open = False
@@ -101,13 +107,15 @@ class EdgeSynchronizer:
         version = (self._local_state.version if self._local_state else 0) + 1
         state = SyncState.from_data(data, version)
         self._local_state = state
+        changes = compute_delta(before, state.data)
+        self._changes.record(version, changes, len(state.data))
         self._pending_changes.append(
             {
                 "type": "update",
                 "version": version,
                 "from_version": version - 1,
                 "data": copy.deepcopy(state.data),
-                "changes": compute_delta(before, state.data),
+                "changes": changes,
                 "checksum": state.checksum,
             }
         )
@@ -121,20 +129,35 @@ class EdgeSynchronizer:
         version, after = db.sync_state()
         return SyncState.from_data(after, version)
 
-    def apply_changes(self, changes: dict[str, Any]) -> SyncState | None:
+    def apply_changes(
+        self,
+        changes: dict[str, Any],
+        *,
+        base_version: int | None = None,
+        checked: list[str] | None = None,
+        read_all: bool = False,
+    ) -> SyncState | None:
         """Apply a handler's write set (None deletes) as the next version; None if no-op.
 
-        Atomic against concurrent write sets: each is applied to the latest state (last
-        writer wins per key), never to a copy another invocation has since replaced.
+        Atomic against concurrent write sets: each is applied to the latest state, never
+        to a copy another invocation has since replaced. With ``base_version`` (the
+        version the handler read), StateConflict is raised and nothing is written when a
+        key in ``checked`` (default: the written keys), or with ``read_all`` any key,
+        changed after it.
         """
         with self._lock:
             db = self._db()
             if db is not None:
-                commit = _commit(db, changes)
+                commit = _commit(db, changes, base_version, checked, read_all)
                 if commit is None:
                     return None
                 version, data = db.sync_state()
                 return SyncState.from_data(data, version)
+            if base_version is not None:
+                keys = list(changes) if checked is None else checked
+                conflicts = self._changes.conflicts(base_version, keys, read_all)
+                if conflicts:
+                    raise StateConflict(conflict_message(conflicts, base_version), keys=conflicts)
             before = self._local_state.data if self._local_state else {}
             after = apply_delta(before, changes)
             if canonical_json(after) == canonical_json(before):
@@ -142,11 +165,11 @@ class EdgeSynchronizer:
             return self._update_memory(after)
 
     def context_input(self) -> tuple[int, dict[str, Any]]:
-        """(version, data) for an invocation's ``context.state``."""
+        """(version, data) for an invocation's ``context.state``: read-only, not a copy."""
         with self._lock:
             db = self._db()
             if db is not None:
-                return db.sync_state()
+                return db.sync_view()
             state = self._local_state
             return (state.version, state.data) if state else (0, {})
 
@@ -169,7 +192,11 @@ class EdgeSynchronizer:
                 self._remote_version = state.version
                 return True
             if self._local_state is None or state.version > self._local_state.version:
+                before = self._local_state.data if self._local_state else {}
                 self._local_state = SyncState.from_data(state.data, state.version)
+                self._changes.record(
+                    state.version, compute_delta(before, state.data), len(state.data)
+                )
                 self._remote_version = state.version
                 return True
         return False
@@ -204,13 +231,22 @@ class EdgeSynchronizer:
             self._store_open = False
 
 
-def _commit(db: Store, changes: dict[str, Any]) -> SyncCommit | None:
+def _commit(
+    db: Store,
+    changes: dict[str, Any],
+    base_version: int | None = None,
+    checked: list[str] | None = None,
+    read_all: bool = False,
+) -> SyncCommit | None:
     """Commit a change set the way local mode does: one pending delta per update."""
     return db.sync_commit(
         changes,
         delta_topic=_LOCAL_DELTA_TOPIC,
         encode_delta=protocol.encode_sync_delta,
         coalesce_after_id=_NO_COALESCING,
+        base_version=base_version,
+        checked=checked,
+        read_all=read_all,
     )
 
 

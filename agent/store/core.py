@@ -58,6 +58,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import StoreError
+from agent.statecheck import ChangeVersions
 from agent.store.sync import SYNC_SCHEMA, ReplyRecord, SyncTables
 
 __all__ = [
@@ -230,6 +231,9 @@ class Store(SyncTables):
         # (count, payload bytes) of the outbox; one tuple so readers never see a torn pair.
         self._depth: tuple[int, int] = (0, 0)
         self._sync_cache: tuple[int, dict[str, Any]] | None = None
+        self._sync_changes = ChangeVersions()
+        # The highest outbox id handed to MQTT (outbox_peek(claim=True)): never rewritten.
+        self._claimed_id = 0
 
     @property
     def path(self) -> Path:
@@ -547,16 +551,28 @@ class Store(SyncTables):
         assert cursor.lastrowid is not None  # an INSERT into a rowid table always sets it
         return cursor.lastrowid, (new_count, new_bytes)
 
-    def outbox_peek(self, limit: int, after_id: int = 0) -> list[OutboxItem]:
-        """Up to ``limit`` queued items with ids above ``after_id``, in delivery order."""
+    def outbox_peek(
+        self, limit: int, after_id: int = 0, *, claim: bool = False
+    ) -> list[OutboxItem]:
+        """Up to ``limit`` queued items with ids above ``after_id``, in delivery order.
+
+        ``claim``: the caller hands them to MQTT now; a state commit (from any thread)
+        will not merge a change into one of them afterwards.
+        """
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        rows = self._read(
-            "outbox_peek",
-            "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
-            " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        )
+        with self._lock:
+            conn = self._connection()
+            try:
+                rows = conn.execute(
+                    "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+                    " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"outbox_peek failed on {self._path}: {exc}") from exc
+            if claim and rows:
+                self._claimed_id = max(self._claimed_id, int(rows[-1][0]))
         return [
             OutboxItem(
                 i,

@@ -12,7 +12,13 @@ that reports it are never separated by a crash.
 Coalescing: while the newest queued delta has not been handed to MQTT yet (its outbox id is
 above ``coalesce_after_id``, which the outbox pump knows), a new change is merged into it
 instead of queueing another: offline, a thousand changes to one key become one delta
-``{from_version: first, to_version: last, changes: {key: final value}}``.
+``{from_version: first, to_version: last, changes: {key: final value}}``. The outbox pump
+claims what it hands to MQTT under the store's lock (``outbox_peek(claim=True)``), so a
+commit from another thread never merges into a delta that is already on its way.
+
+Optimistic check: a commit may name the version its invocation read (``base_version``) and
+the keys it read or wrote; if any changed since, :class:`~agent.errors.StateConflict` is
+raised and nothing is written (:mod:`agent.statecheck`).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import StoreError
+from agent.errors import StateConflict, StoreError
 from agent.models import canonical_json, state_checksum
+from agent.statecheck import ChangeVersions, conflict_message
 
 #: The schema this mixin needs (appended to the store's MIGRATIONS as version 2).
 SYNC_SCHEMA = """
@@ -91,6 +98,8 @@ class SyncTables:
 
     _lock: threading.Lock
     _sync_cache: tuple[int, dict[str, Any]] | None
+    _sync_changes: ChangeVersions
+    _claimed_id: int
     _depth: tuple[int, int]
     _max_bytes: int
 
@@ -132,6 +141,15 @@ class SyncTables:
             version, data = self._sync_loaded_locked()
             return version, copy.deepcopy(data)
 
+    def sync_view(self) -> tuple[int, dict[str, Any]]:
+        """(version, the document) without a copy: the caller must not mutate it.
+
+        Commits replace the cached document instead of changing it, so what this returns
+        stays as it was: it is the cheap snapshot invocations start from.
+        """
+        with self._lock:
+            return self._sync_loaded_locked()
+
     def _sync_loaded_locked(self) -> tuple[int, dict[str, Any]]:
         """The cached (version, document); the caller holds ``self._lock``."""
         cache = self._sync_cache
@@ -145,6 +163,8 @@ class SyncTables:
             version = int(meta[0]) if meta else 0
             cache = (version, {key: json.loads(value) for key, value in rows})
             self._sync_cache = cache
+            # Snapshots are handed out from this cache: none is older than this version.
+            self._sync_changes = ChangeVersions(floor=version)
         return cache
 
     def sync_commit(
@@ -156,9 +176,16 @@ class SyncTables:
         coalesce_after_id: int,
         reply: ReplyRecord | None = None,
         max_payload: int | None = None,
+        base_version: int | None = None,
+        checked: list[str] | None = None,
+        read_all: bool = False,
     ) -> SyncCommit | None:
         """Apply ``changes`` (None deletes) as the next version and queue its delta, with
         ``reply`` if given, atomically. None when nothing changed (the reply is still queued).
+
+        With ``base_version`` (the version the invocation read), StateConflict is raised
+        (nothing written) when a key in ``checked`` (default: the changed keys), or with
+        ``read_all`` any key, changed after that version.
 
         Raises OutboxFull (nothing written) when the outbox cannot take the messages, and
         StateTooLarge (nothing written) when the document, or the delta carrying the change,
@@ -168,6 +195,11 @@ class SyncTables:
         commit: SyncCommit | None = None
         with self._lock:
             version, state = self._sync_loaded_locked()
+            if base_version is not None:
+                keys = list(changes) if checked is None else checked
+                conflicts = self._sync_changes.conflicts(base_version, keys, read_all)
+                if conflicts:
+                    raise StateConflict(conflict_message(conflicts, base_version), keys=conflicts)
             effective = effective_changes(state, changes)
             new_state = {k: v for k, v in state.items() if k not in effective}
             new_state.update({k: v for k, v in effective.items() if v is not None})
@@ -196,7 +228,12 @@ class SyncTables:
                         version,
                         effective,
                         state_checksum(new_state),
-                        (delta_topic, encode_delta, coalesce_after_id, max_payload),
+                        (
+                            delta_topic,
+                            encode_delta,
+                            max(coalesce_after_id, self._claimed_id),
+                            max_payload,
+                        ),
                         depth,
                     )
                 if reply is not None:
@@ -204,6 +241,7 @@ class SyncTables:
             self._depth = depth
             if commit is not None:
                 self._sync_cache = (commit.to_version, new_state)
+                self._sync_changes.record(commit.to_version, effective, len(new_state))
         return commit
 
     def _queue_delta(
