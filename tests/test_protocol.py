@@ -1126,6 +1126,7 @@ DOC_EXAMPLES: dict[str, tuple[Callable[[bytes], Any], Callable[[dict[str, Any]],
     "reply": (p.decode_reply, _reply),
     "reply_error": (p.decode_reply, _reply),
     "reply_bad_request": (p.decode_reply, _reply),
+    "reply_conflict": (p.decode_reply, _reply),
     "sync_delta": (
         p.decode_sync_delta,
         lambda m: p.encode_sync_delta(
