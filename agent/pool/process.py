@@ -227,7 +227,9 @@ def spawn(*, python: str, codec: str, user: str | None, cwd: str | None) -> Work
     child_r, parent_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [python, "-I", "-c", _BOOTSTRAP, _AGENT_ROOT, str(child_r), str(child_w), codec],
+            # -B: a worker never writes bytecode, so installed code stays exactly as
+            # verified (a planted .pyc would run instead of the checked source).
+            [python, "-I", "-B", "-c", _BOOTSTRAP, _AGENT_ROOT, str(child_r), str(child_w), codec],
             stdin=subprocess.DEVNULL,
             pass_fds=(child_r, child_w),
             close_fds=True,
