@@ -213,7 +213,7 @@ def test_full_queue_raises_overloaded_quickly(make_runtime: RuntimeFactory) -> N
     assert len(served) == 2 and len(overloaded) == 2, results
     assert all(e.type == "overloaded" for e in overloaded)
     assert max(refused_at) < 0.5, f"Overloaded took {refused_at}s (it should not wait)"
-    assert runtime.metrics.error_count("f") == 2
+    assert runtime.metrics.error_count(function_id="f") == 2
 
 
 def test_concurrent_invokes_get_their_own_results(runtime: EdgeRuntime) -> None:
