@@ -18,15 +18,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
+from conftest import REPO, AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 
+from agent import EdgeCluster
+from agent.errors import StateConflict
 from agent.mirror import MirrorClient
 from agent.mqtt import MqttSettings
 from agent.store import Store
@@ -40,6 +46,7 @@ AgentFactory = Callable[..., AgentProcess]
 
 #: The README's counter: read, (optionally) take a while, write the incremented value.
 COUNTER = """\
+import os
 import time
 
 
@@ -48,6 +55,10 @@ def handler(event, context):
     n = (context.state.get(key) or 0) + 1
     if event.get('delay'):
         time.sleep(event['delay'])
+    if event.get('mark'):  # tell the test it has read, then wait for its go
+        open(event['mark'], 'w').close()
+        while not os.path.exists(event['gate']):
+            time.sleep(0.005)
     context.state.set(key, n)
     return n
 """
@@ -286,3 +297,67 @@ def test_counter_survives_redeploy_of_the_same_version_and_restart(
     third = one_outcome(wait_answered(cloud, burst(cloud, "counter", 20, {})))
     assert ok_results({**first, **second, **third}) == list(range(1, 61))
     assert edge_state(agent)[1] == {"count": 60}
+
+
+# -- a conflict, seen from the cloud's side ----------------------------------------------------
+
+
+def hold_slow_invoke(tmp_path: Path, name: str) -> tuple[dict[str, Any], Path, Path]:
+    mark, gate = tmp_path / f"{name}.read", tmp_path / f"{name}.go"
+    return {"mark": str(mark), "gate": str(gate)}, mark, gate
+
+
+def test_conflict_raises_state_conflict_remotely_and_edgectl_exits_1(
+    cloud: Cloud, broker: Mosquitto, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """A stale write set reaches the fleet API as StateConflict and edgectl invoke as exit 1."""
+    start_agent(agent_factory)
+    deploy(cloud, "slow", concurrency=1)
+    deploy(cloud, "fast", concurrency=1)
+
+    # The fleet API: slow reads count = 0, fast commits count = 1, slow's commit conflicts.
+    event, mark, gate = hold_slow_invoke(tmp_path, "remote")
+    outcome: list[Any] = []
+    with EdgeCluster.connect("127.0.0.1", broker.port, timeout=10.0) as cluster:
+        runtime = wait_for(lambda: cluster.get_runtime(NODE), 10, f"{NODE} never appeared")
+
+        def call() -> None:
+            try:
+                outcome.append(runtime.invoke("slow", event))
+            except Exception as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(mark.exists, 10, "the slow invocation never read the state")
+        assert cloud.invoke(NODE, "fast", {})["result"] == 1
+        gate.touch()
+        caller.join(15)
+    assert len(outcome) == 1 and isinstance(outcome[0], StateConflict), outcome
+    assert outcome[0].keys == ["count"]
+
+    # edgectl: the same race, exit code 1 and the error type on stderr.
+    event, mark, gate = hold_slow_invoke(tmp_path, "ctl")
+    ctl = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{broker.port}"),
+            *("invoke", NODE, "slow", "--payload", json.dumps(event), "--timeout", "20"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(mark.exists, 15, "edgectl's invocation never read the state")
+        assert cloud.invoke(NODE, "fast", {})["result"] == 2
+        gate.touch()
+        out, err = ctl.communicate(timeout=20)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait()
+    assert ctl.returncode == 1, (out, err)
+    assert "conflict" in err, err
+    # nothing the conflicting invocations wrote was applied
+    assert cloud.invoke(NODE, "fast", {})["result"] == 3

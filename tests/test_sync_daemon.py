@@ -348,7 +348,10 @@ def test_changes_made_offline_coalesce_into_one_delta(
 
     gate, rids = hold_invocations(
         # "quiet": the reply does not list the document, which would read every key
-        cloud, tmp_path, 6, lambda i: {"set": {f"k{i}": i * 10}, "op": "quiet"}
+        cloud,
+        tmp_path,
+        6,
+        lambda i: {"set": {f"k{i}": i * 10}, "op": "quiet"},
     )
     go_offline(agent, uplink)
     before = mark(cloud)
@@ -391,7 +394,9 @@ def test_unsent_deltas_survive_kill9_and_reach_the_mirror(
     agent = agent_factory(port=uplink.port, runtime={"max_workers": 3}).start()
     wait_online(cloud)
     deploy_active(cloud, "kv", concurrency=3, timeout_seconds=30)
-    gate, rids = hold_invocations(cloud, tmp_path, 3, lambda i: {"set": {f"k{i}": [i]}})
+    gate, rids = hold_invocations(
+        cloud, tmp_path, 3, lambda i: {"set": {f"k{i}": [i]}, "op": "quiet"}
+    )
     go_offline(agent, uplink)
     gate.touch()
     wait_for(lambda: stored_sync(agent)[0] == 3, 15, "the held invocations did not commit")
