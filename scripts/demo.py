@@ -26,6 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import protocol
+from agent.trust import Signer, generate_keypair
+
 REPO = Path(__file__).resolve().parent.parent
 NODE = "gw-demo"
 
@@ -113,12 +116,25 @@ def main() -> int:
         wait_port(port, 10)
         cloud = Cloud(port)
 
+        # A throw-away signing key: the agent accepts only specs signed by it. The agent
+        # refuses a key file its own uid could rewrite, which only holds when it runs as
+        # root here (the key is root's); otherwise the demo runs unsigned and says so.
+        signer, trust = None, ""
+        if os.geteuid() == 0:
+            (work / "trust").mkdir(mode=0o755)
+            key_id = generate_keypair(work / "trust" / "demo")
+            signer = Signer.from_file(work / "trust" / "demo")
+            trust = f'\n[trust]\nkeys = ["{work / "trust" / "demo.pub"}"]\n'
+            say(f"made a throw-away signing key {key_id}; the agent will trust only it")
+        else:
+            say("not root: the agent runs without [trust] keys (unsigned mode)")
+
         say("starting the agent (edge-agent run)")
         config = work / "agent.toml"
         config.write_text(
             f'[node]\nid = "{NODE}"\nname = "Demo gateway"\nlocation = "your desk"\n'
             f'capabilities = ["python"]\n\n[mqtt]\nport = {port}\n\n'
-            f'[agent]\nstate_dir = "{work / "state"}"\nheartbeat_interval_s = 2\n'
+            f'[agent]\nstate_dir = "{work / "state"}"\nheartbeat_interval_s = 2\n{trust}'
         )
         log = (work / "agent.log").open("wb")
         procs.append(
@@ -147,6 +163,11 @@ def main() -> int:
             "memory_mb": 64,
             "timeout_seconds": 5,
         }
+        if signer is not None:  # signed for the whole fleet, sequence = the ms clock
+            decoded = protocol.decode_spec(json.dumps(spec).encode())
+            signed = signer.sign(decoded, target="fleet", sequence=int(time.time() * 1000))
+            spec = json.loads(protocol.encode_spec(signed))
+            print(f"    signed by {signer.key_id} for the fleet, sequence {signed.sequence}")
         cloud.publish("edge/fleet/functions/sensor", spec, retain=True)
         state = cloud.wait(
             f"edge/nodes/{NODE}/functions/sensor/state", lambda m: m["state"] == "active"
