@@ -584,3 +584,22 @@ def test_write_default_config_refuses_a_dangling_symlink(tmp_path: Path) -> None
     with pytest.raises(FileExistsError):
         write_default_config(link)
     assert not (tmp_path / "elsewhere.toml").exists()
+
+
+# --- [trust]
+
+
+def test_trust_defaults_to_no_keys_and_signatures_required_once_keys_exist() -> None:
+    trust = parse().trust
+    assert trust.keys == () and trust.require_signed is True
+
+
+def test_trust_keys_are_distinct_absolute_paths() -> None:
+    cfg = parse(trust={"keys": ["/etc/edge-agent/trust/a.pub", "/etc/edge-agent/trust/b.pub"]})
+    assert cfg.trust.keys == ("/etc/edge-agent/trust/a.pub", "/etc/edge-agent/trust/b.pub")
+    assert "trust.keys[0]: expected an absolute path" in problem(trust={"keys": ["a.pub"]})
+    assert "trust.keys[1]: duplicate entry" in problem(trust={"keys": ["/k", "/k"]})
+    assert "trust.keys: expected a list of absolute paths" in problem(trust={"keys": "/k"})
+    assert "trust.require_signed: expected true or false" in problem(
+        trust={"require_signed": "yes"}
+    )
