@@ -21,7 +21,8 @@ import sys
 import time
 import tomllib
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,6 @@ def build_deb(out: Path, version: str | None) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def build_both(out: Path, version_v2: str) -> tuple[Path, Path, float]:
-    started = time.monotonic()
-    return build_deb(out, None), build_deb(out, version_v2), time.monotonic() - started
-
-
 def render(results: dict[str, Any], phases: dict[str, float]) -> str:
     lines = ["host phases:"]
     lines += [f"  {name:<28} {seconds:7.2f} s" for name, seconds in phases.items()]
@@ -94,27 +90,61 @@ def render(results: dict[str, Any], phases: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def test_deb_installs_runs_upgrades_and_purges_under_booted_systemd(tmp_path: Path) -> None:
-    """The package works under a real systemd: notify, watchdog, reload, journal, upgrade, purge."""
+@dataclass(frozen=True)
+class Built:
+    deb_v1: Path
+    deb_v2: Path
+    version_v1: str
+    version_v2: str
+    base: nspawn.CachedRoot
+    phases: dict[str, float]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """Both packages and the cached root, made side by side (they are independent)."""
     if os.geteuid() != 0:
         pytest.skip("debootstrap, mount and systemd-nspawn need root")
     missing = nspawn.missing_tools()
     assert not missing, f"missing {missing}: run scripts/bootstrap"
-
     upstream = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     version_v2 = f"{upstream}+boottest1"
-    debs = tmp_path / "debs"
-    debs.mkdir()
-    phases: dict[str, float] = {}
+    debs = tmp_path_factory.mktemp("debs")
     started = time.monotonic()
-
-    # The two builds and the cached root are independent: overlap them.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        builds: Future[tuple[Path, Path, float]] = pool.submit(build_both, debs, version_v2)
+        v1 = pool.submit(build_deb, debs, None)
+        v2 = pool.submit(build_deb, debs, version_v2)
         base = nspawn.cached_root()
-        phases["cached root (built now)" if base.built_now else "cached root (warm)"] = base.seconds
-        deb_v1, deb_v2, phases["build-deb x2"] = builds.result()
-    assert deb_v1.name == f"edge-agent_{upstream}_{deb_v1.name.rsplit('_', 1)[1]}"
+        deb_v1, deb_v2 = v1.result(), v2.result()
+    phases = {
+        "cached root (built now)" if base.built_now else "cached root (warm)": base.seconds,
+        "build-deb x2 (in parallel)": time.monotonic() - started,
+    }
+    assert deb_v1.name.startswith(f"edge-agent_{upstream}_"), deb_v1.name
+    return Built(deb_v1, deb_v2, upstream, version_v2, base, phases)
+
+
+def test_deb_is_lintian_clean(built: Built) -> None:
+    """lintian finds no error or warning beyond packaging/debian/lintian-overrides."""
+    result = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", str(built.deb_v1)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    tags = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert (result.returncode, tags) == (0, []), f"lintian:\n{result.stdout}{result.stderr}"
+
+
+def test_deb_installs_runs_upgrades_and_purges_under_booted_systemd(
+    built: Built, tmp_path: Path
+) -> None:
+    """The package works under a real systemd: notify, watchdog, reload, journal, upgrade, purge."""
+    deb_v1, deb_v2, base = built.deb_v1, built.deb_v2, built.base
+    upstream, version_v2 = built.version_v1, built.version_v2
+    phases = dict(built.phases)
+    started = time.monotonic()
 
     out = tmp_path / "out"
     out.mkdir()
@@ -150,7 +180,7 @@ def test_deb_installs_runs_upgrades_and_purges_under_booted_systemd(tmp_path: Pa
             machine=machine,
         )
         phases["boot + checks + poweroff"] = booted.seconds
-    phases["total"] = time.monotonic() - started
+    phases["total (with the builds)"] = time.monotonic() - started + sum(built.phases.values())
 
     assert not os.path.ismount(tmp_path / "run" / "merged"), "the overlay is still mounted"
     assert not (Path("/run/systemd/nspawn/propagate") / machine).exists(), "nspawn left its dir"
