@@ -79,6 +79,7 @@ def build_agent(
         max_queue=r.max_queue,
         max_invocations=r.worker_max_invocations,
         codec="json",
+        python=r.worker_python or sys.executable,
         user=r.worker_user or None,
         limits=WorkerLimits(),
     )

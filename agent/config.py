@@ -185,6 +185,22 @@ def string_list(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def uid_range(value: Any) -> str:
+    """``"FIRST-LAST"`` (uids, 1000 <= FIRST <= LAST < 2**31-1, at least 1), or ``""`` for none."""
+    if value == "":
+        return ""
+    want = 'expected "FIRST-LAST" with 1000 <= FIRST <= LAST <= 2147483646, or ""'
+    if not isinstance(value, str):
+        raise _Invalid(want, value)
+    first, sep, last = value.partition("-")
+    if not sep or not first.isdigit() or not last.isdigit():
+        raise _Invalid(want, value)
+    low, high = int(first), int(last)
+    if not 1000 <= low <= high <= 2147483646:
+        raise _Invalid(want, value)
+    return f"{low}-{high}"
+
+
 def choice(*options: str) -> Convert:
     """One of a few fixed strings, matched exactly."""
     shown = [json.dumps(option) for option in options]
@@ -421,11 +437,26 @@ class RuntimeConfig:
         integer(1),
         'Invocations that may wait per function; beyond that callers get "overloaded".',
     )
+    function_uids: str = _key(
+        "61000-61999",
+        uid_range,
+        "Each function's workers run under a uid (and gid) of its own from this range, so a "
+        "function cannot read the agent's files, other functions' code or signal the agent. "
+        "Needs root or CAP_SETUID+CAP_SETGID (the packaged unit grants them); without them, or "
+        'with "", workers share one uid and status says "isolation": "shared-uid".',
+    )
     worker_user: str = _key(
         "",
         string(blanks=False),
-        "User (name or uid) the workers run as; empty runs them as the agent's own user. "
-        "Switching users needs the agent to start as root.",
+        "User (name or uid) the workers run as when function_uids is off or unavailable; "
+        "empty runs them as the agent's own user. Switching users needs the agent to start "
+        "as root.",
+    )
+    worker_python: str = _key(
+        "",
+        path(),
+        "Interpreter the workers run (a Python 3.11+); empty: the agent's own. With "
+        "function_uids, function users must be able to run it and read its standard library.",
     )
     worker_max_invocations: int = _key(
         10000,

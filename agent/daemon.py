@@ -42,6 +42,7 @@ from agent.errors import (
     StateConflict,
     error_to_dict,
 )
+from agent.isolation import FunctionIdentities
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
@@ -100,8 +101,11 @@ class Agent:
         self.metrics = metrics or EdgeMetrics(history=0)
         self.topics = protocol.Topics(config.mqtt.topic_prefix, config.node.id)
         self.mqtt: mqtt.MqttClient | None = None
+        functions_dir = Path(config.agent.state_dir) / "functions"
+        #: Each function's own uid and gid (runtime.function_uids), decided at boot.
+        self.identities = FunctionIdentities(store, config.runtime.function_uids, functions_dir)
         self.deployer = Deployer(
-            Path(config.agent.state_dir) / "functions", pool, config.runtime, self.post
+            functions_dir, pool, config.runtime, self.post, identities=self.identities
         )
         self.deployments = DeploymentController(
             store,
@@ -151,6 +155,19 @@ class Agent:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         self.store.open()
         self.sync.boot()
+        isolation = self.identities.start(self.pool.python)
+        if isolation.mode == "uid":
+            if self.pool.user:
+                log.warning("runtime.worker_user is ignored: each function has its own uid")
+                self.pool.user = None
+            log.info(
+                "functions run under uids of their own (%s)", self.config.runtime.function_uids
+            )
+        else:
+            log.warning(
+                "functions share one uid and can read what it can (isolation: shared-uid): %s",
+                isolation.reason,
+            )
         self.pool.start()
         restored = self.deployments.restore()
         log.info("restored %d deployed functions from %s", restored, self.store.path)
@@ -270,6 +287,7 @@ class Agent:
                 "functions": len(self.pool.functions()),
                 "sync": self.sync.summary(),
                 "trust": self.deployments.trust_mode,  # "unsigned" is visible from the cloud
+                "isolation": self.identities.isolation.mode,  # "shared-uid" too
             },
         )
         mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
@@ -633,6 +651,7 @@ class Agent:
                 "inflight": len(self._inflight),
                 "sync": self.sync.summary(),
                 "trust": self.deployments.trust_mode,
+                "isolation": self.identities.isolation.mode,
                 # Lets a controller judge staleness without knowing this node's config.
                 "interval_s": self.config.agent.heartbeat_interval_s,
             },

@@ -21,6 +21,7 @@ from pathlib import Path
 from agent import bundles
 from agent.config import RuntimeConfig
 from agent.errors import DeploymentRejected, EdgeExecutionError, error_to_dict
+from agent.isolation import FunctionIdentities
 from agent.pool import FunctionConfig, Worker, WorkerPool
 from agent.protocol import FunctionSpec, code_bytes
 
@@ -51,7 +52,11 @@ def check_limits(spec: FunctionSpec, runtime: RuntimeConfig) -> None:
         )
 
 
-def pool_config(spec: FunctionSpec, code_dir: Path) -> FunctionConfig:
+def pool_config(
+    spec: FunctionSpec, code_dir: Path, identity: tuple[int, int] | None = None
+) -> FunctionConfig:
+    """What the pool runs; ``identity`` is the function's own (uid, gid), if isolated."""
+    uid, gid = identity if identity is not None else (None, None)
     return FunctionConfig(
         function_id=spec.id,
         memory_mb=spec.memory_mb,
@@ -62,6 +67,8 @@ def pool_config(spec: FunctionSpec, code_dir: Path) -> FunctionConfig:
         path=str(code_dir),
         entrypoint=spec.entrypoint,
         version=spec.version,
+        uid=uid,
+        gid=gid,
     )
 
 
@@ -90,9 +97,11 @@ class Deployer:
         pool: WorkerPool,
         runtime: RuntimeConfig,
         post: Callable[[DeployOutcome], None],
+        identities: FunctionIdentities | None = None,
     ) -> None:
         self.functions_dir = functions_dir
         self.pool = pool
+        self.identities = identities
         self.runtime = runtime
         self._post = post
         self._jobs: queue.SimpleQueue[DeployJob | None] = queue.SimpleQueue()
@@ -112,6 +121,20 @@ class Deployer:
             self._jobs.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+    def config_for(
+        self, spec: FunctionSpec, code_dir: Path, *, grant: bool = True
+    ) -> FunctionConfig:
+        """The pool config for installed code, its files granted to the function's own uid
+        (``grant=False``: already done, as for a version this thread just prepared).
+
+        Raises DeploymentRejected (no uid left) and OSError (the files cannot be granted).
+        """
+        if self.identities is None:
+            return pool_config(spec, code_dir)
+        if grant:
+            self.identities.grant(spec.id, code_dir)
+        return pool_config(spec, code_dir, self.identities.identity(spec.id))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -139,7 +162,14 @@ class Deployer:
             error = {"type": "deployment_rejected", "message": f"cannot install bundle: {exc}"}
             return DeployOutcome(job, "failed", None, error)
         try:
-            worker = self.pool.check_load(pool_config(spec, code_dir))
+            config = self.config_for(spec, code_dir)
+        except DeploymentRejected as exc:
+            return DeployOutcome(job, "rejected", code_dir, error_to_dict(exc))
+        except OSError as exc:
+            error = {"type": "deployment_rejected", "message": f"cannot grant {code_dir}: {exc}"}
+            return DeployOutcome(job, "failed", code_dir, error)
+        try:
+            worker = self.pool.check_load(config)
         except EdgeExecutionError as exc:
             message = str(exc)
             log.warning("function %s %s does not load: %s", spec.id, spec.version, message)

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent import bundles, protocol
-from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec, pool_config
+from agent.deployer import Deployer, DeployJob, DeployOutcome, effective_spec
 from agent.errors import AgentError, DeploymentRejected, error_to_dict
 from agent.pool import WorkerPool
 from agent.store import DeploymentRow, Store
@@ -93,7 +93,12 @@ class DeploymentController:
             if problem is not None:
                 self._stop_serving(row, "failed", f"{problem}: not run")
                 continue
-            self.pool.register(pool_config(spec, code_dir))
+            try:
+                config = self.deployer.config_for(spec, code_dir)
+            except (DeploymentRejected, OSError) as exc:
+                self._stop_serving(row, "failed", f"cannot run it as its own user: {exc}")
+                continue
+            self.pool.register(config)
             restored += 1
         return restored
 
@@ -259,7 +264,8 @@ class DeploymentController:
             updated_ts=time.time(),
         )
         if outcome.state == "active" and outcome.code_dir is not None:
-            self.pool.register(pool_config(spec, outcome.code_dir), preloaded=outcome.worker)
+            config = self.deployer.config_for(spec, outcome.code_dir, grant=False)
+            self.pool.register(config, preloaded=outcome.worker)
             row = replace(
                 row,
                 active_version=spec.version,

@@ -4,9 +4,13 @@ Started by :mod:`agent.pool` as ``python -I -c <bootstrap> <read fd> <write fd>`
 session. It talks to the agent only through the two pipe fds (framing in :mod:`agent.wire`);
 stdout is pointed at stderr so a handler's ``print`` can never corrupt the channel.
 
-Limits are applied here *before* user code is loaded (rlimits only go down), but they are
-only the first line: the parent enforces the deadline with SIGKILL to this process group
-and classifies the death itself. This module must never import anything heavy at start-up
+Limits and identity are applied here *before* user code is loaded (rlimits only go down):
+with a ``uid`` in the load message the worker becomes that function's user, then drops every
+capability it inherited from the agent (an agent under systemd holds CAP_SETUID, CAP_SETGID
+and CAP_KILL as ambient capabilities, which would otherwise survive into user code) and sets
+no_new_privs, and it refuses to load if any capability is left. They are only the first
+line: the parent enforces the deadline with SIGKILL to this process group and classifies
+the death itself. This module must never import anything heavy at start-up
 beyond what a cold start needs (pickle, cloudpickle), and never talks to the network.
 """
 
@@ -34,6 +38,11 @@ if TYPE_CHECKING:
 EX_MEMORY = 88  # exceeded memory_mb; the worker cannot be trusted to keep running
 EX_PROTOCOL = 89  # the parent sent something unreadable
 EX_LOAD_FAILED = 90  # the handler could not be loaded (reported before exiting)
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 #: Released on MemoryError so the worker has room to report it.
 _RESERVE_BYTES = 1 << 20
@@ -87,6 +96,45 @@ def apply_limits(header: dict[str, Any]) -> int:
     limit = read_vmdata_bytes() + memory_bytes + _RESERVE_BYTES
     _set_limit(resource.RLIMIT_DATA, limit)
     return limit
+
+
+def become(uid: int | None, gid: int | None) -> None:
+    """Take the function's identity (if given) and give up every privilege, for good.
+
+    Raises PermissionError when something is left: user code must never start with more.
+    """
+    import ctypes
+
+    if gid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid):
+            raise PermissionError(f"could not become uid {uid}: {os.getresuid()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if os.geteuid() != 0:
+        # A non-root process keeps permitted/ambient capabilities across setuid: clear them.
+        libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (ctypes.c_uint32 * 6)()
+        if libc.capset(header, data) != 0:
+            raise PermissionError(f"capset failed: {os.strerror(ctypes.get_errno())}")
+        left = capabilities()
+        if any(left.values()):
+            raise PermissionError(f"capabilities left after dropping them: {left}")
+
+
+def capabilities() -> dict[str, int]:
+    """CapInh/CapPrm/CapEff/CapAmb of this process, from /proc/self/status."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/self/status", "rb") as status:
+        for line in status:
+            name, _, value = line.partition(b":")
+            if name in (b"CapInh", b"CapPrm", b"CapEff", b"CapAmb"):
+                out[name.decode()] = int(value.strip(), 16)
+    return out
 
 
 def resolve_entrypoint(path: str, entrypoint: str) -> Callable[..., Any]:
@@ -180,6 +228,8 @@ class WorkerMain:
             if header.get("cwd"):
                 os.chdir(header["cwd"])
             apply_limits(header)
+            uid, gid = header.get("uid"), header.get("gid")
+            become(None if uid is None else int(uid), None if gid is None else int(gid))
             self.reserve = bytearray(_RESERVE_BYTES)
             if header.get("kind") == "package":
                 self.handler = resolve_entrypoint(str(header["path"]), str(header["entrypoint"]))

@@ -69,6 +69,10 @@ class FunctionConfig:
     path: str = ""
     entrypoint: str = ""
     version: str = ""
+    #: The function's own uid and gid (its workers take them before loading its code);
+    #: None: the pool's ``user`` (or the agent's own).
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~3 us to build, per invocation
@@ -583,6 +587,8 @@ class WorkerPool:
                 "memory_bytes": config.memory_mb * 1024 * 1024,
                 "rlimits": {"nofile": self.limits.nofile, "fsize": self.limits.fsize_bytes},
                 "sys_path": self.sys_path,
+                "uid": config.uid,
+                "gid": config.gid,
             }
             worker.send(header, config.handler_blob)
             reply, _ = worker.recv(deadline)

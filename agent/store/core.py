@@ -384,6 +384,15 @@ class Store(SyncTables):
             (key, value),
         )
 
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """Every meta key starting with ``prefix`` (a plain prefix, no wildcards) and its value."""
+        rows = self._read(
+            "meta_items",
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+        return {str(key): str(value) for key, value in rows}
+
     # -- spec sources ------------------------------------------------------------------
 
     def put_spec_source(self, scope: str, function_id: str, spec_json: str | None) -> None:
