@@ -244,6 +244,25 @@ def topic_prefix(value: Any) -> str:
     return value
 
 
+def reply_prefixes(value: Any) -> tuple[str, ...]:
+    """Distinct topic prefixes replies may go to: no wildcards, NUL or leading ``$``."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid("expected a list of topic prefixes", value)
+    items: list[str] = []
+    for index, item in enumerate(value):
+        at = f"[{index}]"
+        if not isinstance(item, str) or not item:
+            raise _Invalid("expected a non-empty topic prefix", item, at)
+        if "+" in item or "#" in item or "\x00" in item:
+            raise _Invalid('must not contain "+", "#" or NUL', item, at)
+        if item.startswith("$"):
+            raise _Invalid('must not start with "$" (reserved for the broker)', item, at)
+        if item in items:
+            raise _Invalid("duplicate entry", item, at)
+        items.append(item)
+    return tuple(items)
+
+
 # --- the schema: every key's default, converter and documentation live on its field
 
 
@@ -355,6 +374,16 @@ class MqttConfig:
         10.0,
         number(exclusive=True),
         "Seconds to wait for the broker to accept a connection before trying again.",
+    )
+    reply_prefixes: tuple[str, ...] = _key(
+        (),
+        reply_prefixes,
+        "Where invocation replies may go (reply_to, MQTT 5 Response Topic), as plain topic "
+        'prefixes (end one with "/" for a subtree). Empty: anywhere outside '
+        "<prefix>/fleet, <prefix>/nodes and <prefix>/controllers. Set: only under these. "
+        "The contract's reply topics (<prefix>/nodes/<node.id>/replies, "
+        "<prefix>/controllers/<id>/replies) are always allowed; any other address is "
+        "answered bad_request on <prefix>/nodes/<node.id>/replies.",
     )
 
 
@@ -608,6 +637,12 @@ def _check_relations(cfg: Config) -> list[str]:
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         bound = f"mqtt.reconnect_min_s ({mqtt.reconnect_min_s:g})"
         bad("mqtt.reconnect_max_s", f"expected a number >= {bound}", mqtt.reconnect_max_s)
+    for index, start in enumerate(mqtt.reply_prefixes):
+        for level in ("fleet", "nodes", "controllers"):
+            owned = f"{mqtt.topic_prefix}/{level}"
+            if start == owned or start.startswith(f"{owned}/"):
+                need = f"must not fall under {owned}/ (the wire contract's topics)"
+                bad(f"mqtt.reply_prefixes[{index}]", need, start)
     if mqtt.protocol == "3.1.1" and mqtt.password_file and not mqtt.username:
         # MQTT 3.1.1 forbids the password flag without the user name flag; 5 allows it.
         need = "MQTT 3.1.1 needs a user name when mqtt.password_file is set"

@@ -35,6 +35,7 @@ from agent.deployer import Deployer, DeployOutcome
 from agent.deployments import DeploymentController
 from agent.errors import (
     AgentError,
+    BadRequest,
     EdgeExecutionError,
     FunctionNotFound,
     HandlerError,
@@ -367,18 +368,20 @@ class Agent:
             request = protocol.decode_invoke(msg.payload, self.config.agent.max_payload_bytes)
         except protocol.InvokeDecodeError as exc:
             log.warning("bad invoke request: %s", exc, extra={"request_id": exc.request_id})
-            target = (
-                self.topics.reply_topic(msg.response_topic, exc.reply_to),
-                msg.correlation_data,
-            )
+            address = self._reply_address(msg, exc.reply_to)
+            target = (address.topic, msg.correlation_data)
             self._reply_error(exc.request_id, exc.function_id, [target], exc, durable=True)
             self._ack(msg)
             return
-        target = (
-            self.topics.reply_topic(msg.response_topic, request.reply_to),
-            msg.correlation_data,
-        )
+        address = self._reply_address(msg, request.reply_to)
+        target = (address.topic, msg.correlation_data)
         rid = request.request_id
+        if address.refused is not None:  # never publish into the contract: not run, not kept
+            log.warning("invoke %s refused: %s", rid, address.refused, extra={"request_id": rid})
+            refused = BadRequest(f"invoke: reply address refused: {address.refused}")
+            self._reply_error(rid, request.function_id, [target], refused, durable=True)
+            self._ack(msg)
+            return
         running = self._inflight.get(rid)
         if running is not None:  # a duplicate while the first is still running
             running.targets.append(target)
@@ -410,6 +413,11 @@ class Agent:
         invocation = _Invocation(request, [target], [msg])
         self._inflight[rid] = invocation
         self._executor.submit(self._run_invocation, invocation)
+
+    def _reply_address(self, msg: mqtt.Message, reply_to: str | None) -> protocol.ReplyAddress:
+        return self.topics.reply_address(
+            msg.response_topic, reply_to, self.config.mqtt.reply_prefixes
+        )
 
     def _max_inflight(self) -> int:
         """Accepted and not yet answered, at most: every invocation thread busy plus a queue."""

@@ -211,12 +211,97 @@ class Topics:
                 return ("node_spec", fid)
         return ("unknown", None)
 
-    def reply_topic(self, response_topic: str | None = None, reply_to: str | None = None) -> str:
-        """MQTT 5 Response Topic if usable, else ``reply_to`` if usable, else :attr:`replies`."""
-        for candidate in (response_topic, reply_to):
-            if is_valid_publish_topic(candidate):
-                return candidate
-        return self.replies
+    def reply_topic(
+        self,
+        response_topic: str | None = None,
+        reply_to: str | None = None,
+        allowed_prefixes: Iterable[str] = (),
+    ) -> str:
+        """Where the reply goes: :meth:`reply_address`'s topic (:attr:`replies` if refused)."""
+        return self.reply_address(response_topic, reply_to, allowed_prefixes).topic
+
+    def reply_address(
+        self,
+        response_topic: str | None = None,
+        reply_to: str | None = None,
+        allowed_prefixes: Iterable[str] = (),
+    ) -> ReplyAddress:
+        """The MQTT 5 Response Topic, else ``reply_to``, else :attr:`replies`, checked.
+
+        Both addresses the request names are checked with :func:`reply_address_problem`
+        (an empty Response Topic counts as none). If either is refused the whole request is:
+        the topic is then :attr:`replies` and ``refused`` says why, so the caller answers
+        ``bad_request`` there and does not run the handler.
+        """
+        allowed = tuple(allowed_prefixes)
+        named = [
+            (what, topic)
+            for what, topic in (("Response Topic", response_topic), ("reply_to", reply_to))
+            if topic is not None and (topic != "" or what == "reply_to")
+        ]
+        for what, topic in named:
+            problem = reply_address_problem(
+                topic, prefix=self.prefix, node_id=self.node_id, allowed_prefixes=allowed
+            )
+            if problem is not None:
+                return ReplyAddress(self.replies, f"{what} {_show(topic)}: {problem}")
+        return ReplyAddress(named[0][1] if named else self.replies, None)
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a reply goes; ``refused`` is why the request's own address was not accepted."""
+
+    topic: str
+    refused: str | None = None
+
+
+#: Levels under ``<prefix>/`` that belong to the contract: no reply may land in them, except
+#: the reply topics the contract itself defines (see :func:`reply_address_problem`).
+CONTRACT_NAMESPACES: Final = ("fleet", "nodes", "controllers")
+
+
+def reply_address_problem(
+    topic: object,
+    *,
+    prefix: str,
+    node_id: str,
+    allowed_prefixes: Iterable[str] = (),
+) -> str | None:
+    """Why ``topic`` may not receive a reply of node ``node_id``; None when it may.
+
+    In order:
+
+    1. Not a topic one may publish to (empty, ``+``, ``#``, NUL, leading ``$``, not UTF-8,
+       over 65535 bytes): refused.
+    2. The contract's reply topics are allowed: exactly ``<prefix>/nodes/<node_id>/replies``
+       and exactly ``<prefix>/controllers/<id>/replies`` for any valid id (what
+       ``agent.fleet.controller`` subscribes to; nothing below them).
+    3. ``<prefix>/fleet``, ``<prefix>/nodes``, ``<prefix>/controllers`` and everything under
+       them: refused. Those are specs, invocations, statuses, desired state, another node's
+       or a controller's topics: a reply there would be read as one of them.
+    4. ``allowed_prefixes`` (``mqtt.reply_prefixes``) non-empty: allowed only when the topic
+       starts with one of them (plain string prefixes: end one with ``/`` for a subtree).
+    5. Otherwise allowed (the rest of ``<prefix>/`` and anything outside it).
+    """
+    if not is_valid_publish_topic(topic):
+        return "not a topic to publish to (empty, +, #, NUL, a leading $, or too long)"
+    if topic == f"{prefix}/nodes/{node_id}/replies":
+        return None
+    if topic.startswith(f"{prefix}/"):
+        rest = topic[len(prefix) + 1 :].split("/")
+        if len(rest) == 3 and rest[0] == "controllers" and rest[2] == "replies":
+            return None if is_valid_id(rest[1]) else f"{_show(rest[1])} is no controller id"
+        if rest[0] in CONTRACT_NAMESPACES:
+            return (
+                f"falls under {prefix}/{rest[0]}/, which belongs to the wire contract "
+                f"(the only reply topics there are {prefix}/nodes/{node_id}/replies and "
+                f"{prefix}/controllers/<id>/replies)"
+            )
+    allowed = tuple(allowed_prefixes)
+    if allowed and not any(topic.startswith(start) for start in allowed):
+        return f"outside mqtt.reply_prefixes ({', '.join(allowed)})"
+    return None
 
 
 def parse_node_topic(prefix: str, topic: str) -> tuple[str, str] | None:

@@ -199,9 +199,12 @@ def test_topic_builders_reject_bad_function_id() -> None:
 def test_reply_topic_selection() -> None:
     assert T.reply_topic("resp/t", "cloud/r") == "resp/t"
     assert T.reply_topic(None, "cloud/r") == "cloud/r"
-    assert T.reply_topic("bad/+", "cloud/r") == "cloud/r"
+    # Either address refused refuses the request: the reply goes to the default topic
+    # (tests/test_reply_topics.py has the whole rule).
+    assert T.reply_topic("bad/+", "cloud/r") == "edge/nodes/n1/replies"
     assert T.reply_topic(None, None) == "edge/nodes/n1/replies"
     assert T.reply_topic("", "bad/#") == "edge/nodes/n1/replies"
+    assert T.reply_topic(None, "edge/fleet/functions/f") == "edge/nodes/n1/replies"
 
 
 @pytest.mark.parametrize("bad", ["", "a/+", "a/#", "a\x00b", "$SYS/x", "\ud800", "x" * 65536, 3])
