@@ -63,12 +63,11 @@ from bench_mqtt import (
     _children,
     info_row,
     invoke_body,
-    latency_row,
     source_spec,
     wait_until,
 )
 from bench_runtime import latency_row as latency_row_ns
-from bench_runtime import new_runtime, time_calls
+from bench_runtime import latency_row_us, new_runtime, time_calls
 
 from agent import EdgeFunction, EdgeSynchronizer
 
@@ -264,7 +263,7 @@ def measure_mqtt(total: int) -> tuple[dict[str, Tally], list[int], int | None]:
 def mqtt_rows(tallies: dict[str, Tally], counter_results: list[int]) -> list[dict[str, Any]]:
     def row(name: str, fid: str, floor: Tally | None, **extra: Any) -> dict[str, Any]:
         tally = tallies[fid]
-        out = latency_row(name, tally.latencies_us, key=fid, seconds=round(tally.seconds, 3))
+        out = latency_row_us(name, tally.latencies_us, key=fid, seconds=round(tally.seconds, 3))
         rate = tally.ok / tally.seconds
         out.update(rate=round(rate, 1), ok=tally.ok, conflicts=tally.conflicts, **extra)
         if floor is not None:
