@@ -429,8 +429,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
     verify exits 0 even on unknown keys and unparsable values, so the test fails on any
     stdout/stderr. verify rejects an ExecStart binary that does not exist, so when
-    /opt/edge-agent/bin/edge-agent (the .deb's) is not installed the unit is copied to tmp_path with only
-    that path replaced by /bin/true; every other line is checked as shipped.
+    /opt/edge-agent/bin/edge-agent (the .deb's) is not installed the unit is copied to
+    tmp_path with only that path replaced by /bin/true; every other line is checked as
+    shipped.
     SYSTEMD_LOG_LEVEL=warning, SYSTEMD_LOG_TARGET=console (so findings reach stderr even
     under systemd), SYSTEMD_LOG_COLOR=0, --recursive-errors=no (do not report problems
     in the system's own units that ours merely references).
