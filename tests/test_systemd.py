@@ -474,7 +474,10 @@ def test_unit_keeps_the_contract_with_the_agent() -> None:
     assert settings["KillMode"] == "mixed"
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["User"] == settings["Group"] == "edge-agent"
-    assert settings["CapabilityBoundingSet"] == ""
+    # a uid per function needs these three and nothing else; workers drop them all
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL"
+    assert settings["CapabilityBoundingSet"] == settings["AmbientCapabilities"] == caps
+    assert settings["StateDirectoryMode"] == "0711"  # function users pass, never list
     assert "MemoryDenyWriteExecute" not in settings
 
 
