@@ -133,7 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     import tomli_w
 
+    from agent.trust import TrustPolicy
+
     config = _load(args.config)
+    TrustPolicy.from_config(config)  # [trust] keys: PEM, ed25519, not writable by the agent
     print(f"# {args.config}: OK; effective configuration:")
     print(tomli_w.dumps(config_to_dict(config)), end="")
     return 0

@@ -142,6 +142,13 @@ def resolve_entrypoint(path: str, entrypoint: str) -> Callable[..., Any]:
     if path and path not in sys.path:
         sys.path.insert(0, path)
     target: Any = importlib.import_module(module_name)
+    if path:  # a bundle: the entrypoint's module must be the bundle's own file
+        origin = os.path.realpath(getattr(target, "__file__", None) or "")
+        if not origin.startswith(os.path.realpath(path) + os.sep):
+            raise ImportError(
+                f"entrypoint {entrypoint}: module {module_name!r} was loaded from "
+                f"{origin or 'the interpreter itself'}, not from the bundle {path}"
+            )
     for attr in attr_path.split("."):
         target = getattr(target, attr)
     if not callable(target):
