@@ -224,6 +224,8 @@ def handler(event):
         "no_new_privs": status["NoNewPrivs"].strip(),
         "seccomp": status["Seccomp"].strip(),
         "cap_eff": status["CapEff"].strip(),
+        "cap_prm": status["CapPrm"].strip(),
+        "cap_amb": status["CapAmb"].strip(),
         "etc_writable": etc_writable,
     }
 """
@@ -264,6 +266,8 @@ class Guest:
             ("security_score", self.check_security_score),
             ("upgrade_keeps_state", self.check_upgrade),
             ("purge", self.check_purge),
+            ("provisioned_install", self.check_provisioned_install),
+            ("purge_again", self.check_purge),
         ]
         for name, check in checks:
             started = time.monotonic()
@@ -417,9 +421,19 @@ class Guest:
     # -- workers inside the unit's sandbox
 
     def check_worker_sandbox(self) -> str:
+        """Every worker is in the unit's cgroup, sandbox and mount namespace, never root;
+        the handler's own process (which runs user code) has no capability at all.
+
+        Works for both isolation modes: workers under the agent's uid (today's default)
+        and a uid per function (runtime.function_uids, which needs CAP_SETUID/CAP_SETGID/
+        CAP_KILL in the unit). A prestarted worker that has not loaded a function yet may
+        still hold the agent's ambient capabilities: it runs no user code until it drops
+        them, so capabilities are asserted on the handler's process and only recorded for
+        the others.
+        """
         pid = main_pid()
         cgroup = show("ControlGroup")["ControlGroup"]
-        uid = int(sh(["id", "-u", "edge-agent"]))
+        agent_uid = int(sh(["id", "-u", "edge-agent"]))
 
         def in_unit(p: str) -> bool:
             try:
@@ -433,25 +447,37 @@ class Guest:
         expect(workers, f"no worker processes in {cgroup} besides the agent {pid}")
         own_mnt = os.readlink(f"/proc/{pid}/ns/mnt")
         expect(own_mnt != os.readlink("/proc/1/ns/mnt"), "the agent shares PID 1's mount ns")
+        seen: dict[int, dict[str, str]] = {}
         for w in workers:
             status = dict(
                 line.split(":", 1) for line in Path(f"/proc/{w}/status").read_text().splitlines()
             )
-            uids = status["Uid"].split()
-            expect(all(int(u) == uid for u in uids), f"worker {w} runs as uids {uids}")
+            uids = {int(u) for u in status["Uid"].split()}
+            expect(len(uids) == 1 and 0 not in uids, f"worker {w} has uids {status['Uid']}")
             expect(status["NoNewPrivs"].strip() == "1", f"worker {w}: NoNewPrivs off")
             expect(status["Seccomp"].strip() == "2", f"worker {w}: no seccomp filter")
-            expect(int(status["CapEff"], 16) == 0, f"worker {w}: capabilities {status['CapEff']}")
-            expect(int(status["CapBnd"], 16) == 0, f"worker {w}: bounding set not empty")
             expect(os.readlink(f"/proc/{w}/ns/mnt") == own_mnt, f"worker {w}: other mount ns")
+            seen[w] = {
+                "uid": str(uids.pop()),
+                **{k: status[k].strip() for k in ("CapEff", "CapPrm", "CapAmb", "CapBnd")},
+            }
+        self.facts["workers"] = seen
         probe = self.probe
-        expect(probe["uid"] == uid, f"the handler ran as uid {probe['uid']}")
+        expect(probe["uid"] != 0, "the handler ran as root")
+        for key in ("cap_eff", "cap_prm", "cap_amb"):
+            expect(int(probe[key], 16) == 0, f"the handler holds capabilities: {probe}")
         expect(cgroup in probe["cgroup"], f"the handler is outside {cgroup}: {probe['cgroup']}")
         expect(not probe["etc_writable"], "the handler could write to /etc")
         expect((probe["no_new_privs"], probe["seccomp"]) == ("1", "2"), f"{probe}")
+        isolation = (
+            f"shared uid edge-agent ({agent_uid})"
+            if probe["uid"] == agent_uid
+            else f"function uid {probe['uid']} (agent {agent_uid})"
+        )
+        self.facts["isolation"] = isolation
         return (
-            f"{len(workers)} workers in {cgroup}, uid edge-agent ({uid}), NoNewPrivs, "
-            "seccomp, no capabilities, the unit's mount namespace; /etc read-only to handlers"
+            f"{len(workers)} workers in {cgroup}, non-root, NoNewPrivs, seccomp, the unit's "
+            f"mount namespace; handler: {isolation}, no capabilities, /etc read-only"
         )
 
     # -- kill -9: systemd restarts the agent, which serves its deployments again
@@ -588,8 +614,10 @@ class Guest:
     # -- purge removes users, state and config
 
     def check_purge(self) -> str:
-        Path(f"/etc/systemd/system/{UNIT}.d/test.conf").unlink()  # the test's own drop-in
-        Path(f"/etc/systemd/system/{UNIT}.d").rmdir()
+        dropin = Path(f"/etc/systemd/system/{UNIT}.d")
+        if dropin.exists():  # the test's own drop-in: not the package's to remove
+            (dropin / "test.conf").unlink()
+            dropin.rmdir()
         uid = int(sh(["id", "-u", "edge-agent"]))
         started = time.monotonic()
         out = sh(["apt-get", "purge", "-y", "edge-agent"], timeout=180)
@@ -618,6 +646,33 @@ class Guest:
             f"systemctl is-enabled still knows the unit: {state!r}",
         )
         return "user, group, /etc/edge-agent, /var/lib/edge-agent, /opt/edge-agent, unit gone"
+
+    # -- a config provisioned before the install: kept, repaired, and the agent starts
+
+    def check_provisioned_install(self) -> str:
+        CONFIG.parent.mkdir(mode=0o700)
+        text = f'[node]\nid = "provisioned-{self.node}"\n\n[mqtt]\nhost = "{BROKER}"\n'
+        CONFIG.write_text(text)
+        CONFIG.chmod(0o600)
+        started = time.monotonic()
+        out = sh(
+            ["apt-get", "install", "-y", "--no-install-recommends", self.params["deb_v2"]],
+            timeout=180,
+        )
+        self.facts["provisioned_install_seconds"] = round(time.monotonic() - started, 3)
+        (OUT / "apt-provisioned.log").write_text(out)
+        expect(CONFIG.read_text() == text, "the install changed a provisioned agent.toml")
+        gid = int(sh(["getent", "group", "edge-agent"]).split(":")[2])
+        st = CONFIG.stat()
+        expect(
+            (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, gid, 0o640),
+            f"provisioned agent.toml not repaired: {st.st_uid}:{st.st_gid} {oct(st.st_mode)}",
+        )
+        state = show("ActiveState")["ActiveState"]
+        expect(state == "active", f"a provisioned gateway's agent is {state} after install")
+        topic = f"{PREFIX}/nodes/provisioned-{self.node}/status"
+        mqtt_wait(topic, lambda m: m.get("status") == "online", 15)
+        return "config kept, repaired to root:edge-agent 0640; agent started by the install"
 
 
 def _uid_of(pid: str) -> int | None:
