@@ -238,6 +238,7 @@ class Agent:
             self.mqtt.stop()
         self.deployer.stop()
         self.pool.close()
+        self.sync.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         depth = self.store.outbox_depth()
         self.store.close()

@@ -56,6 +56,7 @@ class StateSync:
         #: What invocations start from; replaced (never mutated) on every change.
         self.context = ContextInput()
         self._lock = threading.Lock()
+        self._hwm_fd: int | None = None
 
     def boot(self) -> None:
         version, _ = self.store.sync_state()
@@ -170,10 +171,20 @@ class StateSync:
             return 0
 
     def _write_hwm(self, version: int) -> None:
-        # No fsync: losing the last few marks on power loss only weakens restore detection.
-        tmp = self.hwm_path.with_suffix(f".tmp{os.getpid()}")
+        """One pwrite of a fixed-width line into a file kept open: this runs per commit.
+
+        No fsync: losing the last few marks on power loss only weakens restore detection.
+        (A temp file and a rename cost ~0.3 ms per commit; this costs ~2 us.)
+        """
         try:
-            tmp.write_text(f"{version}\n")
-            os.replace(tmp, self.hwm_path)
+            if self._hwm_fd is None:
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                self._hwm_fd = os.open(self.hwm_path, flags, 0o600)
+            os.pwrite(self._hwm_fd, f"{version:020d}\n".encode(), 0)
         except OSError as exc:
             log.warning("cannot write %s: %s", self.hwm_path, exc)
+
+    def close(self) -> None:
+        if self._hwm_fd is not None:
+            os.close(self._hwm_fd)
+            self._hwm_fd = None

@@ -531,7 +531,7 @@ def test_restored_old_state_db_is_detected_and_resets_the_mirror(
     for _ in range(3):
         invoke(cloud, "kv", {"incr": "count", "set": {"phase": "after"}})
     wait_mirror(mirror, 5)
-    assert (agent.state_dir / "sync.hwm").read_text().strip() == "5"
+    assert int((agent.state_dir / "sync.hwm").read_text()) == 5
     agent.stop()
 
     for suffix in ("-wal", "-shm"):
@@ -552,7 +552,7 @@ def test_restored_old_state_db_is_detected_and_resets_the_mirror(
     assert reply["result"]["version"] == 6 and reply["result"]["state"]["count"] == 3
     state = wait_mirror(mirror, 7)
     assert state.data == {"count": 3, "phase": "backup"}
-    assert (agent.state_dir / "sync.hwm").read_text().strip() == "7"
+    assert int((agent.state_dir / "sync.hwm").read_text()) == 7
     assert mirror.mirror.snapshots_requested(NODE) == 0
 
 

@@ -24,6 +24,7 @@ raised and nothing is written (:mod:`agent.statecheck`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import sqlite3
 import threading
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import StateConflict, StoreError
-from agent.models import canonical_json, state_checksum
+from agent.models import canonical_json
 from agent.statecheck import ChangeVersions, conflict_message
 
 #: The schema this mixin needs (appended to the store's MIGRATIONS as version 2).
@@ -203,8 +204,9 @@ class SyncTables:
             effective = effective_changes(state, changes)
             new_state = {k: v for k, v in state.items() if k not in effective}
             new_state.update({k: v for k, v in effective.items() if v is not None})
+            document = canonical_json(new_state) if effective else b""
             if effective and max_payload is not None:
-                size = len(canonical_json(new_state)) + _SNAPSHOT_OVERHEAD
+                size = len(document) + _SNAPSHOT_OVERHEAD
                 if size > max_payload:
                     raise StateTooLarge(
                         f"the synced state would be {size} bytes as a snapshot, over "
@@ -227,7 +229,7 @@ class SyncTables:
                         conn,
                         version,
                         effective,
-                        state_checksum(new_state),
+                        hashlib.sha256(document).hexdigest(),  # = state_checksum(new_state)
                         (
                             delta_topic,
                             encode_delta,
