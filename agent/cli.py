@@ -157,7 +157,13 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Local state from the state dir: works while the agent runs (SQLite WAL) or not."""
+    """Local state from the state dir: works while the agent runs (SQLite WAL) or not.
+
+    ``--clear-dead-letters`` forgets the messages the broker refused for good;
+    ``--retry-dead-letters`` marks them to be sent again (the running agent, or the next one
+    to start, puts them back in the outbox within 2 s). Either way the agent reports itself
+    online again once none are left.
+    """
     from agent.store import Store
 
     config = _load(args.config)
@@ -168,9 +174,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = Store(db)
     try:
         store.open()
+        if args.clear_dead_letters:
+            print(f"cleared {store.dead_letters_clear()} dead letters", file=sys.stderr)
+        elif args.retry_dead_letters:
+            marked = store.dead_letters_request_retry()
+            print(f"marked {marked} dead letters to be sent again", file=sys.stderr)
         deployments = store.list_deployments()
         count, nbytes = store.outbox_depth()
         last_connect = store.get_meta("last_connect_ts")
+        dead_count, dead_marked = store.dead_letter_counts()
+        dead = store.dead_letters(5)
     except StoreError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
@@ -192,6 +205,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_connect": last_connect,
         "outbox": {"messages": count, "bytes": nbytes},
         "functions": functions,
+        "dead_letters": {
+            "count": dead_count,
+            "marked_for_retry": dead_marked,
+            "newest": [
+                {
+                    "topic": d.topic,
+                    "kind": d.kind,
+                    "reason": d.reason,
+                    "reason_code": d.reason_code,
+                    "attempts": d.attempts,
+                    "bytes": d.size,
+                    "ts": protocol.now_ts(d.dead_ts),
+                }
+                for d in dead
+            ],
+        },
     }
     if args.json:
         print(json.dumps(status, indent=2))
@@ -200,6 +229,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state dir:    {status['state_dir']}")
     print(f"last connect: {last_connect or 'never'}")
     print(f"outbox:       {count} messages, {nbytes} bytes")
+    shown = f", newest {len(dead)}:" if dead else ""
+    marked_note = f" ({dead_marked} marked for retry)" if dead_marked else ""
+    print(f"dead letters: {dead_count}{marked_note}{shown}")
+    for d in status["dead_letters"]["newest"]:
+        print(
+            f"  {d['ts']}  {d['kind']:<6} {d['topic']}  "
+            f"{d['reason']} ({d['reason_code']:#04x}, {d['attempts']} refusals)"
+        )
+    if dead_count:
+        print("  degraded until none are left: --clear-dead-letters or --retry-dead-letters")
     print(f"functions:    {len(deployments)}")
     for fn in functions:
         line = f"  {fn['id']:<24} {fn['version']:<12} {fn['state']:<9}"
@@ -241,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="local state: functions, outbox, last connect")
     with_config(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    dead_letters = status.add_mutually_exclusive_group()
+    dead_letters.add_argument(
+        "--clear-dead-letters",
+        action="store_true",
+        help="forget the messages the broker refused for good (the agent is then online again)",
+    )
+    dead_letters.add_argument(
+        "--retry-dead-letters",
+        action="store_true",
+        help="have the agent send the refused messages again (e.g. after an ACL fix)",
+    )
     status.set_defaults(func=cmd_status)
     return parser
 

@@ -136,6 +136,7 @@ class Agent:
         self._heartbeat_seq = 0
         self._timers: dict[str, float] = {}
         self._connected = False
+        self._dead_letters: int | None = None  # read from the store when first needed
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -265,7 +266,42 @@ class Agent:
         self._update_status_line()
 
     def handle_published(self, event: mqtt.Published) -> None:
-        self.outbox.acknowledged(event.mid)
+        """A PUBACK: the pump deletes, retries or dead-letters its item (see agent.outbox)."""
+        before = self.outbox.dead_lettered
+        ours = self.outbox.acknowledged(event.mid, event.reason_code, event.reason)
+        if event.refused and not ours:  # a status or a direct publish: nothing to keep
+            log.warning("the broker refused message %d: %s", event.mid, event.reason)
+        if self.outbox.dead_lettered != before:
+            self._refresh_dead_letters()
+
+    def _refresh_dead_letters(self) -> None:
+        """Re-read the dead letters (the CLI may clear or retry them); announce a change."""
+        count, marked = self.store.dead_letter_counts()
+        if marked and self.store.dead_letters_requeue():
+            log.info("dead letters put back in the outbox at the operator's request")
+            count, _ = self.store.dead_letter_counts()
+            self.outbox.drain()
+        if count == self._dead_letters:
+            return
+        was, self._dead_letters = self._dead_letters, count
+        if was is None and not count:
+            return  # the first look, at start: nothing to announce
+        if count and not was:
+            log.warning("degraded: %d dead letters (edge-agent status lists them)", count)
+        elif not count:
+            log.info("no dead letters left: online again")
+        if self._connected and self.mqtt is not None:
+            self._publish_status("online")  # becomes "degraded" while dead letters remain
+
+    def _degraded(self) -> list[str]:
+        """Why this node is degraded (the status's "degraded" list); empty when it is not."""
+        if self._dead_letters is None:
+            self._dead_letters = self.store.dead_letter_counts()[0]
+        if not self._dead_letters:
+            return []
+        newest = self.store.dead_letters(1)
+        about = f" (newest: {newest[0].topic}: {newest[0].reason})" if newest else ""
+        return [f"dead_letters: {self._dead_letters} messages the broker refused for good{about}"]
 
     def _publish_item(
         self, topic: str, payload: bytes, qos: int, retain: bool, correlation: bytes | None
@@ -278,6 +314,9 @@ class Agent:
     def _publish_status(self, status: str, wait: float = 0.0) -> None:
         assert self.mqtt is not None
         node = self.config.node
+        degraded = self._degraded()
+        if status == "online" and degraded:
+            status = "degraded"
         payload = protocol.encode_status(
             node.id,
             status,
@@ -290,6 +329,8 @@ class Agent:
                 "sync": self.sync.summary(),
                 "trust": self.deployments.trust_mode,  # "unsigned" is visible from the cloud
                 "isolation": self.identities.isolation.mode,  # "shared-uid" too
+                "dead_letters": self._dead_letters or 0,
+                **({"degraded": degraded} if degraded else {}),
             },
         )
         mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
@@ -627,6 +668,17 @@ class Agent:
         if self._timers.get("prune", now + 1) <= now:
             self._timers["prune"] = now + 60.0
             self.store.dedupe_prune(time.time() - self.config.agent.dedupe_window_s)
+        if self._timers.get("dead_letters", now) <= now:  # cleared or retried by the CLI?
+            self._timers["dead_letters"] = now + 2.0
+            self._refresh_dead_letters()
+        # Refused outbox items waiting out their backoff (none while disconnected).
+        if self._timers.get("outbox_retry", now + 1) <= now:
+            self.outbox.retry_due()
+        retry_at = self.outbox.next_retry_at()
+        if retry_at is None:
+            self._timers.pop("outbox_retry", None)
+        else:
+            self._timers["outbox_retry"] = retry_at
 
     def _send_heartbeat(self) -> None:
         if not self._connected or self.mqtt is None:
@@ -648,15 +700,18 @@ class Agent:
                 }
             )
         count, nbytes = self.store.outbox_depth()
+        degraded = self._degraded()
         payload = protocol.encode_heartbeat(
             self.config.node.id,
             self._heartbeat_seq,
             round(time.monotonic() - self._started, 3),
-            "online",
+            "degraded" if degraded else "online",
             system_metrics(self.config.agent.state_dir),
             functions,
             extra={
                 "outbox": {"messages": count, "bytes": nbytes},
+                "dead_letters": self._dead_letters or 0,
+                **({"degraded": degraded} if degraded else {}),
                 "inflight": len(self._inflight),
                 "sync": self.sync.summary(),
                 "trust": self.deployments.trust_mode,

@@ -13,6 +13,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   ``reconnect_delay_set``.
 - TCP_NODELAY on every socket: without it a QoS 1 round trip waits on Nagle + delayed ACK
   (about 44 ms on loopback instead of well under 1 ms).
+- PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
+  broker refused the message (not authorised, quota, ...), which is not a delivery.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
   says it has handled it durably (see :meth:`MqttClient.ack`), so a crash before that makes
   the broker deliver it again.
@@ -114,7 +116,20 @@ class Message:
 
 @dataclass(frozen=True)
 class Published:
+    """The broker's answer to a QoS 1 publish (PUBACK), or paho's note that a QoS 0 left.
+
+    ``reason_code`` is the MQTT 5 PUBACK reason code: below 0x80 the broker took the message
+    (0x10 "no matching subscribers" included); 0x80 and above it refused it and the message
+    is NOT delivered. MQTT 3.1.1 has no reason codes: always 0 there.
+    """
+
     mid: int
+    reason_code: int = 0
+    reason: str = "Success"
+
+    @property
+    def refused(self) -> bool:
+        return self.reason_code >= 0x80
 
 
 MqttEvent = Connected | ConnectFailed | Disconnected | Message | Published
@@ -345,7 +360,8 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._sink(Published(mid))
+        code = int(getattr(reason, "value", 0) or 0)
+        self._sink(Published(mid, code, str(reason) if code else "Success"))
 
     # -- helpers ----------------------------------------------------------------------------
 

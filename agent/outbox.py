@@ -1,31 +1,81 @@
 """Delivery of the outbox: hands queued messages to MQTT in order and deletes them on PUBACK.
 
 The store keeps the messages (:mod:`agent.store`); this class only remembers which outbox
-item each in-flight MQTT message id stands for. At most ``window`` items are out at once.
-Across a reconnect the map is kept: paho resends its unacknowledged QoS 1 messages with
-their original ids, and everything past ``last_sent_id`` is handed over again. After a
-restart the map is empty and the whole outbox is sent from the start (at-least-once).
-Used only from the daemon's loop thread.
+item each in-flight MQTT message id stands for. At most ``window`` items are out at once
+(awaiting a PUBACK or a retry). Across a reconnect the map is kept: paho resends its
+unacknowledged QoS 1 messages with their original ids, and everything past ``last_sent_id``
+is handed over again. After a restart the map is empty and the whole outbox is sent from
+the start (at-least-once). Used only from the daemon's loop thread.
+
+PUBACK reason codes (MQTT 5; 3.1.1 has none and every PUBACK is a success):
+
+- below 0x80: delivered; the item is deleted.
+- :data:`PERMANENT_REFUSALS` (0x87 not authorized, 0x90 topic name invalid, 0x95 packet
+  too large, 0x99 payload format invalid): sending it again cannot help. The item moves to
+  the store's dead letters at once, so everything queued behind it still drains.
+- any other code >= 0x80 (0x80 unspecified, 0x83 implementation specific, 0x91 packet id
+  in use, 0x97 quota exceeded, codes we do not know): transient. The item stays in the
+  outbox and is sent again after a full-jitter backoff on the monotonic clock
+  (``retry_min_s`` doubling up to ``retry_max_s``); after ``max_refusals`` refusals in all
+  it is dead-lettered too. The count lives in memory: a restart starts it again.
+
+A refused item sent again goes out after items queued behind it: per-topic order holds for
+retained function states because a newer state supersedes (deletes) the refused one, and a
+retry of an item no longer queued is dropped.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Callable
 
+from agent.mqtt import backoff_delay
 from agent.store import Store
+
+log = logging.getLogger(__name__)
 
 #: Publishes (topic, payload, qos, retain, correlation) and returns the MQTT message id.
 Publish = Callable[[str, bytes, int, bool, bytes | None], int]
 
+#: PUBACK reason codes that no retry can change: the item is dead-lettered at once.
+PERMANENT_REFUSALS: dict[int, str] = {
+    0x87: "not authorized",
+    0x90: "topic name invalid",
+    0x95: "packet too large",
+    0x99: "payload format invalid",
+}
+
 
 class OutboxPump:
-    def __init__(self, store: Store, publish: Publish, *, window: int = 64) -> None:
+    def __init__(
+        self,
+        store: Store,
+        publish: Publish,
+        *,
+        window: int = 64,
+        max_refusals: int = 5,
+        retry_min_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.store = store
         self.publish = publish
         self.window = window
+        self.max_refusals = max_refusals
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
         self.connected = False
+        #: How many items this pump moved to the dead letters (the daemon watches it).
+        self.dead_lettered = 0
+        self._clock = clock
+        self._rng = rng or random.Random()
         self._mid_to_item: dict[int, int] = {}
         self._last_sent_id = 0
+        self._refusals: dict[int, int] = {}  # item id -> transient refusals so far
+        self._retry_at: dict[int, float] = {}  # item id -> monotonic time to send it again
 
     @property
     def last_sent_id(self) -> int:
@@ -36,15 +86,20 @@ class OutboxPump:
     def in_flight(self) -> int:
         return len(self._mid_to_item)
 
+    @property
+    def awaiting_retry(self) -> int:
+        return len(self._retry_at)
+
     def idle(self) -> bool:
-        """Nothing queued and nothing awaiting an acknowledgement."""
-        return not self._mid_to_item and self.store.outbox_depth()[0] == 0
+        """Nothing queued and nothing awaiting an acknowledgement or a retry."""
+        return not self._mid_to_item and not self._retry_at and self.store.outbox_depth()[0] == 0
 
     def drain(self) -> None:
-        """Hand the next items to MQTT, in order, keeping at most ``window`` unacknowledged."""
+        """Send due retries, then the next items in order, keeping at most ``window`` out."""
         if not self.connected:
             return
-        room = self.window - len(self._mid_to_item)
+        self.retry_due()
+        room = self.window - len(self._mid_to_item) - len(self._retry_at)
         if room <= 0:
             return
         for item in self.store.outbox_peek(room, after_id=self._last_sent_id, claim=True):
@@ -55,11 +110,74 @@ class OutboxPump:
             else:
                 self._mid_to_item[mid] = item.id
 
-    def acknowledged(self, mid: int) -> bool:
-        """The broker acknowledged ``mid``: drop its item and send more. False if not ours."""
+    def acknowledged(self, mid: int, reason_code: int = 0, reason: str = "Success") -> bool:
+        """The broker answered ``mid``: drop, retry or dead-letter its item, then send more.
+
+        False if ``mid`` is not one of ours (a status, heartbeat or direct publish).
+        """
         item_id = self._mid_to_item.pop(mid, None)
         if item_id is None:
             return False
-        self.store.outbox_ack(item_id)
+        if reason_code < 0x80:
+            self._refusals.pop(item_id, None)
+            self.store.outbox_ack(item_id)
+        else:
+            self._refused(item_id, reason_code, reason)
         self.drain()
         return True
+
+    def next_retry_at(self) -> float | None:
+        """When the next refused item is due again (monotonic); None if none or offline."""
+        if not self.connected or not self._retry_at:
+            return None
+        return min(self._retry_at.values())
+
+    def retry_due(self) -> None:
+        """Send again every refused item whose backoff has passed (only when connected)."""
+        if not self.connected or not self._retry_at:
+            return
+        now = self._clock()
+        for item_id, due in sorted(self._retry_at.items(), key=lambda kv: (kv[1], kv[0])):
+            if due > now:
+                continue
+            del self._retry_at[item_id]
+            item = self.store.outbox_get(item_id)
+            if item is None:  # superseded meanwhile: nothing left to send
+                self._refusals.pop(item_id, None)
+                continue
+            mid = self.publish(item.topic, item.payload, item.qos, item.retain, item.correlation)
+            self._mid_to_item[mid] = item_id
+
+    def _refused(self, item_id: int, code: int, reason: str) -> None:
+        attempts = self._refusals.pop(item_id, 0) + 1
+        item = self.store.outbox_get(item_id)
+        topic, kind = (item.topic, item.kind) if item is not None else ("?", "?")
+        permanent = code in PERMANENT_REFUSALS
+        what = f"the broker refused the {kind} message to {topic}: {reason} ({code:#04x})"
+        if item is None:
+            log.warning("%s; it was superseded meanwhile", what, extra={"topic": topic})
+            return
+        if permanent or attempts >= self.max_refusals:
+            why = "for good" if permanent else f"{attempts} times"
+            self.store.outbox_dead_letter(
+                item_id, reason_code=code, reason=reason, attempts=attempts, ts=time.time()
+            )
+            self.dead_lettered += 1
+            log.warning(
+                "%s; refused %s: moved to the dead letters (edge-agent status shows them)",
+                what,
+                why,
+                extra={"topic": topic},
+            )
+            return
+        self._refusals[item_id] = attempts
+        delay = backoff_delay(attempts - 1, self.retry_min_s, self.retry_max_s, self._rng)
+        self._retry_at[item_id] = self._clock() + delay
+        log.warning(
+            "%s; refusal %d of %d, sending it again in %.1fs",
+            what,
+            attempts,
+            self.max_refusals,
+            delay,
+            extra={"topic": topic},
+        )

@@ -65,7 +65,8 @@ def port_open(port: int) -> bool:
 class Mosquitto:
     """A mosquitto process of the test's own on 127.0.0.1; restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = "") -> None:
+        """``extra``: more configuration lines (``password_file``, ``acl_file``, ...)."""
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,7 +77,8 @@ class Mosquitto:
             "allow_anonymous true\n"
             "set_tcp_nodelay true\n"
             "max_queued_messages 100000\n"
-            "persistence false\n"
+            "persistence false\n" + ("user root\n" if extra and os.geteuid() == 0 else "") + extra
+            # As root mosquitto switches to its own user, which cannot read tmp_path.
         )
 
     def start(self) -> Mosquitto:

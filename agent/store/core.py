@@ -32,7 +32,15 @@ Outbox policy:
    daemon answers new invocations with ``overloaded`` until the broker drains the queue.
    Lowering the limits below the current depth keeps what is queued and refuses new items.
 4. Removal. An item leaves the outbox only by :meth:`Store.outbox_ack` (the broker took
-   it) or by being superseded.
+   it), by being superseded, or by :meth:`Store.outbox_dead_letter` (the broker refused it
+   for good: it moves, in one transaction, into the ``dead_letter`` table, with the reason
+   and a timestamp, so what queued behind it drains).
+
+Dead letters: kept until the operator clears them (:meth:`Store.dead_letters_clear`) or asks
+for them to be sent again (:meth:`Store.dead_letters_request_retry` marks them; the agent's
+:meth:`Store.dead_letters_requeue` puts them back at the end of the outbox: only the agent
+writes the outbox, whose depth it counts in memory). Both work from another process while
+the agent runs (WAL). At most ``MAX_DEAD_LETTERS`` are kept; beyond that the oldest go.
 
 Dedupe window: :meth:`Store.dedupe_get` returns a :class:`DedupeEntry` (``reply_topic``,
 ``reply``, ``ts``) so a duplicate request can be answered on the topic of the original;
@@ -64,6 +72,7 @@ from agent.store.sync import SYNC_SCHEMA, ReplyRecord, SyncTables
 __all__ = [
     "MIGRATIONS",
     "SPEC_SCOPES",
+    "DeadLetter",
     "DedupeEntry",
     "DeploymentRow",
     "OutboxFull",
@@ -127,7 +136,32 @@ MIGRATIONS: list[str] = [
     """,
     # 2: the synced state (agent/store/sync.py).
     SYNC_SCHEMA,
+    # 3: outbox items the broker refused for good (PUBACK reason code >= 0x80).
+    """
+    CREATE TABLE dead_letter (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        outbox_id   INTEGER NOT NULL,
+        topic       TEXT NOT NULL,
+        payload     BLOB NOT NULL,
+        qos         INTEGER NOT NULL,
+        retain      INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        key         TEXT,
+        created_ts  REAL NOT NULL,
+        correlation BLOB,
+        -- The last refusal: MQTT 5 reason code, its name, and how many refusals in all.
+        reason_code INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        attempts    INTEGER NOT NULL,
+        dead_ts     REAL NOT NULL,
+        -- Set by `edge-agent status --retry-dead-letters`; the agent requeues and deletes.
+        retry       INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
+
+#: Dead letters kept at most; a flood of refusals must not fill the gateway's disk.
+MAX_DEAD_LETTERS = 1000
 
 #: Who can ask for a function: the whole fleet, or this node only (which wins).
 SPEC_SCOPES = ("fleet", "node")
@@ -162,6 +196,21 @@ class OutboxItem:
     key: str | None
     created_ts: float
     correlation: bytes | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An outbox item the broker refused for good, and why."""
+
+    id: int
+    topic: str
+    kind: str
+    reason_code: int
+    reason: str
+    attempts: int
+    dead_ts: float
+    created_ts: float
+    size: int
 
 
 @dataclass(frozen=True)
@@ -611,6 +660,117 @@ class Store(SyncTables):
             count, nbytes = self._depth
             self._depth = (count - 1, nbytes - int(row[0]))
         return True
+
+    def outbox_get(self, item_id: int) -> OutboxItem | None:
+        """Item ``item_id`` if it is still queued (not acknowledged, superseded or dead)."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                row = conn.execute(
+                    "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+                    " FROM outbox WHERE id = ?",
+                    (item_id,),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"outbox_get failed on {self._path}: {exc}") from exc
+        if row is None:
+            return None
+        i, topic, payload, qos, retain, kind, key, created_ts, corr = row
+        return OutboxItem(
+            i, topic, bytes(payload), qos, bool(retain), kind, key, created_ts,
+            None if corr is None else bytes(corr),
+        )  # fmt: skip
+
+    def outbox_dead_letter(
+        self, item_id: int, *, reason_code: int, reason: str, attempts: int, ts: float
+    ) -> bool:
+        """Move item ``item_id`` from the outbox into ``dead_letter``, atomically.
+
+        False if it was no longer queued (superseded meanwhile). Keeps at most
+        :data:`MAX_DEAD_LETTERS`, dropping the oldest.
+        """
+        with self._lock:
+            with self._transaction("outbox_dead_letter") as conn:
+                row = conn.execute(
+                    "SELECT length(payload) FROM outbox WHERE id = ?", (item_id,)
+                ).fetchone()
+                if row is not None:
+                    conn.execute(
+                        "INSERT INTO dead_letter (outbox_id, topic, payload, qos, retain, kind,"
+                        " key, created_ts, correlation, reason_code, reason, attempts, dead_ts)"
+                        " SELECT id, topic, payload, qos, retain, kind, key, created_ts,"
+                        " correlation, ?, ?, ?, ? FROM outbox WHERE id = ?",
+                        (reason_code, reason, attempts, ts, item_id),
+                    )
+                    conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+                    conn.execute(
+                        "DELETE FROM dead_letter WHERE id <= (SELECT max(id) FROM dead_letter) - ?",
+                        (MAX_DEAD_LETTERS,),
+                    )
+            if row is None:
+                return False
+            count, nbytes = self._depth
+            self._depth = (count - 1, nbytes - int(row[0]))
+        return True
+
+    def dead_letter_counts(self) -> tuple[int, int]:
+        """(dead letters, of which marked for retry); another process may change both."""
+        [(count, marked)] = self._read(
+            "dead_letter_counts",
+            "SELECT count(*), coalesce(sum(retry), 0) FROM dead_letter",
+        )
+        return int(count), int(marked)
+
+    def dead_letters(self, limit: int = 10) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters, newest first."""
+        rows = self._read(
+            "dead_letters",
+            "SELECT id, topic, kind, reason_code, reason, attempts, dead_ts, created_ts,"
+            " length(payload) FROM dead_letter ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [DeadLetter(*row) for row in rows]
+
+    def dead_letters_clear(self) -> int:
+        """Forget every dead letter (the operator's call); how many were forgotten."""
+        return self._write("dead_letters_clear", "DELETE FROM dead_letter", ())
+
+    def dead_letters_request_retry(self) -> int:
+        """Mark every dead letter to be sent again by the agent; how many were marked."""
+        return self._write("dead_letters_request_retry", "UPDATE dead_letter SET retry = 1", ())
+
+    def dead_letters_requeue(self) -> int:
+        """The agent's half of a retry: marked dead letters go back to the end of the outbox.
+
+        Within the outbox bounds: what does not fit stays marked for the next call. A keyed
+        item (a retained function state) is requeued only if nothing newer of its key is
+        queued, and superseded by anything newer later as usual.
+        """
+        moved = 0
+        with self._lock:
+            with self._transaction("dead_letters_requeue") as conn:
+                rows = conn.execute(
+                    "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+                    " FROM dead_letter WHERE retry = 1 ORDER BY id"
+                ).fetchall()
+                depth = self._depth
+                for dead_id, topic, payload, qos, retain, kind, key, created_ts, corr in rows:
+                    newer = (
+                        key is not None
+                        and conn.execute("SELECT 1 FROM outbox WHERE key = ?", (key,)).fetchone()
+                    )
+                    if not newer:
+                        try:
+                            _, depth = self._enqueue(
+                                conn, topic, bytes(payload), qos, bool(retain), kind, key,
+                                created_ts, None if corr is None else bytes(corr), base=depth,
+                            )  # fmt: skip
+                        except OutboxFull:
+                            break
+                    conn.execute("DELETE FROM dead_letter WHERE id = ?", (dead_id,))
+                    moved += 1
+            self._depth = depth
+        return moved
 
     def outbox_depth(self) -> tuple[int, int]:
         """(messages, payload bytes) queued; O(1), from counters kept with each commit."""
