@@ -58,7 +58,7 @@ def sh(cmd: str | list[str], *, check: bool = True, timeout: float = 60) -> str:
     return result.stdout
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, message: str) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float, message: str) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -120,7 +120,9 @@ def journal_sync() -> None:
 # ---------------------------------------------------------------------------- MQTT
 
 
-def mqtt_wait(topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict:
+def mqtt_wait(
+    topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
     """The first JSON message on ``topic`` (retained ones included) that matches."""
     proc = subprocess.Popen(
         ["mosquitto_sub", "-h", BROKER, "-t", topic, "-q", "1", "-F", "%p", "-V", "5"],

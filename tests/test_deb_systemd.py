@@ -111,14 +111,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     version_v2 = f"{upstream}+boottest1"
     debs = tmp_path_factory.mktemp("debs")
     started = time.monotonic()
+
+    def build_timed(version: str | None) -> tuple[Path, float]:
+        return build_deb(debs, version), time.monotonic() - started
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        v1 = pool.submit(build_deb, debs, None)
-        v2 = pool.submit(build_deb, debs, version_v2)
+        v1 = pool.submit(build_timed, None)
+        v2 = pool.submit(build_timed, version_v2)
         base = nspawn.cached_root()
-        deb_v1, deb_v2 = v1.result(), v2.result()
+        (deb_v1, v1_s), (deb_v2, v2_s) = v1.result(), v2.result()
     phases = {
         "cached root (built now)" if base.built_now else "cached root (warm)": base.seconds,
-        "build-deb x2 (in parallel)": time.monotonic() - started,
+        "build-deb x2 (in parallel)": max(v1_s, v2_s),
+        "all of the above (overlapped)": time.monotonic() - started,
     }
     assert deb_v1.name.startswith(f"edge-agent_{upstream}_"), deb_v1.name
     return Built(deb_v1, deb_v2, upstream, version_v2, base, phases)
@@ -180,7 +185,9 @@ def test_deb_installs_runs_upgrades_and_purges_under_booted_systemd(
             machine=machine,
         )
         phases["boot + checks + poweroff"] = booted.seconds
-    phases["total (with the builds)"] = time.monotonic() - started + sum(built.phases.values())
+    phases["total (with the builds)"] = (
+        time.monotonic() - started + built.phases["all of the above (overlapped)"]
+    )
 
     assert not os.path.ismount(tmp_path / "run" / "merged"), "the overlay is still mounted"
     assert not (Path("/run/systemd/nspawn/propagate") / machine).exists(), "nspawn left its dir"
