@@ -165,6 +165,23 @@ def test_reply_to_onto_a_contract_topic_is_refused(
     assert "belongs to the wire contract" in reply["error"]["message"], reply
 
 
+def test_half_valid_request_with_contract_reply_to_is_answered_on_the_default_topic(
+    cloud: Watcher, served: Served
+) -> None:
+    """Attack: a request that fails to decode (no payload) still names a spec topic as
+    reply_to; its bad_request must not go there either."""
+    target = "edge/fleet/functions/counted"
+    rid = uuid.uuid4().hex
+    body = {"request_id": rid, "function_id": "counted", "reply_to": target}
+    cloud.publish(f"edge/nodes/{NODE}/invoke", body)
+    reply = cloud.wait_message(REPLIES, lambda m: m["request_id"] == rid)
+    assert reply["error"]["type"] == "bad_request" and "payload" in reply["error"]["message"]
+    neighbour = f"{target}/marker"
+    cloud.client.publish(neighbour, b"{}", qos=1).wait_for_publish(5)
+    wait_for(lambda: cloud.raw_on(neighbour), 10, f"the marker on {neighbour} never came back")
+    assert cloud.raw_on(target) == [], f"the agent published onto {target}"
+
+
 def test_reply_to_onto_sys_topic_is_refused(cloud: Watcher, served: Served) -> None:
     """Attack: reply_to is a $SYS topic (the broker's own namespace)."""
     rid = uuid.uuid4().hex
