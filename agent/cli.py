@@ -80,6 +80,9 @@ def build_agent(
         max_invocations=r.worker_max_invocations,
         codec="json",
         python=r.worker_python or sys.executable,
+        # a result bigger than a reply may be is refused before the agent buffers it
+        max_frame=config.agent.max_payload_bytes + 64 * 1024,
+        max_frame_source="agent.max_payload_bytes",
         user=r.worker_user or None,
         limits=WorkerLimits(),
     )

@@ -481,6 +481,13 @@ class RuntimeConfig:
         "empty runs them as the agent's own user. Switching users needs the agent to start "
         "as root.",
     )
+    max_processes: int = _key(
+        64,
+        integer(1),
+        "Most processes and threads one function may run at once, all its workers together "
+        "(RLIMIT_NPROC on its own uid, so only with function_uids); a spec's max_processes "
+        "above this is rejected, a spec without one gets this.",
+    )
     worker_python: str = _key(
         "",
         path(),

@@ -165,6 +165,9 @@ class Agent:
             log.info(
                 "functions run under uids of their own (%s)", self.config.runtime.function_uids
             )
+            leftovers = self.pool.sweep(self.identities.uids())
+            if leftovers:  # a previous agent died (kill -9) and its functions' children lived
+                log.warning("killed %d processes left by functions before this start", leftovers)
         else:
             log.warning(
                 "functions share one uid and can read what it can (isolation: shared-uid): %s",
@@ -239,6 +242,7 @@ class Agent:
             self.mqtt.stop()
         self.deployer.stop()
         self.pool.close()
+        self.pool.sweep(self.identities.uids())  # nothing a function started outlives us
         self.sync.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         depth = self.store.outbox_depth()

@@ -45,6 +45,11 @@ def check_limits(spec: FunctionSpec, runtime: RuntimeConfig) -> None:
             f"function {spec.id}: timeout_seconds {spec.timeout_seconds:g} exceeds this node's "
             f"runtime.max_timeout_s {runtime.max_timeout_s:g}"
         )
+    if spec.max_processes is not None and spec.max_processes > runtime.max_processes:
+        raise DeploymentRejected(
+            f"function {spec.id}: max_processes {spec.max_processes} exceeds this node's "
+            f"runtime.max_processes {runtime.max_processes}"
+        )
     if spec.concurrency > runtime.max_workers:
         raise DeploymentRejected(
             f"function {spec.id}: concurrency {spec.concurrency} exceeds this node's "
@@ -53,9 +58,13 @@ def check_limits(spec: FunctionSpec, runtime: RuntimeConfig) -> None:
 
 
 def pool_config(
-    spec: FunctionSpec, code_dir: Path, identity: tuple[int, int] | None = None
+    spec: FunctionSpec,
+    code_dir: Path,
+    identity: tuple[int, int] | None = None,
+    max_processes: int = 0,
 ) -> FunctionConfig:
-    """What the pool runs; ``identity`` is the function's own (uid, gid), if isolated."""
+    """What the pool runs; ``identity`` is the function's own (uid, gid), if isolated, and
+    ``max_processes`` the node's default for a spec that names none."""
     uid, gid = identity if identity is not None else (None, None)
     return FunctionConfig(
         function_id=spec.id,
@@ -69,6 +78,7 @@ def pool_config(
         version=spec.version,
         uid=uid,
         gid=gid,
+        max_processes=spec.max_processes or max_processes,
     )
 
 
@@ -134,7 +144,8 @@ class Deployer:
             return pool_config(spec, code_dir)
         if grant:
             self.identities.grant(spec.id, code_dir)
-        return pool_config(spec, code_dir, self.identities.identity(spec.id))
+        identity = self.identities.identity(spec.id)
+        return pool_config(spec, code_dir, identity, self.runtime.max_processes)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

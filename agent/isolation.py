@@ -148,6 +148,12 @@ class FunctionIdentities:
         log.info("function %s runs as uid %d", function_id, uid, extra={"function_id": function_id})
         return uid, uid
 
+    def uids(self) -> list[int]:
+        """Every function uid handed out (none when functions share one)."""
+        if self.isolation.mode != "uid":
+            return []
+        return sorted(uid for uid, _ in self._allocated().values())
+
     def grant(self, function_id: str, code_dir: Path) -> None:
         """Give the function (its group) read access to ``code_dir``, and nobody else."""
         ident = self.identity(function_id)

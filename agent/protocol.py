@@ -606,12 +606,15 @@ class FunctionSpec:
     sequence: int | None = None
     #: Signed deployments: ``"fleet"`` or the node id the spec was signed for.
     target: str | None = None
+    #: Most processes and threads of the function at once (its uid's RLIMIT_NPROC);
+    #: None: the node's ``runtime.max_processes``.
+    max_processes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 _SPEC_FIELDS: Final = frozenset(FunctionSpec.__dataclass_fields__) - {"extra"}
-#: Written only when set, so an unsigned spec's JSON (and fingerprint) is what it always was.
-_OPTIONAL_SIGNING_FIELDS: Final = ("sequence", "target")
+#: Written only when set, so an older spec's JSON (and fingerprint) is what it always was.
+_OPTIONAL_SIGNING_FIELDS: Final = ("sequence", "target", "max_processes")
 FLEET_TARGET: Final = "fleet"
 #: ``signature.key_id``: the first 16 hex digits of the SHA-256 of the raw ed25519 public key.
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -637,6 +640,9 @@ def _spec_from_obj(obj: Mapping[str, Any], err: _Err) -> FunctionSpec:
         signature=_signature(f, obj.get("signature")),
         sequence=None if obj.get("sequence") is None else f.integer("sequence", minimum=0),
         target=_target(f, obj.get("target")),
+        max_processes=(
+            None if obj.get("max_processes") is None else f.integer("max_processes", minimum=1)
+        ),
         extra={k: v for k, v in obj.items() if k not in _SPEC_FIELDS},
     )
 

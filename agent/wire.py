@@ -62,11 +62,27 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def parse_prefix(buf: bytes | bytearray) -> tuple[int, int]:
-    """Header and blob lengths from the first PREFIX_SIZE bytes of ``buf``."""
+class FrameTooLarge(FrameError):
+    """A frame announced more bytes than the reader accepts; nothing of it was buffered."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+def parse_prefix(buf: bytes | bytearray, max_frame: int = MAX_FRAME) -> tuple[int, int]:
+    """Header and blob lengths from the first PREFIX_SIZE bytes of ``buf``.
+
+    Raises FrameTooLarge as soon as the prefix says the frame is over ``max_frame``: a
+    reader checks this before it buffers the body, so a huge frame never costs memory.
+    """
     head_len, blob_len = _PREFIX.unpack_from(buf)
-    if head_len + blob_len > MAX_FRAME:
-        raise FrameError(f"frame of {head_len + blob_len} bytes exceeds {MAX_FRAME}")
+    size = head_len + blob_len
+    if size > MAX_FRAME:  # no frame is that big: the peer is not speaking this protocol
+        raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}: not a frame")
+    if size > max_frame:
+        raise FrameTooLarge(size, max_frame)
     return head_len, blob_len
 
 
@@ -94,8 +110,9 @@ class FrameReader:
     One read usually brings a whole frame, so a round trip costs one read syscall per side.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
+        self.max_frame = min(max_frame, MAX_FRAME)
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
@@ -104,7 +121,7 @@ class FrameReader:
         """The next whole frame, or None until more bytes arrive."""
         if len(self._buf) < PREFIX_SIZE:
             return None
-        head_len, blob_len = parse_prefix(self._buf)
+        head_len, blob_len = parse_prefix(self._buf, self.max_frame)
         end = PREFIX_SIZE + head_len + blob_len
         if len(self._buf) < end:
             return None

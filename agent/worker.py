@@ -22,7 +22,9 @@ import json
 import os
 import pickle
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -38,11 +40,17 @@ if TYPE_CHECKING:
 EX_MEMORY = 88  # exceeded memory_mb; the worker cannot be trusted to keep running
 EX_PROTOCOL = 89  # the parent sent something unreadable
 EX_LOAD_FAILED = 90  # the handler could not be loaded (reported before exiting)
+EX_ORPHANED = 91  # the agent was gone before the worker could tie its life to it
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+#: Stack of each thread a handler starts (Python's threading): 1 MiB, plenty for
+#: Python code (a frame costs well under a kilobyte of C stack in 3.11).
+_THREAD_STACK_BYTES = 1 << 20
 
 #: Released on MemoryError so the worker has room to report it.
 _RESERVE_BYTES = 1 << 20
@@ -83,7 +91,11 @@ def _set_limit(which: int, value: int) -> None:
 def apply_limits(header: dict[str, Any]) -> int:
     """Apply the load message's rlimits; returns the RLIMIT_DATA set (0 = none)."""
     _set_limit(resource.RLIMIT_CORE, 0)
-    for name, which in (("nofile", resource.RLIMIT_NOFILE), ("fsize", resource.RLIMIT_FSIZE)):
+    for name, which in (
+        ("nofile", resource.RLIMIT_NOFILE),
+        ("fsize", resource.RLIMIT_FSIZE),
+        ("nproc", resource.RLIMIT_NPROC),  # per uid: sent only with the function's own uid
+    ):
         value = int(header.get("rlimits", {}).get(name, 0))
         if value > 0:
             _set_limit(which, value)
@@ -197,6 +209,9 @@ class WorkerMain:
         self.state: tuple[int, dict[str, Any]] = (0, {})
         self.desired: tuple[int, dict[str, Any]] = (0, {})
         self.page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+        self.max_result = 0
+        self.max_result_source = ""
+        self.parent = 0  # the agent's pid (main sets it)
         self.peak_seen_kb = 0
 
     def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
@@ -228,6 +243,8 @@ class WorkerMain:
             self.function_id = str(header["function_id"])
             self.codec = str(header.get("codec", "pickle"))
             self.memory_mb = int(header.get("memory_bytes", 0)) >> 20
+            self.max_result = int(header.get("max_result", 0))
+            self.max_result_source = str(header.get("max_result_source", ""))
             os.environ.update({str(k): str(v) for k, v in header.get("environment", {}).items()})
             for entry in header.get("sys_path", []):
                 if entry not in sys.path:
@@ -235,8 +252,12 @@ class WorkerMain:
             if header.get("cwd"):
                 os.chdir(header["cwd"])
             apply_limits(header)
+            # Thread stacks are private mappings that RLIMIT_DATA counts in full; at the
+            # default (RLIMIT_STACK, 8 MiB) memory_mb 64 allowed 7 idle threads.
+            threading.stack_size(_THREAD_STACK_BYTES)
             uid, gid = header.get("uid"), header.get("gid")
             become(None if uid is None else int(uid), None if gid is None else int(gid))
+            die_with(self.parent)
             self.reserve = bytearray(_RESERVE_BYTES)
             if header.get("kind") == "package":
                 self.handler = resolve_entrypoint(str(header["path"]), str(header["entrypoint"]))
@@ -281,6 +302,11 @@ class WorkerMain:
             result = self.handler(*args, **kwargs)
             out = self.encode_result(result)
             del result
+            if self.max_result and len(out) > self.max_result:
+                source = f" ({self.max_result_source})" if self.max_result_source else ""
+                raise ValueError(
+                    f"the result is {len(out)} bytes, over the limit of {self.max_result}{source}"
+                )
         except MemoryError:
             self.reserve = None  # room to report
             self.send(
@@ -388,15 +414,33 @@ def _dumps(value: Any) -> bytes:
         return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def die_with(parent: int) -> None:
+    """SIGKILL this worker when the thread that spawned it (the pool's spawner) ends: the
+    agent's death by any path, ``kill -9`` included, takes its workers with it, so a
+    redelivered invocation never meets a handler still running from before the crash.
+
+    The kernel clears this on a change of uid, so :meth:`WorkerMain.load` arms it again.
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent and os.getppid() != parent:  # it died before we armed it
+        os._exit(EX_ORPHANED)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     rfd, wfd = int(args[0]), int(args[1])
     codec = args[2] if len(args) > 2 else "pickle"
+    parent = int(args[3]) if len(args) > 3 else 0
+    die_with(parent)
     os.dup2(2, 1)  # print() in a handler goes to the log, never into the pipe
     if codec == "pickle":  # local mode ships lambdas and closures: pre-import (~20 ms)
         with contextlib.suppress(ImportError):
             import cloudpickle  # noqa: F401
-    code = WorkerMain(rfd, wfd).run()
+    worker = WorkerMain(rfd, wfd)
+    worker.parent = parent
+    code = worker.run()
     sys.stdout.flush()
     os._exit(code)
 

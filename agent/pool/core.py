@@ -27,7 +27,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +50,13 @@ from agent.pool.process import (
     WorkerState,
     _Deadline,
     spawn,
+    sweep_uid,
 )
 
 log = logging.getLogger(__name__)
+
+#: Room in a frame for its header next to the result.
+_FRAME_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class FunctionConfig:
     #: None: the pool's ``user`` (or the agent's own).
     uid: int | None = None
     gid: int | None = None
+    #: RLIMIT_NPROC of its uid (processes and threads of all its workers); 0: none. Only
+    #: applied with a uid of its own: the kernel counts per user.
+    max_processes: int = 0
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~3 us to build, per invocation
@@ -150,6 +158,8 @@ class WorkerPool:
         cwd: str | None = None,
         limits: WorkerLimits | None = None,
         sys_path: list[str] | None = None,
+        max_frame: int = wire.MAX_FRAME,
+        max_frame_source: str = "",
     ) -> None:
         if codec not in ("pickle", "json"):
             raise ValueError(f"codec must be pickle or json, got {codec!r}")
@@ -163,6 +173,10 @@ class WorkerPool:
         self.cwd = cwd
         self.limits = limits or WorkerLimits()
         self.sys_path = list(sys_path or [])
+        #: Largest frame a worker may send (a result): checked before it is buffered.
+        self.max_frame = max_frame
+        #: What sets it, for the error a too-big result gets (a config key).
+        self.max_frame_source = max_frame_source
         self._slots: dict[str, _Slot] = {}
         self._generations = itertools.count(1)
         self._live = 0  # function workers alive or being created (the max_workers cap)
@@ -171,6 +185,7 @@ class WorkerPool:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._spawn_wanted = threading.Event()
+        self._spawner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-spawn")
         self._spawner: threading.Thread | None = None
         self._closed = False
 
@@ -216,6 +231,7 @@ class WorkerPool:
             leftovers = list(self._all)
         for worker in leftovers:
             self._discard(worker)
+        self._spawner_thread.shutdown(wait=False)
 
     def reconfigure(
         self, *, max_workers: int, max_queue: int, max_invocations: int, prestart: int
@@ -445,6 +461,11 @@ class WorkerPool:
             worker.kill()
             if exc.eof:
                 raise worker.death_error(config.function_id) from None
+            if isinstance(exc, wire.FrameTooLarge):
+                raise HandlerError(
+                    f"function {config.function_id} sent a result of {exc.size} bytes, over "
+                    f"the limit of {exc.limit}; its worker (pid {worker.pid}) was killed"
+                ) from None
             raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
 
     def _result_value(self, function_id: str, header: dict[str, Any], blob: bytes) -> Any:
@@ -574,6 +595,7 @@ class WorkerPool:
                 self._await_ready(worker, deadline)
             worker.change_state(WorkerState.LOADING)
             worker.function_id = config.function_id
+            worker.uid = config.uid
             worker.generation = slot.generation
             worker.memory_limit_kb = config.memory_mb * 1024
             header: dict[str, Any] = {
@@ -585,10 +607,17 @@ class WorkerPool:
                 "entrypoint": config.entrypoint,
                 "environment": dict(config.environment),
                 "memory_bytes": config.memory_mb * 1024 * 1024,
-                "rlimits": {"nofile": self.limits.nofile, "fsize": self.limits.fsize_bytes},
+                "rlimits": {
+                    "nofile": self.limits.nofile,
+                    "fsize": self.limits.fsize_bytes,
+                    "nproc": config.max_processes if config.uid is not None else 0,
+                },
                 "sys_path": self.sys_path,
                 "uid": config.uid,
                 "gid": config.gid,
+                # the worker refuses a bigger result itself; the reader is the backstop
+                "max_result": self.max_frame - _FRAME_SLACK,
+                "max_result_source": self.max_frame_source,
             }
             worker.send(header, config.handler_blob)
             reply, _ = worker.recv(deadline)
@@ -661,7 +690,13 @@ class WorkerPool:
     # -- spawning --------------------------------------------------------------------------
 
     def _spawn(self) -> Worker:
-        worker = spawn(python=self.python, codec=self.codec, user=self.user, cwd=self.cwd)
+        # Always from the one spawner thread: a worker's parent-death signal fires when the
+        # *thread* that forked it ends, so a short-lived caller thread (local mode) must
+        # not be its parent.
+        worker = self._spawner_thread.submit(
+            spawn, python=self.python, codec=self.codec, user=self.user, cwd=self.cwd
+        ).result()
+        worker.limit_frames(self.max_frame)
         with self._cond:
             self._all.add(worker)
         return worker
@@ -677,6 +712,18 @@ class WorkerPool:
         with self._cond:
             self._all.discard(worker)
             self._cond.notify_all()
+            keep = {w.pid for w in self._all if w.state is not WorkerState.DEAD}
+        if worker.uid is not None:
+            # Whatever it started outside its process group dies too (timeout, memory,
+            # redeploy, undeploy, recycle, close): its function's uid names them all.
+            sweep_uid(worker.uid, keep)
+
+    def sweep(self, uids: Collection[int]) -> int:
+        """Kill every process of these function uids that is not a live worker's (at boot:
+        what a previous agent left behind, e.g. after ``kill -9``); how many."""
+        with self._cond:
+            keep = {w.pid for w in self._all if w.state is not WorkerState.DEAD}
+        return sum(sweep_uid(uid, keep) for uid in uids)
 
     def _spawn_loop(self) -> None:
         """Keep ``prestart`` generic interpreters booted so cold starts skip interpreter start."""

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ _BOOTSTRAP = (
     "import sys; sys.path.append(sys.argv[1]); from agent.worker import main; main(sys.argv[2:])"
 )
 _READ_CHUNK = 1 << 16
+#: /proc scans per sweep before giving up on a fork bomb (each pass kills what it saw).
+_SWEEP_PASSES = 50
 #: A dead worker whose peak RSS reached this share of its limit died of memory.
 _MEMORY_DEATH_SHARE = 0.9
 
@@ -96,6 +98,8 @@ class Worker:
         self.invocations = 0
         self.memory_limit_kb = 0
         self.accepts_context = False
+        #: The uid its function runs as (set at load), or None when functions share one.
+        self.uid: int | None = None
         self.sent_state_version = -1
         self.sent_desired_version = -1
         self.exit_status: int | None = None
@@ -111,6 +115,10 @@ class Worker:
         # Non-blocking: the answer is often there already when our write returns (the
         # worker ran on wake-up), so recv reads first and polls only when it must.
         os.set_blocking(rfd, False)
+
+    def limit_frames(self, max_frame: int) -> None:
+        """Refuse (FrameTooLarge, nothing buffered) any frame over ``max_frame`` bytes."""
+        self._reader.max_frame = min(max_frame, wire.MAX_FRAME)
 
     def change_state(self, new: WorkerState) -> None:
         if log.isEnabledFor(logging.DEBUG):  # twice per invocation: skip the call when off
@@ -225,11 +233,12 @@ def spawn(*, python: str, codec: str, user: str | None, cwd: str | None) -> Work
     """Start a fresh interpreter running agent.worker in its own session (not yet ready)."""
     parent_r, child_w = os.pipe()
     child_r, parent_w = os.pipe()
+    pipe_args = (str(child_r), str(child_w), codec)
     try:
         proc = subprocess.Popen(
             # -B: a worker never writes bytecode, so installed code stays exactly as
             # verified (a planted .pyc would run instead of the checked source).
-            [python, "-I", "-B", "-c", _BOOTSTRAP, _AGENT_ROOT, str(child_r), str(child_w), codec],
+            [python, "-I", "-B", "-c", _BOOTSTRAP, _AGENT_ROOT, *pipe_args, str(os.getpid())],
             stdin=subprocess.DEVNULL,
             pass_fds=(child_r, child_w),
             close_fds=True,
@@ -248,6 +257,55 @@ def spawn(*, python: str, codec: str, user: str | None, cwd: str | None) -> Work
         os.close(child_r)
         os.close(child_w)
     return Worker(proc, parent_r, parent_w)
+
+
+def sweep_uid(uid: int, keep_sessions: Collection[int] = ()) -> int:
+    """SIGKILL every process running as ``uid`` outside ``keep_sessions``; how many.
+
+    A function's own uid makes "every process it started" a complete set: a grandchild
+    that left the worker's process group with setsid() and a double fork is still that
+    uid's. Scans /proc until a pass finds nothing (escapees may fork while we look).
+    The caller keeps the sessions of live workers (each worker is its own session leader).
+    """
+    killed = 0
+    for _ in range(_SWEEP_PASSES):
+        found = [pid for pid, sid in _processes_of(uid) if sid not in keep_sessions]
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += len(found)
+    if killed:
+        log.info("killed %d leftover processes of uid %d", killed, uid)
+    return killed
+
+
+def _processes_of(uid: int) -> list[tuple[int, int]]:
+    """(pid, session id) of every process whose real or effective uid is ``uid``.
+
+    Read from /proc/<pid>/status and stat (world-readable), not from the owner of
+    /proc/<pid>: a process that changed uid is not dumpable and its directory is root's.
+    """
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as status:
+                text = status.read()
+            start = text.index(b"\nUid:") + 5
+            real, effective = text[start : text.index(b"\n", start)].split()[:2]
+            if uid not in (int(real), int(effective)):
+                continue
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read()
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        # after the ")" that closes the command name: state ppid pgrp session ...
+        session = int(fields[fields.rindex(b")") + 2 :].split()[3])
+        out.append((int(name), session))
+    return out
 
 
 def _own_maxrss_kb() -> int:
