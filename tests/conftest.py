@@ -513,3 +513,45 @@ def uplink(broker: Mosquitto) -> Iterator[TcpProxy]:
     proxy = TcpProxy(broker.port).start()
     yield proxy
     proxy.close()
+
+
+# -- functions under uids of their own (runtime.function_uids) --------------------------------
+
+#: Debian's python3: function users can run it and read its standard library (this venv's
+#: interpreter lives under /root, 0700, which no function user may enter).
+WORKER_PYTHON = "/usr/bin/python3"
+FUNCTION_UIDS = "61500-61599"
+can_isolate = os.geteuid() == 0 and Path(WORKER_PYTHON).exists()
+needs_isolation = pytest.mark.skipif(
+    not can_isolate, reason="needs root (to switch users) and Debian's /usr/bin/python3"
+)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A work directory other users may search (pytest's tmp_path sits under a 0700 one),
+    as /var/lib is for the packaged agent."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="edge-isolation-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def isolated_agents(open_dir: Path, broker: Mosquitto) -> Iterator[Callable[..., AgentProcess]]:
+    """Agents whose functions run under uids of their own; ``start(**runtime)``."""
+    agents: list[AgentProcess] = []
+
+    def start(**runtime: Any) -> AgentProcess:
+        settings = {"function_uids": FUNCTION_UIDS, "worker_python": WORKER_PYTHON, **runtime}
+        agent = AgentProcess(open_dir, broker.port, "gw-test", runtime=settings)
+        agent.config_path.chmod(0o640)  # root-only, as /etc/edge-agent/agent.toml is
+        agents.append(agent.start())
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()

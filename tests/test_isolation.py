@@ -11,15 +11,19 @@ shared the agent's uid. Now each function's workers take a uid and gid of their 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec
+from conftest import (
+    FUNCTION_UIDS,
+    WORKER_PYTHON,
+    AgentProcess,
+    Cloud,
+    needs_isolation,
+    source_spec,
+)
 
 from agent.errors import DeploymentRejected
 from agent.isolation import FunctionIdentities
@@ -27,15 +31,9 @@ from agent.store import Store
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"
-UIDS = "61500-61599"
-#: Debian's python3: function users can run it and read its standard library (this venv's
-#: interpreter lives under /root, 0700, which no function user may enter).
-WORKER_PYTHON = "/usr/bin/python3"
+UIDS = FUNCTION_UIDS
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not Path(WORKER_PYTHON).exists(),
-    reason="needs root (to switch users) and Debian's /usr/bin/python3",
-)
+pytestmark = needs_isolation
 
 SPY = """\
 import os
@@ -93,23 +91,6 @@ def handler(event):
 """
 
 
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A work directory other users may search (pytest's tmp_path sits under a 0700 one),
-    as /var/lib is for the packaged agent."""
-    path = Path(tempfile.mkdtemp(prefix="edge-isolation-"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def isolated_agent(open_dir: Path, broker: Mosquitto, **runtime: Any) -> AgentProcess:
-    settings = {"function_uids": UIDS, "worker_python": WORKER_PYTHON, **runtime}
-    agent = AgentProcess(open_dir, broker.port, NODE, runtime=settings)
-    agent.config_path.chmod(0o640)  # root-only, as /etc/edge-agent/agent.toml is
-    return agent
-
-
 def deploy(cloud: Cloud, fid: str, source: str, **over: Any) -> None:
     cloud.deploy(None, source_spec(fid, source, **over))
     state = cloud.wait_message(
@@ -125,28 +106,12 @@ def code_file(agent: AgentProcess, fid: str) -> Path:
     return next(Path(row.active_code_dir).glob("*.py"))
 
 
-@pytest.fixture
-def running(
-    open_dir: Path, broker: Mosquitto, cloud: Cloud
-) -> Iterator[Callable[..., AgentProcess]]:
-    agents: list[AgentProcess] = []
-
-    def start(**runtime: Any) -> AgentProcess:
-        agent = isolated_agent(open_dir, broker, **runtime).start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        agent.stop()
-
-
 def test_function_cannot_read_agent_files_other_code_environ_nor_signal_the_agent(
-    cloud: Cloud, running: Callable[..., AgentProcess]
+    cloud: Cloud, isolated_agents: Callable[..., AgentProcess]
 ) -> None:
     """One function read the config, state.db, another's code and API_KEY, wrote the outbox
     (a worm), rewrote its own code and killed the agent: all from the agent's uid."""
-    agent = running()
+    agent = isolated_agents()
     status = cloud.wait_message(f"{BASE}/status", lambda m: m["status"] == "online")
     assert status["isolation"] == "uid", status
     deploy(cloud, "victim", VICTIM, environment={"API_KEY": "s3cret"})
@@ -187,10 +152,10 @@ def test_function_cannot_read_agent_files_other_code_environ_nor_signal_the_agen
 
 
 def test_function_keeps_its_uid_and_its_code_its_group_across_restarts(
-    cloud: Cloud, running: Callable[..., AgentProcess]
+    cloud: Cloud, isolated_agents: Callable[..., AgentProcess]
 ) -> None:
     """Restored code must stay readable by its function, and by no other."""
-    agent = running()
+    agent = isolated_agents()
     cloud.wait_message(f"{BASE}/status", lambda m: m["status"] == "online")
     deploy(cloud, "victim", VICTIM)
     first = cloud.invoke(NODE, "victim", {})["result"]["uid"]
@@ -205,10 +170,10 @@ def test_function_keeps_its_uid_and_its_code_its_group_across_restarts(
 
 
 def test_without_a_reachable_interpreter_functions_share_a_uid_and_status_says_so(
-    cloud: Cloud, running: Callable[..., AgentProcess]
+    cloud: Cloud, isolated_agents: Callable[..., AgentProcess]
 ) -> None:
     """Isolation that cannot work is said, loudly, and everything else still works."""
-    agent = running(worker_python="")  # this venv's python: under /root, 0700
+    agent = isolated_agents(worker_python="")  # this venv's python: under /root, 0700
     status = cloud.wait_message(f"{BASE}/status", lambda m: m["status"] == "online")
     assert status["isolation"] == "shared-uid", status
     assert "isolation: shared-uid" in agent.log()
