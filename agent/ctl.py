@@ -50,6 +50,7 @@ from agent.errors import AgentError, ConfigError, DeploymentRejected, EdgeExecut
 from agent.fleet import (
     BrokerUnreachable,
     FleetController,
+    PublishRefused,
     ReplyTimeout,
     RolloutReport,
     StagedRollout,
@@ -768,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edgectl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PublishRefused as exc:  # reached, but not allowed (the broker's ACL): a failure
+        print(f"edgectl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except BrokerUnreachable as exc:
         print(f"edgectl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -257,12 +257,16 @@ class SimNode:
             body = self._reply(exc.request_id, exc.function_id, error=error_to_dict(exc))
             self._publish_reply(topic, body, correlation)
             return
-        topic = self.topics.reply_topic(response_topic, request.reply_to)
+        address = self.topics.reply_address(response_topic, request.reply_to)
+        topic = address.topic
         fid = request.function_id
         deployed = self.deployed.get(fid)
         error: dict[str, str] | None = None
         result: Any = None
-        if deployed is None or deployed[3] is None:
+        if address.refused is not None:  # as a real agent: never reply into the contract
+            message = f"invoke: reply address refused: {address.refused}"
+            error = {"type": "bad_request", "message": message}
+        elif deployed is None or deployed[3] is None:
             error = {"type": "function_not_found", "message": f"Function not found: {fid}"}
         elif isinstance(request.payload, dict) and "sim_error" in request.payload:
             kind = str(request.payload["sim_error"])

@@ -192,3 +192,41 @@ def test_anonymous_client_is_refused(acl_broker: Mosquitto) -> None:
         assert not anon.connected.is_set()
     finally:
         anon.close()
+
+
+def test_edgectl_deploy_the_broker_refuses_exits_1_naming_the_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spec publish the broker refused (PUBACK 0x87) was reported as sent."""
+    passwd = shutil.which("mosquitto_passwd") or pytest.skip("mosquitto_passwd is missing")
+    password_file, secret = tmp_path / "passwd", tmp_path / "ops.secret"
+    subprocess.run([passwd, "-c", "-b", str(password_file), "ops", "pw-ops"], check=True)
+    secret.write_text("pw-ops")
+    acl = tmp_path / "acl"  # an operator who may watch and invoke, not deploy
+    acl.write_text(
+        "user ops\ntopic read edge/#\ntopic write edge/nodes/+/invoke\n"
+        "topic readwrite edge/controllers/#\n"
+    )
+    mosq = Mosquitto(tmp_path)
+    mosq.conf.write_text(
+        f"listener {mosq.port} 127.0.0.1\nallow_anonymous false\n"
+        f"password_file {password_file}\nacl_file {acl}\npersistence false\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    mosq.start()
+    handler = tmp_path / "h.py"
+    handler.write_text("def handler(event):\n    return event\n")
+    try:
+        capsys.readouterr()
+        code = ctl.main(
+            [
+                *("--broker", f"127.0.0.1:{mosq.port}", "--connect-timeout", "5"),
+                *("--username", "ops", "--password-file", str(secret)),
+                *("deploy", str(handler), "--id", "f", "--node", "gw-1", "--no-wait"),
+            ]
+        )
+    finally:
+        mosq.stop()
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "refused the publish to edge/nodes/gw-1/functions/f" in err, err

@@ -15,7 +15,13 @@ errors, models and bundles, and nothing here imports ``cluster``, ``ctl`` or ``c
 
 from __future__ import annotations
 
-from agent.fleet.controller import BrokerUnreachable, FleetController, RemoteResult, ReplyTimeout
+from agent.fleet.controller import (
+    BrokerUnreachable,
+    FleetController,
+    PublishRefused,
+    RemoteResult,
+    ReplyTimeout,
+)
 from agent.fleet.remote import RemoteRuntime
 from agent.fleet.rollout import NodeResult, RolloutReport, StagedRollout, canary_count
 from agent.fleet.specs import function_spec, spec_from_function
@@ -27,6 +33,7 @@ __all__ = [
     "FleetView",
     "NodeRecord",
     "NodeResult",
+    "PublishRefused",
     "RemoteResult",
     "RemoteRuntime",
     "ReplyTimeout",

@@ -84,6 +84,12 @@ class BrokerUnreachable(AgentError):
     type = "broker_unreachable"
 
 
+class PublishRefused(BrokerUnreachable):
+    """The broker acknowledged a publish with a failure reason (MQTT 5 PUBACK >= 0x80)."""
+
+    type = "publish_refused"
+
+
 class ReplyTimeout(FunctionTimeout):
     """No reply arrived from the node within the deadline (a ``FunctionTimeout`` too)."""
 
@@ -148,7 +154,8 @@ class FleetController:
         self._events: queue.SimpleQueue[MqttEvent | _Stop] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._pending: dict[str, Future[dict[str, Any]]] = {}
-        self._acks: dict[int, bool] = {}
+        #: mid -> its PUBACK (None until it arrives), for publish() to wait on.
+        self._acks: dict[int, Published | None] = {}
         self._watchers: set[threading.Event] = set()
         self._request_ids = itertools.count(1)
         self._fence = b""
@@ -248,7 +255,7 @@ class FleetController:
             return self._handle_message(event, now)
         if isinstance(event, Published):
             if event.mid in self._acks:
-                self._acks[event.mid] = True
+                self._acks[event.mid] = event
         elif isinstance(event, Connected):
             self._last_failure = None
             self._fence = uuid.uuid4().hex.encode()
@@ -325,17 +332,18 @@ class FleetController:
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
     ) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK (BrokerUnreachable if none)."""
+        """Publish at QoS 1 and wait for the broker's PUBACK: BrokerUnreachable if none comes,
+        PublishRefused if it carries a failure reason (MQTT 5: not authorized, ...)."""
         client = self._mqtt
         if client is None:
             raise BrokerUnreachable("the fleet controller is not started")
         with self._cond:
             mid = client.publish(topic, payload, qos=1, retain=retain)
-            self._acks[mid] = False
+            self._acks[mid] = None
         deadline = time.monotonic() + timeout
         with self._cond:
             try:
-                while not self._acks[mid]:
+                while (ack := self._acks[mid]) is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise BrokerUnreachable(
@@ -345,6 +353,10 @@ class FleetController:
                     self._cond.wait(remaining)
             finally:
                 del self._acks[mid]
+        if ack.refused:  # a spec the ACL forbids is not deployed: say so, never "sent"
+            raise PublishRefused(
+                f"the broker refused the publish to {topic}: {ack.reason} ({ack.reason_code:#04x})"
+            )
 
     def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Hand a QoS 1 message to the connection without waiting for the broker (safe from
