@@ -337,11 +337,26 @@ class Guest:
         expect((d.st_uid, d.st_mode & 0o7777) == (0, 0o750), "/etc/edge-agent is not root 0750")
         passwd = sh(["getent", "passwd", "edge-agent"]).strip()
         expect(passwd.endswith(":/:/usr/sbin/nologin"), f"odd system user: {passwd}")
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", f"/usr/lib/systemd/system/{UNIT}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+        )
+        expect(
+            (verify.returncode, verify.stdout, verify.stderr) == (0, "", ""),
+            f"systemd-analyze verify on the installed unit:\n{verify.stdout}{verify.stderr}",
+        )
         version = sh(["edge-agent", "--version"]).strip()
         sh(["edgectl", "--version"])
         pycs = list(Path("/opt/edge-agent/lib").rglob("*.pyc"))
         expect(len(pycs) > 100, f"postinst compiled only {len(pycs)} .pyc files")
-        return f"{version}; node.id {self.node}; enabled, inactive; {len(pycs)} .pyc compiled"
+        return (
+            f"{version}; node.id {self.node}; enabled, inactive; unit verifies clean; "
+            f"{len(pycs)} .pyc compiled"
+        )
 
     # -- active only after READY=1; STATUS= in systemctl status
 
