@@ -391,7 +391,13 @@ class Agent:
         active_version: str | None,
     ) -> None:
         payload = protocol.encode_function_state(
-            fid, version, sha256, state, error, extra={"active_version": active_version}
+            fid,
+            version,
+            sha256,
+            state,
+            error,
+            # how memory_mb is enforced: per process (rlimit) or also for its whole tree
+            extra={"active_version": active_version, "limits": self.pool.limits_mode(fid)},
         )
         self._enqueue(
             self.topics.function_state(fid), payload, retain=True, kind="state", key=f"state:{fid}"
@@ -701,6 +707,7 @@ class Agent:
                     "timeouts": stats["timeouts"],
                     "p50_ms": round(stats["p50_ms"], 3),
                     "p95_ms": round(stats["p95_ms"], 3),
+                    "limits": self.pool.limits_mode(row.function_id),
                 }
             )
         count, nbytes = self.store.outbox_depth()

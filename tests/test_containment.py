@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import AgentProcess, Cloud, needs_isolation, source_spec, wait_for
 
 NODE = "gw-test"
@@ -261,3 +262,86 @@ def test_a_result_over_the_reply_limit_is_refused_by_the_worker(
     assert reply["ok"] is False and reply["error"]["type"] == "handler_error", reply
     assert "over the limit" in reply["error"]["message"]
     assert cloud.invoke(NODE, "chatty", 10)["result"] == "x" * 10
+
+
+# -- memory of the whole tree (the sampler) ---------------------------------------------------
+
+HOGS = """\
+import mmap
+import os
+import time
+
+
+def handler(event):
+    if event["how"] == "children":  # each child alone is within RLIMIT_DATA
+        for _ in range(event["n"]):
+            if os.fork() == 0:
+                hog = bytearray(event["mb"] << 20)
+                time.sleep(30)
+                os._exit(0)
+    elif event["how"] == "shared":  # RLIMIT_DATA does not count shared mappings
+        hog = mmap.mmap(-1, event["mb"] << 20, flags=mmap.MAP_SHARED)
+        for offset in range(0, len(hog), 4096):
+            hog[offset] = 1
+    elif event["how"] == "escapee":  # its own session, outside the worker's group
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:  # shared: RLIMIT_DATA would stop a private 200 MB
+                with open(event["pidfile"], "w") as f:
+                    f.write(str(os.getpid()))
+                hog = mmap.mmap(-1, event["mb"] << 20, flags=mmap.MAP_SHARED)
+                for offset in range(0, len(hog), 4096):
+                    hog[offset] = 1
+                time.sleep(30)
+            os._exit(0)
+        return "left it"
+    time.sleep(20)
+    return "survived"
+"""
+
+
+@needs_isolation
+@pytest.mark.parametrize(
+    ("how", "n", "mb"),
+    [("children", 4, 60), ("shared", 1, 400)],
+    ids=["four-children-of-60MB", "shared-mmap-of-400MB"],
+)
+def test_tree_over_memory_mb_is_killed_as_memory_exceeded(
+    cloud: Cloud, isolated_agents: Callable[..., AgentProcess], how: str, n: int, mb: int
+) -> None:
+    """Four forked children of 60 MB (308 MB in all) and a 400 MB shared mmap ran under
+    memory_mb 64: RLIMIT_DATA bounds each process's private memory only."""
+    isolated_agents()
+    deploy(cloud, "hog", HOGS, memory_mb=64, timeout_seconds=30)
+    state = cloud.wait_message(f"{BASE}/functions/hog/state", lambda m: m["state"] == "active")
+    assert state["limits"] == "rlimit+sampled", state
+    reply = cloud.invoke(NODE, "hog", {"how": how, "n": n, "mb": mb}, timeout=15)
+    assert reply["ok"] is False and reply["error"]["type"] == "memory_exceeded", reply
+    assert "processes together" in reply["error"]["message"]
+    assert reply["duration_ms"] < 5000, "the sampler took seconds to act"
+    assert cloud.invoke(NODE, "hog", {"how": "children", "n": 0, "mb": 0}, timeout=30)["ok"]
+
+
+@needs_isolation
+def test_escapee_over_memory_mb_is_killed(
+    cloud: Cloud, isolated_agents: Callable[..., AgentProcess], open_dir: Path
+) -> None:
+    """A setsid grandchild holding 200 MB outside any worker counted against nothing."""
+    isolated_agents()
+    deploy(cloud, "hog", HOGS, memory_mb=64, timeout_seconds=30)
+    pidfile = markers(open_dir) / "hog.pid"
+    reply = cloud.invoke(NODE, "hog", {"how": "escapee", "mb": 200, "pidfile": str(pidfile)})
+    assert reply["result"] == "left it"
+    wait_gone(read_pid(pidfile), 3.0, "the 200 MB escapee")
+
+
+def test_shared_uid_functions_report_rlimit_only(
+    cloud: Cloud, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """Where the tree cannot be sampled (no uid of its own), the state says so."""
+    agent_factory().start()
+    deploy(cloud, "hog", HOGS)
+    state = cloud.wait_message(f"{BASE}/functions/hog/state", lambda m: m["state"] == "active")
+    assert state["limits"] == "rlimit", state
+    heartbeat = cloud.wait_message(f"{BASE}/heartbeat", lambda m: bool(m["functions"]))
+    assert heartbeat["functions"][0]["limits"] == "rlimit", heartbeat

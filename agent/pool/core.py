@@ -49,9 +49,11 @@ from agent.pool.process import (
     WorkerLimits,
     WorkerState,
     _Deadline,
+    kill_session,
     spawn,
     sweep_uid,
 )
+from agent.pool.sampler import DEFAULT_INTERVAL_S, TreeSampler, Watched
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,7 @@ class WorkerPool:
         sys_path: list[str] | None = None,
         max_frame: int = wire.MAX_FRAME,
         max_frame_source: str = "",
+        sample_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         if codec not in ("pickle", "json"):
             raise ValueError(f"codec must be pickle or json, got {codec!r}")
@@ -186,6 +189,8 @@ class WorkerPool:
         self._cond = threading.Condition(self._lock)
         self._spawn_wanted = threading.Event()
         self._spawner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-spawn")
+        #: The memory of each isolated function's whole tree (functions with a uid).
+        self.sampler = TreeSampler(self._tree_over_budget, self._baselines, sample_interval_s)
         self._spawner: threading.Thread | None = None
         self._closed = False
 
@@ -196,6 +201,7 @@ class WorkerPool:
             return
         self._spawner = threading.Thread(target=self._spawn_loop, name="edge-prestart", daemon=True)
         self._spawner.start()
+        self.sampler.start()
         self._spawn_wanted.set()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -232,6 +238,7 @@ class WorkerPool:
         for worker in leftovers:
             self._discard(worker)
         self._spawner_thread.shutdown(wait=False)
+        self.sampler.stop()
 
     def reconfigure(
         self, *, max_workers: int, max_queue: int, max_invocations: int, prestart: int
@@ -282,6 +289,8 @@ class WorkerPool:
                 preloaded = None
             # In-flight invocations of the old config finish and are discarded on release.
             retired = old.idle if old is not None else []
+            if config.uid is not None:
+                self.sampler.watch(config.function_id, config.uid, config.memory_mb)
             self._slots[config.function_id] = slot
             self._live -= len(retired)
             self._wake_all_locked(old)
@@ -297,6 +306,8 @@ class WorkerPool:
                 return False
             self._live -= len(slot.idle)
             retired = slot.idle
+            if slot.config.uid is not None:
+                self.sampler.unwatch(slot.config.uid)
             self._wake_all_locked(slot)
         for worker in retired:
             self._discard(worker)
@@ -318,6 +329,37 @@ class WorkerPool:
     def discard(self, worker: Worker) -> None:
         """Kill and reap a worker that :meth:`check_load` returned and nobody will use."""
         self._discard(worker)
+
+    def limits_mode(self, function_id: str) -> str:
+        """How its memory_mb is enforced: ``rlimit+sampled`` (each process, and the whole tree
+        by the sampler: a uid of its own) or ``rlimit`` (each process only)."""
+        slot = self._slots.get(function_id)
+        isolated = slot is not None and slot.config.uid is not None
+        return self.sampler.mode if isolated else "rlimit"
+
+    def _baselines(self, uid: int) -> dict[int, int]:
+        """Live workers of ``uid``: session (its pid) -> idle footprint kB (not the budget)."""
+        with self._cond:
+            return {
+                w.pid: w.baseline_rss_kb
+                for w in self._all
+                if w.uid == uid and w.state is not WorkerState.DEAD
+            }
+
+    def _tree_over_budget(self, item: Watched, session: int, held_kb: int, total_kb: int) -> None:
+        """Sampler thread: the function's processes together exceed memory_mb."""
+        error = MemoryLimitExceeded(
+            f"function {item.function_id} exceeded its memory limit: its processes together "
+            f"used {total_kb // 1024} MiB over memory_mb {item.limit_kb // 1024} (killed the "
+            f"session of pid {session}, {held_kb // 1024} MiB)"
+        )
+        with self._cond:
+            worker = next((w for w in self._all if w.pid == session), None)
+            if worker is not None:
+                worker.killed_for = error
+        log.warning("%s", error, extra={"function_id": item.function_id})
+        # A busy worker's thread sees its pipe close, reaps it and reports ``killed_for``.
+        kill_session(item.uid, session)
 
     def has_function(self, function_id: str) -> bool:
         """Whether it is deployed: one dict lookup, for the daemon's per-invoke check."""
@@ -459,6 +501,8 @@ class WorkerPool:
             ) from None
         except wire.FrameError as exc:
             worker.kill()
+            if worker.killed_for is not None:
+                raise worker.killed_for from None
             if exc.eof:
                 raise worker.death_error(config.function_id) from None
             if isinstance(exc, wire.FrameTooLarge):

@@ -100,6 +100,9 @@ class Worker:
         self.accepts_context = False
         #: The uid its function runs as (set at load), or None when functions share one.
         self.uid: int | None = None
+        #: Why the pool killed it from outside (the tree's memory), to report that instead
+        #: of guessing from how it died.
+        self.killed_for: EdgeExecutionError | None = None
         self.sent_state_version = -1
         self.sent_desired_version = -1
         self.exit_status: int | None = None
@@ -278,6 +281,19 @@ def sweep_uid(uid: int, keep_sessions: Collection[int] = ()) -> int:
         killed += len(found)
     if killed:
         log.info("killed %d leftover processes of uid %d", killed, uid)
+    return killed
+
+
+def kill_session(uid: int, session: int) -> int:
+    """SIGKILL every process of ``uid`` in ``session`` (its group first); how many."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signal.SIGKILL)
+    killed = 0
+    for pid, sid in _processes_of(uid):
+        if sid == session:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
     return killed
 
 
