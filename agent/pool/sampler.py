@@ -136,7 +136,11 @@ class TreeSampler:
 
 
 def scan(uids: set[int]) -> dict[int, Usage]:
-    """Resident anonymous + shared memory (kB) per session of every process of ``uids``."""
+    """Resident anonymous + shared memory (kB) per session of every process of ``uids``.
+
+    One read of /proc/<pid>/status per process (its real uid, session and RSS are all
+    there), and only the uid is parsed for processes of other users.
+    """
     out: dict[int, Usage] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -144,19 +148,13 @@ def scan(uids: set[int]) -> dict[int, Usage]:
         try:
             with open(f"/proc/{name}/status", "rb") as status:
                 text = status.read()
-        except OSError:
-            continue
-        fields = _status_fields(text)
-        uid = fields.get(b"Uid")
-        if uid is None or uid not in uids:
-            continue
-        kb = fields.get(b"RssAnon", 0) + fields.get(b"RssShmem", 0)
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                raw = stat.read()
-            session = int(raw[raw.rindex(b")") + 2 :].split()[3])
-        except (OSError, ValueError, IndexError):
-            continue
+            uid = _field(text, b"\nUid:")
+            if uid not in uids:
+                continue
+            session = _field(text, b"\nNSsid:")
+            kb = _field(text, b"\nRssAnon:") + _field(text, b"\nRssShmem:")
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or a kernel thread (no RSS lines)
         seen = out.setdefault(uid, Usage())
         seen.total_kb += kb
         seen.processes += 1
@@ -164,11 +162,7 @@ def scan(uids: set[int]) -> dict[int, Usage]:
     return out
 
 
-def _status_fields(text: bytes) -> dict[bytes, int]:
-    """The real uid and the RssAnon/RssShmem kB of one /proc/<pid>/status."""
-    out: dict[bytes, int] = {}
-    for line in text.split(b"\n"):
-        key, _, value = line.partition(b":")
-        if key in (b"Uid", b"RssAnon", b"RssShmem"):
-            out[key] = int(value.split()[0])  # Uid: the real one comes first
-    return out
+def _field(text: bytes, key: bytes) -> int:
+    """The first number after ``key`` in a /proc status text (ValueError if absent)."""
+    start = text.index(key) + len(key)
+    return int(text[start : text.index(b"\n", start)].split()[0])
