@@ -47,6 +47,7 @@ def mqtt_settings(config: Config) -> MqttSettings:
     return MqttSettings(
         host=m.host,
         port=m.port,
+        brokers=m.endpoints() if m.brokers else (),
         client_id=m.client_id,
         keepalive=m.keepalive,
         protocol=m.protocol,

@@ -18,7 +18,7 @@ rollouts live in :mod:`agent.fleet`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -45,9 +45,10 @@ class EdgeCluster:
     @classmethod
     def connect(
         cls,
-        host: str = "127.0.0.1",
+        host: str | Sequence[str | tuple[str, int]] = "127.0.0.1",
         port: int = 1883,
         *,
+        brokers: Sequence[str | tuple[str, int]] = (),
         prefix: str = "edge",
         tls: bool = False,
         ca_file: str = "",
@@ -68,6 +69,11 @@ class EdgeCluster:
 
         ``heartbeat_interval_s`` is the agents' heartbeat interval (a node silent for three
         of them is OFFLINE). ``settings`` replaces every connection argument when given.
+
+        A clustered broker: ``brokers=["10.0.0.1:1883", "10.0.0.2:1883", ...]`` (or
+        ``(host, port)`` pairs, or that list as ``host``). The controller starts at a random
+        entry and moves to the next whenever a connection fails or is lost, re-subscribing
+        and re-reading the retained state there.
         Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
         within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
 
@@ -80,10 +86,14 @@ class EdgeCluster:
         from agent.trust import Signer
 
         signer = Signer.from_file(sign_key) if sign_key else None
+        if not isinstance(host, str):
+            brokers, host = host, "127.0.0.1"
+        endpoints = tuple(_endpoint(entry) for entry in brokers)
 
         settings = settings or MqttSettings(
             host=host,
             port=port,
+            brokers=endpoints,
             protocol=protocol,
             username=username,
             password=password,
@@ -269,3 +279,15 @@ class EdgeCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _endpoint(entry: str | tuple[str, int]) -> tuple[str, int]:
+    """A broker list entry: ``"host:port"`` or a ``(host, port)`` pair (ValueError if bad)."""
+    from agent.config import split_broker
+
+    if isinstance(entry, str):
+        return split_broker(entry)
+    host, port = entry
+    if not host or not 0 < int(port) < 65536:
+        raise ValueError(f"not a broker address: {entry!r}")
+    return host, int(port)

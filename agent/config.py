@@ -244,6 +244,49 @@ def topic_prefix(value: Any) -> str:
     return value
 
 
+def split_broker(value: str, default_port: int = 1883) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port); ValueError says what is wrong.
+
+    The one parser of broker addresses: ``[mqtt] brokers`` and ``edgectl --broker`` use it.
+    """
+    host, port = value, str(default_port)
+    if value.startswith("["):
+        host, close, rest = value[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPv6]:PORT")
+        port = rest.removeprefix(":") or port
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    elif ":" in value:
+        raise ValueError("put an IPv6 address in brackets ([::1]:1883)")
+    if not host or any(ch.isspace() or ch in "/[]" for ch in host):
+        raise ValueError("expected HOST:PORT")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
+
+
+def broker_list(value: Any) -> tuple[str, ...]:
+    """Distinct ``"host:port"`` entries (``"[v6]:port"`` for IPv6), in the order given."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid('expected a list of "host:port" strings', value)
+    items: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for index, item in enumerate(value):
+        at = f"[{index}]"
+        if not isinstance(item, str):
+            raise _Invalid('expected a "host:port" string', item, at)
+        try:
+            address = split_broker(item)
+        except ValueError as exc:
+            raise _Invalid(str(exc), item, at) from None
+        if address in seen:
+            raise _Invalid("duplicate entry", item, at)
+        seen.add(address)
+        items.append(item)
+    return tuple(items)
+
+
 def reply_prefixes(value: Any) -> tuple[str, ...]:
     """Distinct topic prefixes replies may go to: no wildcards, NUL or leading ``$``."""
     if not isinstance(value, list | tuple):
@@ -308,6 +351,14 @@ class MqttConfig:
 
     host: str = _key("127.0.0.1", _word, "Broker host name or IP address.")
     port: int = _key(1883, integer(1, 65535), "Broker TCP port: usually 1883, 8883 for TLS.")
+    brokers: tuple[str, ...] = _key(
+        (),
+        broker_list,
+        'The nodes of a clustered broker, as "host:port" ("[v6]:port" for IPv6); when set it '
+        "replaces host and port. The agent starts at a random entry and moves to the next on "
+        "a failed connect or a lost connection, keeping its client id and session (the "
+        "cluster must replicate sessions), with jittered backoff once it has tried them all.",
+    )
     topic_prefix: str = _key(
         "edge",
         topic_prefix,
@@ -385,6 +436,12 @@ class MqttConfig:
         "<prefix>/controllers/<id>/replies) are always allowed; any other address is "
         "answered bad_request on <prefix>/nodes/<node.id>/replies.",
     )
+
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Where to connect, in the configured order: ``brokers``, else ``host:port``."""
+        if self.brokers:
+            return tuple(split_broker(entry) for entry in self.brokers)
+        return ((self.host, self.port),)
 
 
 @dataclass(frozen=True)

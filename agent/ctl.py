@@ -16,7 +16,8 @@ new ``sequence`` (see ``FleetController.next_sequence``). Agents with ``[trust] 
 refuse specs that are not signed by one of them.
 
 Connection flags work before or after the command; their defaults come from the
-environment: ``--broker HOST:PORT`` (``EDGECTL_BROKER``, default 127.0.0.1:1883),
+environment: ``--broker HOST:PORT`` (repeatable, or a comma list: the nodes of a clustered
+broker; ``EDGECTL_BROKER``, default 127.0.0.1:1883),
 ``--prefix`` (``EDGECTL_PREFIX``, default edge), ``--tls`` (``EDGECTL_TLS=1``),
 ``--ca-file``/``--cert-file``/``--key-file`` (``EDGECTL_CA_FILE``, ...), ``--username``
 (``EDGECTL_USERNAME``), ``--password-file`` (``EDGECTL_PASSWORD_FILE``),
@@ -46,6 +47,7 @@ from typing import Any
 
 from agent import __version__, protocol
 from agent.cluster import EdgeCluster
+from agent.config import split_broker
 from agent.errors import AgentError, ConfigError, DeploymentRejected, EdgeExecutionError
 from agent.fleet import (
     BrokerUnreachable,
@@ -75,24 +77,31 @@ class UsageError(Exception):
 
 def parse_broker(value: str) -> tuple[str, int]:
     """``host``, ``host:port`` or ``[v6]:port`` -> (host, port); port defaults to 1883."""
-    host, port = value, "1883"
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest.removeprefix(":") or port
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    elif ":" in value:
-        raise UsageError(f"--broker: put an IPv6 address in brackets ([::1]:1883), got {value!r}")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--broker: expected HOST:PORT, got {value!r}")
-    return host, int(port)
+    try:
+        return split_broker(value)
+    except ValueError as exc:
+        raise UsageError(f"--broker: {exc}, got {value!r}") from None
+
+
+def parse_brokers(values: Sequence[str] | str | None) -> tuple[tuple[str, int], ...]:
+    """Every ``--broker`` (repeated, or comma lists), else ``EDGECTL_BROKER``, deduplicated."""
+    if values is None:
+        values = [_env("BROKER", "127.0.0.1:1883")]
+    elif isinstance(values, str):
+        values = [values]
+    entries = [item.strip() for value in values for item in value.split(",") if item.strip()]
+    if not entries:
+        raise UsageError("--broker: expected HOST:PORT")
+    return tuple(dict.fromkeys(parse_broker(entry) for entry in entries))
 
 
 def settings_from(args: argparse.Namespace) -> MqttSettings:
-    host, port = parse_broker(args.broker)
+    brokers = parse_brokers(args.broker)
+    host, port = brokers[0]
     return MqttSettings(
         host=host,
         port=port,
+        brokers=brokers if len(brokers) > 1 else (),
         protocol=args.protocol,
         username=args.username,
         password_file=args.password_file,
@@ -630,9 +639,11 @@ def _connection_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     g = parser.add_argument_group("connection")
     g.add_argument(
         "--broker",
-        default=d(_env("BROKER", "127.0.0.1:1883")),
+        action="append",
+        default=d(None),
         metavar="HOST:PORT",
-        help="MQTT broker (env EDGECTL_BROKER, default 127.0.0.1:1883)",
+        help="MQTT broker; repeat it or give a comma list for the nodes of a cluster (tried "
+        "from a random one, then the next; env EDGECTL_BROKER, default 127.0.0.1:1883)",
     )
     g.add_argument(
         "--prefix", default=d(_env("PREFIX", "edge")), help="topic prefix (env EDGECTL_PREFIX)"

@@ -11,6 +11,10 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   ``reconnect_max_s``, so a fleet does not reconnect in lock-step after a broker restart.
   paho's own backoff has no jitter; we set its delay before each wait through the public
   ``reconnect_delay_set``.
+- Broker lists (``MqttSettings.brokers``, the nodes of a clustered broker): start at a random
+  entry, move to the next one on every failed connect and every lost connection, same client
+  id and session. The backoff grows per full pass over the list (a jittered short delay
+  between entries), so a dead node costs one short wait, not the node's downtime.
 - TCP_NODELAY on every socket: without it a QoS 1 round trip waits on Nagle + delayed ACK
   (about 44 ms on loopback instead of well under 1 ms).
 - PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
@@ -73,6 +77,15 @@ class MqttSettings:
     connect_timeout_s: float = 10.0
     clean_start: bool = False
     max_inflight: int = 100
+    #: The nodes of a clustered broker; when non-empty it replaces ``host``/``port``.
+    brokers: tuple[tuple[str, int], ...] = ()
+
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        return self.brokers or ((self.host, self.port),)
+
+    def describe(self) -> str:
+        """``host:port`` or the list, for messages."""
+        return ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.endpoints())
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,36 @@ def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> 
     return rng.uniform(low, max(low, ceiling))
 
 
+def list_backoff_delay(
+    attempt: int, brokers: int, low: float, high: float, rng: random.Random
+) -> float:
+    """Backoff over a list of ``brokers``: the exponent grows per full pass over the list.
+
+    One broker: :func:`backoff_delay`. Several: the first pass waits between ``low`` and
+    ``2 * low`` before each entry (jittered: a fleet leaving a dead node does not arrive at
+    the next one in lock-step), and each further pass doubles the ceiling up to ``high``.
+    """
+    if brokers <= 1:
+        return backoff_delay(attempt, low, high, rng)
+    return backoff_delay(attempt // brokers + 1, low, high, rng)
+
+
+class _RotatingClient(paho.Client):
+    """paho's client, asking ``endpoint()`` where to go before every (re)connect.
+
+    paho reconnects to the host and port given to ``connect_async``, and its public setters
+    refuse a change while its state machine is between connections (exactly when a
+    reconnect is due), so the choice is made here, the one place every attempt passes.
+    """
+
+    endpoint: Callable[[], tuple[str, int]] | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        if self.endpoint is not None:
+            self._host, self._port = self.endpoint()
+        return super().reconnect()
+
+
 class MqttClient:
     """One MQTT connection. Construction touches nothing; ``start()`` connects in background."""
 
@@ -164,6 +207,10 @@ class MqttClient:
         self._attempt = 0
         self._connected = threading.Event()
         self._connection = 0
+        endpoints = settings.endpoints()
+        #: Index into the broker list of the current (or next) connection attempt.
+        self._broker = self._rng.randrange(len(endpoints)) if len(endpoints) > 1 else 0
+        self._refused = False
 
     @property
     def connected(self) -> bool:
@@ -172,11 +219,21 @@ class MqttClient:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    @property
+    def broker(self) -> tuple[str, int]:
+        """The broker connected to now (or tried next)."""
+        endpoints = self.settings.endpoints()
+        return endpoints[self._broker % len(endpoints)]
+
+    def _rotate(self) -> None:
+        """Move to the next broker of the list (a no-op with one)."""
+        self._broker = (self._broker + 1) % len(self.settings.endpoints())
+
     def start(self) -> None:
         """Connect in the background; reconnects forever until ``stop()``."""
         s = self.settings
         v5 = s.protocol == "5"
-        client = paho.Client(
+        client = _RotatingClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -201,14 +258,16 @@ class MqttClient:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
+        client.endpoint = lambda: self.broker
         self._set_next_delay(client)
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.session_expiry_s
+        host, port = self.broker
         client.connect_async(
-            s.host,
-            s.port,
+            host,
+            port,
             keepalive=s.keepalive,
             clean_start=s.clean_start if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
@@ -303,10 +362,14 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         if reason.is_failure:
+            host, port = self.broker
             self._attempt += 1
+            self._rotate()
+            self._refused = True
             self._set_next_delay(client)
-            self._sink(ConnectFailed(f"broker refused: {reason}"))
+            self._sink(ConnectFailed(f"broker {host}:{port} refused: {reason}"))
             return
+        self._refused = False
         self._attempt = 0
         self._connection += 1
         self._set_next_delay(client)
@@ -316,9 +379,11 @@ class MqttClient:
         self._sink(Connected(session_present=bool(getattr(flags, "session_present", False))))
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        host, port = self.broker
         self._attempt += 1
+        self._rotate()
         self._set_next_delay(client)
-        self._sink(ConnectFailed(f"cannot reach {self.settings.host}:{self.settings.port}"))
+        self._sink(ConnectFailed(f"cannot reach {host}:{port}"))
 
     def _on_disconnect(
         self,
@@ -329,9 +394,13 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
+        host, port = self.broker
         self._attempt += 1
+        if not self._refused:  # a refusing CONNACK moved on already (_on_connect)
+            self._rotate()
+        self._refused = False
         self._set_next_delay(client)
-        self._sink(Disconnected(str(reason)))
+        self._sink(Disconnected(f"{reason} ({host}:{port})"))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         response_topic = correlation = None
@@ -367,7 +436,13 @@ class MqttClient:
 
     def _set_next_delay(self, client: paho.Client) -> None:
         s = self.settings
-        delay = backoff_delay(self._attempt, s.reconnect_min_s, s.reconnect_max_s, self._rng)
+        delay = list_backoff_delay(
+            self._attempt,
+            len(s.endpoints()),
+            s.reconnect_min_s,
+            s.reconnect_max_s,
+            self._rng,
+        )
         # paho's annotations say int, but it only does arithmetic with them: sub-second works.
         client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 

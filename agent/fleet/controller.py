@@ -180,12 +180,20 @@ class FleetController:
             self.close()
             raise
         if not self.wait_synced(timeout):
+            client = self._mqtt
             with self._cond:
-                reason = self._last_failure or "no CONNACK"
+                reason = self._last_failure
+            if client is not None and client.connected:
+                host, port = client.broker
+                reason = (
+                    f"connected to {host}:{port}, but its retained messages did not all "
+                    "arrive (the fence did not come back)"
+                )
             self.close()
-            s = self.settings
+            where = self.settings.describe()
             raise BrokerUnreachable(
-                f"cannot reach the MQTT broker at {s.host}:{s.port} within {timeout:g}s: {reason}"
+                f"cannot reach the MQTT broker at {where} within {timeout:g}s: "
+                f"{reason or 'no broker answered the CONNECT'}"
             )
 
     def wait_synced(self, timeout: float) -> bool:
