@@ -23,7 +23,7 @@ from agent.config import (
 )
 from agent.daemon import Agent
 from agent.errors import AgentError, ConfigError, StoreError
-from agent.mqtt import MqttClient, MqttSettings, Will
+from agent.mqtt import MqttClient, MqttSettings, Will, max_packet_size
 from agent.pool import WorkerLimits, WorkerPool
 from agent.store import Store
 from agent.systemd import Notifier
@@ -62,6 +62,10 @@ def mqtt_settings(config: Config) -> MqttSettings:
         reconnect_max_s=m.reconnect_max_s,
         session_expiry_s=m.session_expiry_s,
         connect_timeout_s=m.connect_timeout_s,
+        # The broker never sends more (MQTT 5): a huge spec or invoke is not even buffered.
+        max_packet_size=max_packet_size(
+            max(config.agent.max_payload_bytes, config.agent.max_spec_bytes)
+        ),
     )
 
 

@@ -217,11 +217,11 @@ def choice(*options: str) -> Convert:
     return convert
 
 
-_protocol_choice = choice("5", "3.1.1")
+_protocol_choice = choice("auto", "5", "3.1.1")
 
 
 def protocol(value: Any) -> str:
-    """The MQTT version, "5" or "3.1.1"; a bare TOML ``5`` means "5"."""
+    """The MQTT version, "auto", "5" or "3.1.1"; a bare TOML ``5`` means "5"."""
     if _is_int(value) and value == 5:
         return "5"
     return str(_protocol_choice(value))
@@ -377,7 +377,21 @@ class MqttConfig:
         "Seconds between pings on an idle connection (5-3600). The broker sends the "
         "offline Last Will when it hears nothing for 1.5 times this.",
     )
-    protocol: str = _key("5", protocol, 'MQTT version: "5" or "3.1.1".')
+    protocol: str = _key(
+        "auto",
+        protocol,
+        'MQTT version: "auto" (MQTT 5, and 3.1.1 when the broker refuses 5: it answers '
+        '"unsupported protocol version" or closes the connection during CONNECT), "5" or '
+        '"3.1.1". The version used is logged at start.',
+    )
+    topic_charset: str = _key(
+        "any",
+        choice("any", "portable"),
+        '"any": topics may hold any character MQTT allows. "portable": no "." or spaces '
+        "in topic_prefix nor in the reply addresses requests name (answered bad_request), "
+        "for brokers that map topics to subjects (NATS closes the connection on a publish "
+        'to a topic with ".").',
+    )
     username: str = _key("", string(), "Broker user name; empty for none.")
     password_file: str = _key(
         "",
@@ -461,6 +475,15 @@ class AgentSettings:
         262144,
         integer(1024, _MAX_MQTT_PAYLOAD),
         f"Largest MQTT payload accepted or published, in bytes (1024-{_MAX_MQTT_PAYLOAD}).",
+    )
+    max_spec_bytes: int = _key(
+        1048576,
+        integer(1024, _MAX_MQTT_PAYLOAD),
+        "Largest function spec accepted, in bytes (1 MiB), checked before it is parsed; a "
+        "bigger spec is rejected. Code too big for a spec comes by reference "
+        "(code {url, sha256, size}). The agent announces max(max_payload_bytes, "
+        "max_spec_bytes) plus header room as its MQTT 5 Maximum Packet Size, so a broker "
+        "never sends it a bigger packet.",
     )
     log_level: str = _key(
         "info",
@@ -707,6 +730,12 @@ def _check_relations(cfg: Config) -> list[str]:
             if start == owned or start.startswith(f"{owned}/"):
                 need = f"must not fall under {owned}/ (the wire contract's topics)"
                 bad(f"mqtt.reply_prefixes[{index}]", need, start)
+    if mqtt.topic_charset == "portable":
+        for key in ("topic_prefix",):
+            value = getattr(mqtt, key)
+            if "." in value or any(ch.isspace() for ch in value):
+                need = 'must not contain "." or spaces with mqtt.topic_charset = "portable"'
+                bad(f"mqtt.{key}", need, value)
     if mqtt.protocol == "3.1.1" and mqtt.password_file and not mqtt.username:
         # MQTT 3.1.1 forbids the password flag without the user name flag; 5 allows it.
         need = "MQTT 3.1.1 needs a user name when mqtt.password_file is set"

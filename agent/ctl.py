@@ -58,7 +58,7 @@ from agent.fleet import (
     StagedRollout,
     function_spec,
 )
-from agent.mqtt import MqttSettings
+from agent.mqtt import PROTOCOL_REFUSED, MqttSettings
 from agent.trust import Signer, generate_keypair
 
 EXIT_OK = 0
@@ -784,7 +784,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgectl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BrokerUnreachable as exc:
-        print(f"edgectl: {exc}", file=sys.stderr)
+        hint = ""
+        if PROTOCOL_REFUSED in str(exc) and getattr(args, "protocol", "") == "5":
+            hint = " (the broker speaks MQTT 3.1.1 only: try --protocol 3.1.1)"
+        print(f"edgectl: {exc}{hint}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except AgentError as exc:
         print(f"edgectl: {exc}", file=sys.stderr)

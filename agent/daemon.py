@@ -36,6 +36,7 @@ from agent.deployments import DeploymentController
 from agent.errors import (
     AgentError,
     BadRequest,
+    DeploymentRejected,
     EdgeExecutionError,
     FunctionNotFound,
     HandlerError,
@@ -253,6 +254,8 @@ class Agent:
     # -- MQTT connection --------------------------------------------------------------------
 
     def handle_connected(self, event: mqtt.Connected) -> None:
+        if self.mqtt is not None:  # a poison message set aside must not be resent by paho
+            self.outbox.forget = self.mqtt.forget
         self._connected = self.outbox.connected = True
         self.store.set_meta("last_connect_ts", protocol.now_ts())
         log.info("connected to the broker (session present: %s)", event.session_present)
@@ -359,6 +362,8 @@ class Agent:
         try:
             if kind in ("fleet_spec", "node_spec") and fid is not None:
                 scope = "fleet" if kind == "fleet_spec" else "node"
+                if self._spec_too_big(fid, msg.payload):
+                    return  # acknowledged below; never parsed
                 self.deployments.on_spec(scope, fid, msg.payload)
                 self._update_status_line()
             elif kind == "sync_desired":
@@ -370,6 +375,21 @@ class Agent:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
             self._ack(msg)
+
+    def _spec_too_big(self, fid: str, payload: bytes) -> bool:
+        """Over ``agent.max_spec_bytes``: reported rejected without parsing a byte of it."""
+        limit = self.config.agent.max_spec_bytes
+        if len(payload) <= limit:
+            return False
+        error = DeploymentRejected(
+            f'function spec "{fid}" is {len(payload)} bytes, over agent.max_spec_bytes '
+            f"({limit}); send big code by reference (code {{url, sha256, size}})"
+        )
+        log.warning("rejected spec for %s: %s", fid, error, extra={"function_id": fid})
+        row = self.store.get_deployment(fid)
+        active = row.active_version if row is not None else None
+        self._report_state(fid, None, None, "rejected", error_to_dict(error), active)
+        return True
 
     def _ack(self, msg: mqtt.Message) -> None:
         if self.mqtt is not None:
@@ -436,16 +456,27 @@ class Agent:
             return
         running = self._inflight.get(rid)
         if running is not None:  # a duplicate while the first is still running
-            running.targets.append(target)
+            if target not in running.targets:  # one reply per address, however many copies
+                running.targets.append(target)
             running.acks.append(msg)
             return
         answered = self.store.dedupe_get(rid)
         if answered is not None and answered.ts < time.time() - self.config.agent.dedupe_window_s:
             answered = None  # older than the window: a new request (the prune is only tidying)
-        if answered is not None:  # a duplicate of an answered request: the same reply again
+        if answered is not None:  # a duplicate of an answered request: no queue room taken
+            if msg.dup:
+                # The broker's redelivery (our PUBACK was lost: a restart, a dropped link).
+                # The reply was durable before that PUBACK, so it was delivered or is still
+                # queued: a second copy would only be a second reply.
+                log.info("redelivered request %s: already answered", rid, extra={"request_id": rid})
+                self._ack(msg)
+                return
             log.info("duplicate request %s: resending its reply", rid, extra={"request_id": rid})
-            self._send_reply(rid, answered.reply, [target], durable=True, remember=False)
-            self._ack(msg)
+            self._send_reply(
+                rid, answered.reply, [target], durable=True, remember=False, drain=False
+            )
+            self._ack(msg)  # before the reply goes out: see handle_invoke_done
+            self.outbox.drain()
             return
         if not self.pool.has_function(request.function_id):
             missing = FunctionNotFound(f"Function not found: {request.function_id}")
@@ -467,8 +498,9 @@ class Agent:
         self._executor.submit(self._run_invocation, invocation)
 
     def _reply_address(self, msg: mqtt.Message, reply_to: str | None) -> protocol.ReplyAddress:
+        mqtt_config = self.config.mqtt
         return self.topics.reply_address(
-            msg.response_topic, reply_to, self.config.mqtt.reply_prefixes
+            msg.response_topic, reply_to, mqtt_config.reply_prefixes, mqtt_config.topic_charset
         )
 
     def _max_inflight(self) -> int:
@@ -594,10 +626,14 @@ class Agent:
             error, Overloaded | FunctionNotFound | StateConflict
         )
         if targets:
-            self._send_reply(rid, payload, targets, durable=True, remember=final and not committed)
-        self.outbox.drain()
+            remember = final and not committed
+            self._send_reply(rid, payload, targets, durable=True, remember=remember, drain=False)
+        # Acknowledge once the reply is durable but before it is published: a broker that
+        # drops the connection over the reply (a poison message) must not also redeliver
+        # the request, or every reconnect would queue its reply once more.
         for msg in invocation.acks:
             self._ack(msg)
+        self.outbox.drain()
 
     def _error_payload(
         self, rid: str | None, fid: str | None, error: BaseException, duration_ms: float = 0.0
@@ -632,6 +668,7 @@ class Agent:
         *,
         durable: bool,
         remember: bool,
+        drain: bool = True,
     ) -> None:
         """Queue a reply per target in the outbox (the first also remembered for dedupe)."""
         now = time.time()
@@ -657,7 +694,8 @@ class Agent:
                     rid,
                     extra={"request_id": rid},
                 )
-        self.outbox.drain()
+        if drain:
+            self.outbox.drain()
 
     # -- timers -----------------------------------------------------------------------------
 

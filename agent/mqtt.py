@@ -6,6 +6,12 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
 
 - MQTT 5 by default (clean start off, session expiry), 3.1.1 selectable (clean session off):
   the broker keeps our subscriptions and queues QoS 1 commands while we are away.
+- ``protocol = "auto"``: MQTT 5 first; when the broker refuses the version (CONNACK
+  "unsupported protocol version") or closes the connection during CONNECT twice in a row
+  (what 3.1.1-only brokers such as NATS or RabbitMQ 3.10 do), the next attempts use 3.1.1.
+  The choice is logged at INFO, a refused CONNECT at WARNING with the broker's reason.
+- Maximum Packet Size (MQTT 5 CONNECT property, ``max_packet_size``): a broker that honours
+  it never sends us a bigger packet, so an oversized spec or invocation is never buffered.
 - Last Will: the retained ``offline`` status, published by the broker on abrupt death.
 - Reconnect: full-jitter exponential backoff between ``reconnect_min_s`` and
   ``reconnect_max_s``, so a fleet does not reconnect in lock-step after a broker restart.
@@ -62,6 +68,7 @@ class MqttSettings:
     port: int = 1883
     client_id: str = ""
     keepalive: int = 30
+    #: "5", "3.1.1" or "auto" (5, falling back to 3.1.1 when the broker refuses it).
     protocol: str = "5"
     username: str = ""
     password_file: str = ""
@@ -77,6 +84,8 @@ class MqttSettings:
     connect_timeout_s: float = 10.0
     clean_start: bool = False
     max_inflight: int = 100
+    #: MQTT 5 Maximum Packet Size announced in CONNECT; 0: none (the protocol's own limit).
+    max_packet_size: int = 0
     #: The nodes of a clustered broker; when non-empty it replaces ``host``/``port``.
     brokers: tuple[tuple[str, int], ...] = ()
 
@@ -125,6 +134,8 @@ class Message:
     correlation_data: bytes | None = None
     #: Which connection delivered it: packet ids are only meaningful within one.
     connection: int = 0
+    #: The broker's DUP flag: it sent this message before (a redelivery, not a new publish).
+    dup: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,23 @@ class Published:
 
 
 MqttEvent = Connected | ConnectFailed | Disconnected | Message | Published
+
+#: Words every refusal of the protocol version says (edgectl looks for them).
+PROTOCOL_REFUSED = "does not accept MQTT"
+#: CONNACK codes meaning "not this protocol version": 0x84 (MQTT 5), 1 (3.1.1's own).
+_UNSUPPORTED_VERSION = (0x84, 0x01)
+#: Closed during CONNECT this many times in a row: "auto" takes it for a version refusal.
+_CLOSES_BEFORE_FALLBACK = 2
+
+
+#: Room for a PUBLISH's fixed header, topic (up to 64 KiB) and properties (Response Topic
+#: and Correlation Data, up to 64 KiB each) next to the payload.
+PACKET_HEADER_ROOM = 4 * 65536
+
+
+def max_packet_size(max_payload: int) -> int:
+    """The Maximum Packet Size to announce for payloads up to ``max_payload`` bytes."""
+    return min(max_payload + PACKET_HEADER_ROOM, 268_435_460)  # the protocol's own limit
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
@@ -207,6 +235,11 @@ class MqttClient:
         self._attempt = 0
         self._connected = threading.Event()
         self._connection = 0
+        #: The version in use: "5" or "3.1.1" ("auto" starts with 5).
+        self.active_protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
+        self._connack = False  # a CONNACK came on the current socket
+        self._closed_in_connect = 0  # sockets closed before any CONNACK, in a row
+        self._last_refusal = ""
         endpoints = settings.endpoints()
         #: Index into the broker list of the current (or next) connection attempt.
         self._broker = self._rng.randrange(len(endpoints)) if len(endpoints) > 1 else 0
@@ -232,7 +265,7 @@ class MqttClient:
     def start(self) -> None:
         """Connect in the background; reconnects forever until ``stop()``."""
         s = self.settings
-        v5 = s.protocol == "5"
+        v5 = self.active_protocol == "5"
         client = _RotatingClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
@@ -260,11 +293,14 @@ class MqttClient:
         client.on_socket_open = self._on_socket_open
         client.endpoint = lambda: self.broker
         self._set_next_delay(client)
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.session_expiry_s
+        properties = self._connect_properties() if v5 else None
         host, port = self.broker
+        log.info(
+            "connecting to %s with MQTT %s%s",
+            s.describe(),
+            self.active_protocol,
+            " (protocol auto)" if s.protocol == "auto" else "",
+        )
         client.connect_async(
             host,
             port,
@@ -313,7 +349,7 @@ class MqttClient:
         if client is None:
             raise MqttError("not started")
         properties = None
-        if self.settings.protocol == "5" and (correlation_data is not None or response_topic):
+        if self.active_protocol == "5" and (correlation_data is not None or response_topic):
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
@@ -340,6 +376,19 @@ class MqttClient:
         ):
             client.ack(msg.mid, msg.qos)
 
+    def forget(self, mid: int) -> bool:
+        """Drop an unacknowledged outgoing message, so no reconnect sends it again.
+
+        For a message after which the broker closes the connection (a poison message, see
+        ``agent.outbox``). paho keeps no public handle on its resend queue; it recounts its
+        in-flight window from that queue on every reconnect.
+        """
+        client = self._client
+        if client is None:
+            return False
+        with client._out_message_mutex:
+            return client._out_messages.pop(mid, None) is not None
+
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
         self._subscriptions.extend(t for t in topics if t not in self._subscriptions)
         client = self._client
@@ -350,6 +399,7 @@ class MqttClient:
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # TLS wrappers proxy setsockopt; unix sockets lack TCP options.
+        self._connack = False
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -361,14 +411,29 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        self._connack = True
+        self._closed_in_connect = 0
         if reason.is_failure:
             host, port = self.broker
             self._attempt += 1
             self._rotate()
             self._refused = True
             self._set_next_delay(client)
-            self._sink(ConnectFailed(f"broker {host}:{port} refused: {reason}"))
+            code = int(getattr(reason, "value", 0) or 0)
+            if code in _UNSUPPORTED_VERSION:
+                why = (
+                    f"broker {host}:{port} {PROTOCOL_REFUSED} {self.active_protocol} "
+                    f"(CONNACK: {reason})"
+                )
+                self._connect_refused(why)
+                self._fall_back(client, why)
+                return
+            self._connect_refused(f"broker {host}:{port} refused: {reason}")
             return
+        if self._last_refusal or self.settings.protocol == "auto":
+            host, port = self.broker
+            log.info("connected to %s:%d with MQTT %s", host, port, self.active_protocol)
+        self._last_refusal = ""
         self._refused = False
         self._attempt = 0
         self._connection += 1
@@ -393,14 +458,33 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
         host, port = self.broker
         self._attempt += 1
-        if not self._refused:  # a refusing CONNACK moved on already (_on_connect)
+        refused, self._refused = self._refused, False
+        if not refused:  # a refusing CONNACK moved on already (_on_connect)
             self._rotate()
-        self._refused = False
         self._set_next_delay(client)
-        self._sink(Disconnected(f"{reason} ({host}:{port})"))
+        if not self._connack:  # closed during CONNECT: no CONNACK at all
+            self._closed_in_connect += 1
+            why = (
+                f"broker {host}:{port} closed the connection during CONNECT ({reason}): "
+                f"it may not accept MQTT {self.active_protocol}"
+            )
+            if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
+                why = (
+                    f"broker {host}:{port} closed the connection during CONNECT "
+                    f"{self._closed_in_connect} times in a row: it {PROTOCOL_REFUSED} "
+                    f"{self.active_protocol}"
+                )
+            self._connect_refused(why)
+            if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
+                self._fall_back(client, why)
+        elif refused or not was_connected:
+            pass  # the close after a refusing CONNACK: reported with the broker's reason
+        else:
+            self._sink(Disconnected(f"{reason} ({host}:{port})"))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         response_topic = correlation = None
@@ -418,6 +502,7 @@ class MqttClient:
                 response_topic=response_topic,
                 correlation_data=correlation,
                 connection=self._connection,
+                dup=bool(getattr(msg, "dup", False)),
             )
         )
 
@@ -433,6 +518,40 @@ class MqttClient:
         self._sink(Published(mid, code, str(reason) if code else "Success"))
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _connect_properties(self) -> Properties:
+        s = self.settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.session_expiry_s
+        if s.max_packet_size > 0:
+            properties.MaximumPacketSize = s.max_packet_size
+        return properties
+
+    def _connect_refused(self, why: str) -> None:
+        """Report a failed CONNECT: WARNING when the reason changes, DEBUG for repeats."""
+        if why != self._last_refusal:
+            log.warning("%s", why)
+        else:
+            log.debug("%s", why)
+        self._last_refusal = why
+        self._sink(ConnectFailed(why))
+
+    def _fall_back(self, client: paho.Client, why: str) -> None:
+        """Network thread: with ``protocol = "auto"``, make the next attempt MQTT 3.1.1.
+
+        paho reconnects with the same client object; its protocol is a plain attribute
+        (paho itself downgrades 3.1.1 to 3.1 that way), so we switch it and the CONNECT
+        fields that differ: 3.1.1 has clean session instead of clean start and no
+        properties.
+        """
+        if self.settings.protocol != "auto" or self.active_protocol != "5":
+            return
+        self.active_protocol = "3.1.1"
+        self._closed_in_connect = 0
+        client._protocol = paho.MQTTv311
+        client._clean_session = self.settings.clean_start
+        client._connect_properties = None
+        log.info("%s; protocol auto: using MQTT 3.1.1 from now on", why)
 
     def _set_next_delay(self, client: paho.Client) -> None:
         s = self.settings

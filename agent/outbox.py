@@ -19,6 +19,16 @@ PUBACK reason codes (MQTT 5; 3.1.1 has none and every PUBACK is a success):
   (``retry_min_s`` doubling up to ``retry_max_s``); after ``max_refusals`` refusals in all
   it is dead-lettered too. The count lives in memory: a restart starts it again.
 
+Poison messages: some brokers answer a message they cannot take by closing the connection
+(NATS, on a topic with ``.``), and the item then heads the outbox forever, resent after
+every reconnect. When the connection drops within ``poison_window_s`` of handing an item to
+MQTT (or of the reconnect that resent it) and the item is the oldest one still unacknowledged,
+it gets a strike; ``poison_disconnects`` strikes (3) move it to the dead letters ("the broker
+closed the connection after it, N times") and paho forgets it (``forget``), so what is behind
+it drains. A PUBACK clears its strikes. An uplink that fails within seconds of every
+reconnect, three times in a row, can dead-letter an innocent item too: the operator's retry
+(``edge-agent dead-letters --retry``) sends it again.
+
 A refused item sent again goes out after items queued behind it: per-topic order holds for
 retained function states because a newer state supersedes (deletes) the refused one, and a
 retry of an item no longer queued is dropped.
@@ -60,6 +70,8 @@ class OutboxPump:
         retry_max_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        poison_disconnects: int = 3,
+        poison_window_s: float = 5.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -67,7 +79,11 @@ class OutboxPump:
         self.max_refusals = max_refusals
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
-        self.connected = False
+        self.poison_disconnects = poison_disconnects
+        self.poison_window_s = poison_window_s
+        #: Drops a message id from the MQTT client's own resend queue (``MqttClient.forget``).
+        self.forget: Callable[[int], object] | None = None
+        self._connected = False
         #: How many items this pump moved to the dead letters (the daemon watches it).
         self.dead_lettered = 0
         self._clock = clock
@@ -76,6 +92,23 @@ class OutboxPump:
         self._last_sent_id = 0
         self._refusals: dict[int, int] = {}  # item id -> transient refusals so far
         self._retry_at: dict[int, float] = {}  # item id -> monotonic time to send it again
+        self._handed_at: dict[int, float] = {}  # item id -> when MQTT last got it to send
+        self._strikes: dict[int, int] = {}  # item id -> disconnects right after handing it
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        """The daemon's view of the connection; a drop may strike the item that caused it."""
+        was, self._connected = self._connected, value
+        if value and not was:
+            now = self._clock()  # paho resends what is unacknowledged on reconnect
+            for item_id in self._mid_to_item.values():
+                self._handed_at[item_id] = now
+        elif was and not value:
+            self._disconnected()
 
     @property
     def last_sent_id(self) -> int:
@@ -109,6 +142,7 @@ class OutboxPump:
                 self.store.outbox_ack(item.id)
             else:
                 self._mid_to_item[mid] = item.id
+                self._handed_at[item.id] = self._clock()
 
     def acknowledged(self, mid: int, reason_code: int = 0, reason: str = "Success") -> bool:
         """The broker answered ``mid``: drop, retry or dead-letter its item, then send more.
@@ -118,6 +152,8 @@ class OutboxPump:
         item_id = self._mid_to_item.pop(mid, None)
         if item_id is None:
             return False
+        self._handed_at.pop(item_id, None)
+        self._strikes.pop(item_id, None)
         if reason_code < 0x80:
             self._refusals.pop(item_id, None)
             self.store.outbox_ack(item_id)
@@ -147,6 +183,7 @@ class OutboxPump:
                 continue
             mid = self.publish(item.topic, item.payload, item.qos, item.retain, item.correlation)
             self._mid_to_item[mid] = item_id
+            self._handed_at[item_id] = now
 
     def _refused(self, item_id: int, code: int, reason: str) -> None:
         attempts = self._refusals.pop(item_id, 0) + 1
@@ -179,5 +216,51 @@ class OutboxPump:
             attempts,
             self.max_refusals,
             delay,
+            extra={"topic": topic},
+        )
+
+    def _disconnected(self) -> None:
+        """The connection dropped: strike the oldest unacknowledged item handed just before."""
+        now = self._clock()
+        recent = [
+            (handed, item_id, mid)
+            for mid, item_id in self._mid_to_item.items()
+            if (handed := self._handed_at.get(item_id)) is not None
+            and now - handed <= self.poison_window_s
+        ]
+        if not recent:
+            return
+        _, item_id, mid = min(recent)
+        strikes = self._strikes.get(item_id, 0) + 1
+        self._strikes[item_id] = strikes
+        item = self.store.outbox_get(item_id)
+        topic = item.topic if item is not None else "?"
+        if strikes < self.poison_disconnects:
+            log.info(
+                "the broker closed the connection %.1fs after message %d to %s was sent "
+                "(%d of %d before it is set aside)",
+                now - self._handed_at[item_id],
+                item_id,
+                topic,
+                strikes,
+                self.poison_disconnects,
+                extra={"topic": topic},
+            )
+            return
+        reason = f"the broker closed the connection after it, {strikes} times"
+        del self._mid_to_item[mid]
+        self._handed_at.pop(item_id, None)
+        self._strikes.pop(item_id, None)
+        if self.forget is not None:
+            self.forget(mid)  # or paho sends it again on the next connection
+        if self.store.outbox_dead_letter(
+            item_id, reason_code=0, reason=reason, attempts=strikes, ts=time.time()
+        ):
+            self.dead_lettered += 1
+        log.warning(
+            "%s message to %s: %s: moved to the dead letters (edge-agent status shows them)",
+            item.kind if item is not None else "a",
+            topic,
+            reason,
             extra={"topic": topic},
         )

@@ -82,6 +82,22 @@ def is_valid_publish_topic(topic: object) -> TypeGuard[str]:
         return False
 
 
+#: ``mqtt.topic_charset``: "any" (what MQTT allows) or "portable" (no ``.`` or whitespace,
+#: for brokers that map topics to subjects: NATS closes the connection on a ``.``).
+TOPIC_CHARSETS: Final = ("any", "portable")
+
+
+def topic_charset_problem(topic: str, charset: str) -> str | None:
+    """Why ``topic`` breaks ``charset``; None when it does not (always None for "any")."""
+    if charset != "portable":
+        return None
+    if "." in topic:
+        return 'contains ".", which mqtt.topic_charset "portable" forbids'
+    if any(ch.isspace() for ch in topic):
+        return 'contains spaces, which mqtt.topic_charset "portable" forbids'
+    return None
+
+
 def is_valid_prefix(prefix: object) -> TypeGuard[str]:
     """True for a publishable topic with no empty level (``edge``, ``acme/edge``).
 
@@ -225,6 +241,7 @@ class Topics:
         response_topic: str | None = None,
         reply_to: str | None = None,
         allowed_prefixes: Iterable[str] = (),
+        charset: str = "any",
     ) -> ReplyAddress:
         """The MQTT 5 Response Topic, else ``reply_to``, else :attr:`replies`, checked.
 
@@ -241,7 +258,11 @@ class Topics:
         ]
         for what, topic in named:
             problem = reply_address_problem(
-                topic, prefix=self.prefix, node_id=self.node_id, allowed_prefixes=allowed
+                topic,
+                prefix=self.prefix,
+                node_id=self.node_id,
+                allowed_prefixes=allowed,
+                charset=charset,
             )
             if problem is not None:
                 return ReplyAddress(self.replies, f"{what} {_show(topic)}: {problem}")
@@ -267,13 +288,15 @@ def reply_address_problem(
     prefix: str,
     node_id: str,
     allowed_prefixes: Iterable[str] = (),
+    charset: str = "any",
 ) -> str | None:
     """Why ``topic`` may not receive a reply of node ``node_id``; None when it may.
 
     In order:
 
     1. Not a topic one may publish to (empty, ``+``, ``#``, NUL, leading ``$``, not UTF-8,
-       over 65535 bytes): refused.
+       over 65535 bytes), or outside ``charset`` (``mqtt.topic_charset``: "portable"
+       refuses ``.`` and spaces, which would make NATS drop the connection): refused.
     2. The contract's reply topics are allowed: exactly ``<prefix>/nodes/<node_id>/replies``
        and exactly ``<prefix>/controllers/<id>/replies`` for any valid id (what
        ``agent.fleet.controller`` subscribes to; nothing below them).
@@ -286,6 +309,9 @@ def reply_address_problem(
     """
     if not is_valid_publish_topic(topic):
         return "not a topic to publish to (empty, +, #, NUL, a leading $, or too long)"
+    charset_problem = topic_charset_problem(topic, charset)
+    if charset_problem is not None:
+        return charset_problem
     if topic == f"{prefix}/nodes/{node_id}/replies":
         return None
     if topic.startswith(f"{prefix}/"):

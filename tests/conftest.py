@@ -555,3 +555,54 @@ def isolated_agents(open_dir: Path, broker: Mosquitto) -> Iterator[Callable[...,
     yield start
     for agent in agents:
         agent.stop()
+
+
+# -- NATS with its MQTT listener (MQTT 3.1.1 only; maps topics to subjects) -----------------
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class NatsServer:
+    """Debian's nats-server on free loopback ports with JetStream and the MQTT listener.
+
+    What it shows that mosquitto does not: it speaks MQTT 3.1.1 only (an MQTT 5 CONNECT
+    gets CONNACK "unsupported protocol version"), and it closes the connection on a
+    publish to a topic with ``.`` (topics become subjects, where ``.`` separates tokens).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()  # MQTT
+        self.nats_port = free_port()
+        self.conf = workdir / f"nats-{self.port}.conf"
+        self.log = workdir / f"nats-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf.write_text(
+            f"server_name: edge-test-{self.port}\n"
+            f"listen: 127.0.0.1:{self.nats_port}\n"
+            f'jetstream {{ store_dir: "{workdir / f"nats-js-{self.port}"}" }}\n'
+            f"mqtt {{ listen: 127.0.0.1:{self.port} }}\n"
+        )
+
+    def start(self) -> NatsServer:
+        if not os.path.exists(NATS_SERVER):
+            pytest.skip("nats-server is not installed (apt-get install nats-server)")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(lambda: port_open(self.port), 15, f"nats-server did not listen on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -64,7 +64,7 @@ def test_defaults() -> None:
     assert cfg.mqtt.client_id == "edge-agent-gw-01"
     assert dataclasses.replace(cfg.mqtt, client_id="") == MqttConfig()
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.topic_prefix) == ("127.0.0.1", 1883, "edge")
-    assert (cfg.mqtt.keepalive, cfg.mqtt.protocol, cfg.mqtt.tls) == (30, "5", False)
+    assert (cfg.mqtt.keepalive, cfg.mqtt.protocol, cfg.mqtt.tls) == (30, "auto", False)
     assert (cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s) == (0.5, 60.0)
     assert (cfg.mqtt.session_expiry_s, cfg.mqtt.connect_timeout_s) == (3600, 10.0)
     assert cfg.agent == AgentSettings(
@@ -286,10 +286,10 @@ def test_missing_node_id() -> None:
         ("mqtt", "client_id", "a b", 'expected a string without whitespace, got "a b"'),
         ("mqtt", "password_file", 3, "expected a path, got 3"),
         ("mqtt", "ca_file", "/x\x00y", 'without control characters, got "/x\\u0000y"'),
-        ("mqtt", "protocol", 3, 'expected "5" or "3.1.1", got 3'),
-        ("mqtt", "protocol", "3", 'expected "5" or "3.1.1", got "3"'),
-        ("mqtt", "protocol", 5.0, 'expected "5" or "3.1.1", got 5.0'),
-        ("mqtt", "protocol", True, 'expected "5" or "3.1.1", got true'),
+        ("mqtt", "protocol", 3, 'expected one of "auto", "5", "3.1.1", got 3'),
+        ("mqtt", "protocol", "3", 'expected one of "auto", "5", "3.1.1", got "3"'),
+        ("mqtt", "protocol", 5.0, 'expected one of "auto", "5", "3.1.1", got 5.0'),
+        ("mqtt", "protocol", True, 'expected one of "auto", "5", "3.1.1", got true'),
         ("mqtt", "tls", "yes", 'expected true or false, got "yes"'),
         ("mqtt", "tls", "true", 'expected true or false, got "true"'),
         ("mqtt", "tls", 1, "expected true or false, got 1"),
