@@ -606,3 +606,18 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mirror(broker: Mosquitto) -> Iterator[Any]:
+    """A cloud mirror of node gw-test's synced state, on its own connection straight to the
+    broker (never through a proxy)."""
+    from agent.mirror import MirrorClient
+    from agent.mqtt import MqttSettings
+
+    client = MirrorClient(
+        MqttSettings(port=broker.port, client_id=f"mirror-{uuid.uuid4().hex[:8]}"),
+        nodes=["gw-test"],
+    ).start()
+    yield client
+    client.stop()

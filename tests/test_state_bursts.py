@@ -23,7 +23,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from conftest import REPO, AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 from agent import EdgeCluster
 from agent.errors import StateConflict
 from agent.mirror import MirrorClient
-from agent.mqtt import MqttSettings
 from agent.store import Store
 
 NODE = "gw-test"
@@ -62,16 +61,6 @@ def handler(event, context):
     context.state.set(key, n)
     return n
 """
-
-
-@pytest.fixture
-def mirror(broker: Mosquitto) -> Iterator[MirrorClient]:
-    client = MirrorClient(
-        MqttSettings(port=broker.port, client_id=f"mirror-{uuid.uuid4().hex[:8]}"),
-        nodes=[NODE],
-    ).start()
-    yield client
-    client.stop()
 
 
 def start_agent(agent_factory: AgentFactory, **runtime: Any) -> AgentProcess:

@@ -10,8 +10,7 @@ no conflict is raised without a reason.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from procutil import run_threads
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime, EdgeSynchronizer
 from agent.errors import StateConflict, error_from_dict, error_to_dict
@@ -130,26 +130,6 @@ def counter(event, context):  # type: ignore[no-untyped-def]
         time.sleep(event["delay"])
     context.state.set(event.get("key", "count"), n)
     return n
-
-
-def run_threads(n: int, call: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * n
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = call(i)
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "an invocation thread never returned"
-    return results
 
 
 @pytest.fixture(params=["memory", "store"])

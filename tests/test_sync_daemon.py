@@ -14,15 +14,13 @@ import hashlib
 import json
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, TcpProxy, source_spec, wait_for
 
 from agent.mirror import MirrorClient
-from agent.mqtt import MqttSettings
 from agent.store import Store
 
 NODE = "gw-test"
@@ -161,17 +159,6 @@ def wait_log_count(agent: AgentProcess, text: str, count: int, timeout: float = 
 
 def runs(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-@pytest.fixture
-def mirror(broker: Mosquitto) -> Iterator[MirrorClient]:
-    """A cloud mirror on its own connection, straight to the broker (never through a proxy)."""
-    client = MirrorClient(
-        MqttSettings(port=broker.port, client_id=f"mirror-{uuid.uuid4().hex[:8]}"),
-        nodes=[NODE],
-    ).start()
-    yield client
-    client.stop()
 
 
 def wait_mirror(mirror: MirrorClient, version: int, timeout: float = 10.0) -> Any:

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,30 +298,36 @@ def kill_session(uid: int, session: int) -> int:
 
 
 def _processes_of(uid: int) -> list[tuple[int, int]]:
-    """(pid, session id) of every process whose real or effective uid is ``uid``.
-
-    Read from /proc/<pid>/status and stat (world-readable), not from the owner of
-    /proc/<pid>: a process that changed uid is not dumpable and its directory is root's.
-    """
+    """(pid, session id) of every process whose real uid is ``uid``."""
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid, text in proc_statuses():
         try:
-            with open(f"/proc/{name}/status", "rb") as status:
-                text = status.read()
-            start = text.index(b"\nUid:") + 5
-            real, effective = text[start : text.index(b"\n", start)].split()[:2]
-            if uid not in (int(real), int(effective)):
-                continue
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read()
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to read
-        # after the ")" that closes the command name: state ppid pgrp session ...
-        session = int(fields[fields.rindex(b")") + 2 :].split()[3])
-        out.append((int(name), session))
+            if status_field(text, b"\nUid:") == uid:
+                out.append((pid, status_field(text, b"\nNSsid:")))
+        except ValueError:
+            continue  # a kernel thread or an odd entry
     return out
+
+
+def proc_statuses() -> Iterator[tuple[int, bytes]]:
+    """(pid, /proc/<pid>/status) of every process this one may read.
+
+    The status file (world-readable) rather than the owner of /proc/<pid>: a process that
+    changed uid is not dumpable, and its directory is root's.
+    """
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status", "rb") as status:
+                    yield int(name), status.read()
+            except OSError:
+                continue  # gone meanwhile
+
+
+def status_field(text: bytes, key: bytes) -> int:
+    """The first number after ``key`` (``b"\\nUid:"``...) in a status text; ValueError if absent."""
+    start = text.index(key) + len(key)
+    return int(text[start : text.index(b"\n", start)].split()[0])
 
 
 def _own_maxrss_kb() -> int:

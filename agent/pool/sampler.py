@@ -24,11 +24,12 @@ lock while scanning.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from agent.pool.process import proc_statuses, status_field
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +143,17 @@ def scan(uids: set[int]) -> dict[int, Usage]:
     there), and only the uid is parsed for processes of other users.
     """
     out: dict[int, Usage] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for _, text in proc_statuses():
         try:
-            with open(f"/proc/{name}/status", "rb") as status:
-                text = status.read()
-            uid = _field(text, b"\nUid:")
+            uid = status_field(text, b"\nUid:")
             if uid not in uids:
                 continue
-            session = _field(text, b"\nNSsid:")
-            kb = _field(text, b"\nRssAnon:") + _field(text, b"\nRssShmem:")
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or a kernel thread (no RSS lines)
+            session = status_field(text, b"\nNSsid:")
+            kb = status_field(text, b"\nRssAnon:") + status_field(text, b"\nRssShmem:")
+        except ValueError:
+            continue  # a kernel thread (no RSS lines)
         seen = out.setdefault(uid, Usage())
         seen.total_kb += kb
         seen.processes += 1
         seen.sessions[session] = seen.sessions.get(session, 0) + kb
     return out
-
-
-def _field(text: bytes, key: bytes) -> int:
-    """The first number after ``key`` in a /proc status text (ValueError if absent)."""
-    start = text.index(key) + len(key)
-    return int(text[start : text.index(b"\n", start)].split()[0])
