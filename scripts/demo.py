@@ -128,6 +128,13 @@ def main() -> int:
             say(f"made a throw-away signing key {key_id}; the agent will trust only it")
         else:
             say("not root: the agent runs without [trust] keys (unsigned mode)")
+        # A uid per function needs a state directory and an interpreter that function users
+        # can reach: this venv's python may live under /root, so workers use Debian's.
+        runtime = ""
+        if os.geteuid() == 0 and os.path.exists("/usr/bin/python3"):
+            work.chmod(0o711)
+            runtime = '\n[runtime]\nworker_python = "/usr/bin/python3"\n'
+            say("functions will run under uids of their own (runtime.function_uids)")
 
         say("starting the agent (edge-agent run)")
         config = work / "agent.toml"
@@ -135,6 +142,7 @@ def main() -> int:
             f'[node]\nid = "{NODE}"\nname = "Demo gateway"\nlocation = "your desk"\n'
             f'capabilities = ["python"]\n\n[mqtt]\nport = {port}\n\n'
             f'[agent]\nstate_dir = "{work / "state"}"\nheartbeat_interval_s = 2\n{trust}'
+            f"{runtime}"
         )
         log = (work / "agent.log").open("wb")
         procs.append(
