@@ -55,6 +55,11 @@ from agent.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
 
+#: The retained status is republished (fresh ``ts``) every this many heartbeats, so a view
+#: that sees only retained messages can tell a node whose Last Will was lost (its broker
+#: node died with it) from a live one; docs/scaling.md weighs the broker load.
+STATUS_REFRESH_HEARTBEATS = 3
+
 
 @dataclass
 class _Invocation:
@@ -338,6 +343,11 @@ class Agent:
                 "isolation": self.identities.isolation.mode,  # "shared-uid" too
                 "dead_letters": self._dead_letters or 0,
                 **({"degraded": degraded} if degraded else {}),
+                # A view that reads only this retained message (edgectl nodes) judges
+                # staleness from ts: republished every status_refresh_s (docs/scaling.md).
+                "heartbeat_interval_s": self.config.agent.heartbeat_interval_s,
+                "status_refresh_s": self.config.agent.heartbeat_interval_s
+                * STATUS_REFRESH_HEARTBEATS,
             },
         )
         mid = self.mqtt.publish(self.topics.status, payload, qos=1, retain=True)
@@ -709,6 +719,8 @@ class Agent:
         if self._timers.get("heartbeat", now + 1) <= now:
             self._timers["heartbeat"] = now + self.config.agent.heartbeat_interval_s
             self._send_heartbeat()
+            if self._connected and self._heartbeat_seq % STATUS_REFRESH_HEARTBEATS == 0:
+                self._publish_status("online")  # a fresh ts: "last seen" for one-shot views
         if self._timers.get("watchdog", now + 1) <= now:
             interval = self.notifier.watchdog_interval() or 1.0
             self._timers["watchdog"] = now + interval

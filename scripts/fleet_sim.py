@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
 
 from agent import __version__, protocol  # noqa: E402
 from agent.bundles import sha256_hex  # noqa: E402
+from agent.daemon import STATUS_REFRESH_HEARTBEATS as STATUS_REFRESH  # noqa: E402
 from agent.errors import AgentError, DeploymentRejected, error_to_dict  # noqa: E402
 
 MAX_PAYLOAD = 262144
@@ -115,6 +116,10 @@ class SimNode:
         self.client = client
 
     def _status(self, status: str, extra: dict[str, Any] | None = None) -> bytes:
+        if status != "offline":  # as the agent: how stale a retained status may get
+            hb = self.fleet.heartbeat_s
+            refresh = {"heartbeat_interval_s": hb, "status_refresh_s": hb * STATUS_REFRESH}
+            extra = {**refresh, **(extra or {})}
         return protocol.encode_status(
             self.node_id,
             status,
@@ -346,6 +351,8 @@ class SimNode:
             },
         )
         self.client.publish(self.topics.heartbeat, payload, qos=0)
+        if self.seq % STATUS_REFRESH == 0:  # the retained status's ts is "last seen"
+            self.client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
 
 
 class SimFleet:

@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+NATS_SERVER_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
 T = TypeVar("T")
 
 
@@ -109,6 +110,139 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosq = Mosquitto(tmp_path).start()
     yield mosq
     mosq.stop()
+
+
+class NatsCluster:
+    """A NATS cluster of ``size`` nodes on free loopback ports: JetStream (each node its own
+    store dir), full-mesh cluster routes and the MQTT 3.1.1 listener on every node.
+
+    NATS keeps MQTT sessions, retained messages and QoS 1 deliveries in replicated JetStream
+    streams, so a client that loses its node can resume its session on another one.
+    :meth:`kill` and :meth:`restart` act on one node, on the same ports and store dir.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, *, ack_wait: str = "30s") -> None:
+        self.workdir = workdir
+        self.size = size
+        self.mqtt_ports = [free_port() for _ in range(size)]
+        self.client_ports = [free_port() for _ in range(size)]
+        self.route_ports = [free_port() for _ in range(size)]
+        self.http_ports = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
+        self.confs: list[Path] = []
+        self.logs: list[Path] = []
+        for i in range(size):
+            conf = workdir / f"nats-{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\n"
+                f"listen: 127.0.0.1:{self.client_ports[i]}\n"
+                f"http: 127.0.0.1:{self.http_ports[i]}\n"
+                f'jetstream {{ store_dir: "{workdir / f"nats-js-{i}"}"\n'
+                "  max_memory_store: 64MB\n  max_file_store: 1GB }\n"
+                f"cluster {{ name: edge-test\n  listen: 127.0.0.1:{self.route_ports[i]}\n"
+                f"  routes: [{routes}] }}\n"
+                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_ports[i]}\n  ack_wait: {ack_wait!r} }}\n"
+            )
+            self.confs.append(conf)
+            self.logs.append(workdir / f"nats-{i}.log")
+
+    @property
+    def brokers(self) -> list[str]:
+        """``host:port`` of every node's MQTT listener (``[mqtt] brokers``)."""
+        return [f"127.0.0.1:{port}" for port in self.mqtt_ports]
+
+    def start(self, timeout: float = 60.0) -> NatsCluster:
+        if not os.path.exists(NATS_SERVER_BIN):
+            pytest.skip("nats-server is not installed (apt-get install nats-server)")
+        for i in range(self.size):
+            self.start_node(i, wait=False)
+        for i in range(self.size):
+            self.wait_ready(i, timeout)
+        return self
+
+    def start_node(self, i: int, *, wait: bool = True, timeout: float = 60.0) -> None:
+        with self.logs[i].open("ab") as log:
+            self.procs[i] = subprocess.Popen(
+                [NATS_SERVER_BIN, "-c", str(self.confs[i])], stdout=log, stderr=subprocess.STDOUT
+            )
+        if wait:
+            self.wait_ready(i, timeout)
+
+    def wait_ready(self, i: int, timeout: float = 60.0) -> None:
+        """Until node ``i`` takes an MQTT session with a QoS 1 subscription (JetStream up)."""
+        port = self.mqtt_ports[i]
+        wait_for(lambda: port_open(port), timeout, f"NATS node {i} did not listen on {port}")
+        wait_for(
+            lambda: _mqtt_session_works(port),
+            timeout,
+            f"NATS node {i} (MQTT {port}) never accepted a session with a QoS 1 subscription:"
+            f"\n{self.logs[i].read_text(errors='replace')[-2000:]}",
+        )
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(15)
+        self.procs[i] = None
+
+    def node_of(self, client_id: str) -> int | None:
+        """The node an MQTT client (by client id) is connected to now, from /connz."""
+        import urllib.request
+
+        for i in self.alive():
+            url = f"http://127.0.0.1:{self.http_ports[i]}/connz?limit=100000"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    conns = json.load(answer).get("connections") or []
+            except OSError:
+                continue
+            if any(c.get("mqtt_client") == client_id for c in conns):
+                return i
+        return None
+
+    def alive(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
+
+    def stop(self) -> None:
+        for i in range(self.size):
+            self.kill(i, signal.SIGTERM)
+
+
+def _mqtt_session_works(port: int) -> bool:
+    """An MQTT 3.1.1 client connects, subscribes at QoS 1 and gets its SUBACK within 5 s."""
+    done = threading.Event()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"probe-{uuid.uuid4().hex[:8]}",
+        protocol=paho.MQTTv311,
+    )
+    client.on_connect = lambda c, u, f, rc, p: (
+        c.subscribe("probe/ready", qos=1) if not rc.is_failure else None
+    )
+    client.on_subscribe = lambda c, u, mid, rcs, p: (
+        done.set() if all(not r.is_failure for r in rcs) else None
+    )
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        return done.wait(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh 3-node NATS cluster (JetStream, MQTT listener) per test; its ack wait is 10 s
+    (NATS's default is 30 s) so a message lost with a killed node comes back sooner."""
+    cluster = NatsCluster(tmp_path, ack_wait="10s").start()
+    yield cluster
+    cluster.stop()
 
 
 class Cloud:

@@ -241,7 +241,7 @@ class FleetController:
                     batch.append(self._events.get_nowait())
             except queue.Empty:
                 pass
-            now = self._clock()
+            now, wall = self._clock(), time.time()
             changed = False
             with self._cond:
                 for event in batch:
@@ -249,7 +249,7 @@ class FleetController:
                         self._cond.notify_all()
                         return
                     try:
-                        changed |= self._handle(event, now)
+                        changed |= self._handle(event, now, wall)
                     except Exception:  # one bad event never stops the ingest thread
                         log.exception("fleet controller: bug handling %s", type(event).__name__)
                 self._cond.notify_all()
@@ -257,10 +257,10 @@ class FleetController:
                     for watcher in self._watchers:
                         watcher.set()
 
-    def _handle(self, event: MqttEvent, now: float) -> bool:
+    def _handle(self, event: MqttEvent, now: float, wall: float) -> bool:
         """Apply one event (lock held); True when a rollout's results may have changed."""
         if isinstance(event, Message):
-            return self._handle_message(event, now)
+            return self._handle_message(event, now, wall)
         if isinstance(event, Published):
             if event.mid in self._acks:
                 self._acks[event.mid] = event
@@ -275,7 +275,7 @@ class FleetController:
             log.info("fleet controller: broker connection: %s", event.reason)
         return True
 
-    def _handle_message(self, msg: Message, now: float) -> bool:
+    def _handle_message(self, msg: Message, now: float, wall: float) -> bool:
         self.stats["messages"] += 1
         if msg.topic == self.reply_topic:
             self._handle_reply(msg)
@@ -284,7 +284,7 @@ class FleetController:
             if msg.payload == self._fence:
                 self._synced = True
             return False
-        kind = self.view.ingest(msg.topic, msg.payload, now=now, retained=msg.retain)
+        kind = self.view.ingest(msg.topic, msg.payload, now=now, retained=msg.retain, wall=wall)
         if kind == "bad":
             log.debug("fleet controller: ignored %s", self.view.last_error)
         elif kind == "unknown" and self._on_message is not None:

@@ -11,7 +11,16 @@ Node status, in order of precedence (see docs/scaling.md and the README's *Fleet
 - ``OFFLINE``: the retained status says ``offline`` (the Last Will fired, or the agent shut
   down cleanly), or nothing (status or heartbeat) was heard for ``misses`` heartbeat
   intervals. The interval is the heartbeat's ``interval_s`` field when it carries one (an
-  extra field), else the controller's configured interval.
+  extra field; the status's ``heartbeat_interval_s`` until a heartbeat comes), else the
+  controller's configured interval.
+- The Last Will can be lost (a clustered broker's node dies together with the agent's
+  connection), so a retained ``online`` status is not taken as "heard now": when it carries
+  ``status_refresh_s`` (the agent republishes it that often, with a fresh ``ts``), the node
+  was last heard at its ``ts`` and counts as OFFLINE once ``ts`` is older than ``misses``
+  intervals plus ``status_refresh_s`` (the refresh it may have been about to send). A view
+  that only reads retained messages (``edgectl nodes``) needs nothing else; a live view is
+  exact again from the first heartbeat. The caller passes the wall clock for this
+  (``wall``): ``ts`` is the gateway's clock, so gateways must keep theirs in sync (NTP).
 - ``DEGRADED`` / ``SYNCING``: the status message or the latest heartbeat says so.
 - ``DEGRADED`` also when the latest heartbeat shows a function whose last deployment
   ``failed`` (its code did not load here), or an outbox of ``degraded_outbox`` messages or
@@ -60,6 +69,8 @@ class NodeRecord:
     seen_at: float
     #: Heartbeat interval in seconds, for the staleness rule.
     interval_s: float
+    #: Extra silence allowed while the last word was a retained status (its refresh period).
+    grace_s: float = 0.0
     heartbeat: dict[str, Any] | None = None
     offline_reason: str | None = None
 
@@ -103,18 +114,30 @@ class FleetView:
     # -- ingest ------------------------------------------------------------------------------
 
     def ingest(
-        self, topic: str, payload: bytes, *, now: float, retained: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        now: float,
+        retained: bool = False,
+        wall: float | None = None,
     ) -> MessageKind:
-        """Apply one message; returns what it was (``bad`` when it did not decode)."""
+        """Apply one message; returns what it was (``bad`` when it did not decode).
+
+        ``wall`` (``time.time()``) lets a retained status's ``ts`` say when the node was
+        last heard; without it a retained status counts as heard ``now``.
+        """
         try:
-            kind = self._apply(topic, payload, now, retained)
+            kind = self._apply(topic, payload, now, retained, wall)
         except AgentError as exc:  # BadRequest from a decoder: one bad message, skip it
             self.last_error = f"{topic}: {exc}"
             kind = "bad"
         self.counts[kind] += 1
         return kind
 
-    def _apply(self, topic: str, payload: bytes, now: float, retained: bool) -> MessageKind:
+    def _apply(
+        self, topic: str, payload: bytes, now: float, retained: bool, wall: float | None
+    ) -> MessageKind:
         if topic.startswith(self._fleet_head):
             fleet_fid = topic[len(self._fleet_head) :]
             if not protocol.is_valid_id(fleet_fid):
@@ -133,7 +156,7 @@ class FleetView:
             _store(self.node_specs, (node_id, spec_fid), payload)
             return "node_spec"
         if kind == "status":
-            self._on_status(node_id, payload, now, retained)
+            self._on_status(node_id, payload, now, retained, wall)
         elif kind == "heartbeat":
             self._on_heartbeat(node_id, payload, now)
         elif kind == "function_state" and fid is not None:
@@ -142,13 +165,19 @@ class FleetView:
             return "unknown"
         return kind
 
-    def _on_status(self, node_id: str, payload: bytes, now: float, retained: bool) -> None:
+    def _on_status(
+        self, node_id: str, payload: bytes, now: float, retained: bool, wall: float | None
+    ) -> None:
         if not payload:  # the retained status was cleared: the node was decommissioned
             self.records.pop(node_id, None)
             return
         msg = protocol.decode_status(payload)
         _check_node(msg, node_id, "status")
+        known = node_id in self.records
         rec = self._record(node_id, now)
+        interval = _positive(msg.get("heartbeat_interval_s"))
+        if interval is not None and rec.heartbeat is None:
+            rec.interval_s = interval
         node = rec.node
         node.name, node.location = msg["name"], msg["location"]
         node.capabilities = list(msg["capabilities"])
@@ -159,8 +188,17 @@ class FleetView:
             reason = msg.get("reason")
             rec.offline_reason = reason if isinstance(reason, str) else "status offline"
         else:
-            rec.seen_at = now
             rec.offline_reason = None
+            refresh = _positive(msg.get("status_refresh_s"))
+            if retained and refresh is not None and wall is not None:
+                # Heard at its ts (not now): its Last Will may have died with a broker node.
+                age = max(0.0, wall - protocol.parse_ts(msg["ts"]).timestamp())
+                seen = now - age
+                rec.seen_at = max(rec.seen_at, seen) if known else seen
+                rec.grace_s = refresh
+            else:
+                rec.seen_at = now
+                rec.grace_s = 0.0
         # A retained status may be old: its own ts says when; a live one is "now".
         node.last_heartbeat = _local(msg["ts"]) if retained else datetime.now()
 
@@ -171,6 +209,7 @@ class FleetView:
         rec.heartbeat = msg
         if rec.reported != "offline":
             rec.seen_at = now
+            rec.grace_s = 0.0
             # The heartbeat's status counts like the status message's (degraded, syncing).
             rec.reported = msg["status"]
         interval = msg.get("interval_s")
@@ -218,7 +257,7 @@ class FleetView:
         """The node's status at ``now`` (rules in the module docstring)."""
         if rec.reported == "offline":
             return EdgeNodeStatus.OFFLINE
-        if now - rec.seen_at > self.misses * rec.interval_s:
+        if now - rec.seen_at > self.misses * rec.interval_s + rec.grace_s:
             return EdgeNodeStatus.OFFLINE
         if rec.reported in ("degraded", "syncing"):
             return EdgeNodeStatus(rec.reported)
@@ -241,9 +280,10 @@ class FleetView:
         status = self.status_of(rec, now)
         rec.node.status = status
         if status is EdgeNodeStatus.OFFLINE:
+            grace = f" + {rec.grace_s:g}s status refresh" if rec.grace_s else ""
             reason = rec.offline_reason or (
                 f"no heartbeat for {now - rec.seen_at:.1f}s "
-                f"({self.misses} x {rec.interval_s:g}s interval)"
+                f"({self.misses} x {rec.interval_s:g}s interval{grace})"
             )
             rec.node.metadata["offline_reason"] = reason
         else:
@@ -262,6 +302,7 @@ class FleetView:
             rec.reported = "online"
             rec.offline_reason = None
             rec.seen_at = now
+            rec.grace_s = 0.0
             rec.node.last_heartbeat = datetime.now()
 
     def function_state(self, node_id: str, fid: str) -> dict[str, Any] | None:
@@ -296,6 +337,13 @@ def _check_node(msg: dict[str, Any], node_id: str, what: str) -> None:
         raise BadRequest(
             f"{what}: node_id {msg['node_id']!r} does not match the topic's {node_id!r}"
         )
+
+
+def _positive(value: Any) -> float | None:
+    """A JSON number > 0 (not a bool) as a float, else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value) if math.isfinite(value) else None
+    return None
 
 
 def _local(ts: str) -> datetime:
