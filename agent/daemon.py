@@ -44,6 +44,7 @@ from agent.errors import (
     StateConflict,
     error_to_dict,
 )
+from agent.invoke_queue import FairQueue, Limits
 from agent.isolation import FunctionIdentities
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
@@ -129,6 +130,8 @@ class Agent:
             max_workers=config.runtime.max_workers * 2, thread_name_prefix="edge-invoke"
         )
         self._inflight: dict[str, _Invocation] = {}
+        #: Accepted invocations per function, fairly bounded and dispatched (issue 12).
+        self._queue: FairQueue[_Invocation] = FairQueue(self._queue_limits)
         self.outbox = OutboxPump(store, self._publish_item)
         self.sync = StateSync(
             store,
@@ -493,19 +496,47 @@ class Agent:
             self._reply_error(rid, request.function_id, [target], missing, durable=True)
             self._ack(msg)
             return
-        if len(self._inflight) >= self._max_inflight():
-            busy = Overloaded(f"{len(self._inflight)} invocations in progress; retry later")
-            self._reply_error(rid, request.function_id, [target], busy, durable=False)
-            self._ack(msg)
-            return
         if not self.store.outbox_has_room(self.config.agent.max_payload_bytes):
             full = Overloaded("the outbox is full; retry when the agent has drained it")
             self._reply_error(rid, request.function_id, [target], full, durable=False)
             self._ack(msg)
             return
         invocation = _Invocation(request, [target], [msg])
+        no_room, displaced = self._queue.offer(request.function_id, invocation)
+        if no_room is not None:
+            busy = Overloaded(no_room)
+            self._reply_error(rid, request.function_id, [target], busy, durable=False)
+            self._ack(msg)
+            return
         self._inflight[rid] = invocation
-        self._executor.submit(self._run_invocation, invocation)
+        for other in displaced:  # its function held more than its share: this one is owed room
+            self._refuse_displaced(other)
+        self._start_ready()
+
+    def _refuse_displaced(self, invocation: _Invocation) -> None:
+        """A waiting invocation gave its place to another function's: answer overloaded."""
+        request = invocation.request
+        rid, fid = request.request_id, request.function_id
+        self._inflight.pop(rid, None)
+        held = self._queue.held(fid)
+        busy = Overloaded(f"function {fid} holds {held} invocations, over its fair share")
+        self._reply_error(rid, fid, invocation.targets, busy, durable=False)
+        for msg in invocation.acks:
+            self._ack(msg)
+
+    def _start_ready(self) -> None:
+        """Hand every invocation the fair queue lets start to an executor thread."""
+        for _fid, invocation in self._queue.ready():
+            self._executor.submit(self._run_invocation, invocation)
+
+    def _queue_limits(self) -> Limits:
+        runtime = self.config.runtime
+        return Limits(
+            capacity=self._max_inflight(),
+            max_queue=runtime.max_queue,
+            threads=self._executor._max_workers,
+            per_function=runtime.max_workers,
+        )
 
     def _reply_address(self, msg: mqtt.Message, reply_to: str | None) -> protocol.ReplyAddress:
         mqtt_config = self.config.mqtt
@@ -601,6 +632,8 @@ class Agent:
         request = invocation.request
         rid, fid = request.request_id, request.function_id
         self._inflight.pop(rid, None)
+        self._queue.finished(fid)
+        self._start_ready()
         duration_ms = (time.monotonic() - invocation.started) * 1000
         error = done.error
         payload = b""

@@ -577,6 +577,13 @@ class WorkerPool:
             slot.cond.notify_all()
         self._cond.notify_all()
 
+    def _starved_locked(self, slot: _Slot) -> bool:
+        """Every place is taken and another function has callers waiting but no worker."""
+        return self._live >= self.max_workers and any(
+            other is not slot and other.waiting and not other.busy and not other.idle
+            for other in self._slots.values()
+        )
+
     def _evict_idle_locked(self) -> bool:
         """Free one function-worker place by retiring the least used idle worker elsewhere."""
         victims = [(s, w) for s in self._slots.values() for w in s.idle]
@@ -590,6 +597,7 @@ class WorkerPool:
 
     def _release(self, slot: _Slot, worker: Worker | None, healthy: bool) -> None:
         discard = worker is not None and not healthy
+        gave_away = False
         with self._cond:
             slot.busy -= 1
             current = self._slots.get(slot.config.function_id)
@@ -599,8 +607,14 @@ class WorkerPool:
                     and not self._closed
                     and worker.invocations < self.max_invocations
                 ):
-                    worker.change_state(WorkerState.IDLE)
-                    slot.idle.append(worker)
+                    if slot.waiting and self._starved_locked(slot):
+                        # Fair share: every place is taken and another function waits
+                        # with no worker at all; this worker's place goes to it, not to
+                        # our next caller (who would keep it for as long as we flood).
+                        discard = gave_away = True
+                    else:
+                        worker.change_state(WorkerState.IDLE)
+                        slot.idle.append(worker)
                 else:
                     discard = True  # redeployed, undeployed, closed or due for recycling
             if worker is None or discard:
@@ -610,7 +624,13 @@ class WorkerPool:
                 for other in self._slots.values():
                     if other.waiting and other is not slot:
                         other.cond.notify()
-            if slot.waiting:
+            elif not slot.waiting and self._live >= self.max_workers:
+                # Our worker idles while every place is taken: a waiting caller of another
+                # function may now evict it (_evict_idle_locked) instead of timing out.
+                for other in self._slots.values():
+                    if other.waiting and other is not slot:
+                        other.cond.notify()
+            if slot.waiting and not gave_away:
                 slot.cond.notify()  # the idle worker (or the free place) goes to one caller
             if self._closed:
                 self._cond.notify_all()  # close() waits for busy workers to come back
