@@ -594,11 +594,27 @@ def _strings(f: _Fields, key: str, values: list[Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class CodeSpec:
-    """A function's code: source text or base64 of a zip, with the SHA-256 of the raw bytes."""
+    """A function's code: source text or base64 of a zip, with the SHA-256 of the raw bytes.
+
+    Or code by reference (``url`` set, ``data`` empty): ``size`` bytes at ``url`` (https),
+    fetched to disk and checked by :mod:`agent.fetch`, for code too big for a spec.
+    """
 
     format: Literal["source", "zip"]
     data: str = field(repr=False)  # may be megabytes: keep it out of logs
     sha256: str
+    url: str = ""
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.url:
+            return {
+                "format": self.format,
+                "url": self.url,
+                "sha256": self.sha256,
+                "size": self.size,
+            }
+        return {"format": self.format, "data": self.data, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -645,6 +661,8 @@ FLEET_TARGET: Final = "fleet"
 #: ``signature.key_id``: the first 16 hex digits of the SHA-256 of the raw ed25519 public key.
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+#: ``code.url``: https (``file`` too, for tests and local mirrors: agent.fetch decides).
+_URL_RE = re.compile(r"^(https|file)://[^\s]{1,2048}$")
 
 
 def _spec_from_obj(obj: Mapping[str, Any], err: _Err) -> FunctionSpec:
@@ -707,8 +725,20 @@ def _entrypoint(f: _Fields) -> str:
 
 
 def _code(f: _Fields) -> CodeSpec:
-    c = f.child("code", f.obj("code"))
+    code = f.obj("code")
+    c = f.child("code", code)
     fmt = c.choice("format", CODE_FORMATS)
+    if "url" in code:  # code by reference: {format, url, sha256, size}, no data
+        if "data" in code:
+            c.fail("data", "not allowed next to url (code is either inline or by reference)")
+        url = c.text("url", "an https URL", _URL_RE)
+        return CodeSpec(
+            format="zip" if fmt == "zip" else "source",
+            data="",
+            sha256=c.hex64("sha256"),
+            url=url,
+            size=c.integer("size", minimum=1),
+        )
     data = c.text("data")
     return CodeSpec(format="zip" if fmt == "zip" else "source", data=data, sha256=c.hex64("sha256"))
 
@@ -751,7 +781,7 @@ def spec_to_dict(spec: FunctionSpec) -> dict[str, Any]:
         "name": spec.name,
         "version": spec.version,
         "entrypoint": spec.entrypoint,
-        "code": {"format": spec.code.format, "data": spec.code.data, "sha256": spec.code.sha256},
+        "code": spec.code.to_dict(),
         "memory_mb": spec.memory_mb,
         "timeout_seconds": float(spec.timeout_seconds),  # 5 and 5.0: one fingerprint
         "environment": dict(spec.environment),
@@ -800,6 +830,10 @@ def spec_fingerprint(spec: FunctionSpec) -> str:
 
 def code_bytes(code: CodeSpec) -> bytes:
     """The raw bytes the ``sha256`` covers: UTF-8 of the source, or the base64-decoded zip."""
+    if code.url:
+        raise DeploymentRejected(
+            "function spec: code.url: code by reference must be fetched (agent.fetch), not decoded"
+        )
     if code.format == "source":
         try:
             return code.data.encode("utf-8")
