@@ -48,7 +48,10 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_BUNDLE_FILES",
     "cleanup_staging",
+    "disk_bytes",
+    "estimated_disk_bytes",
     "install_bundle",
+    "installed_versions",
     "make_zip_bundle",
     "prune_versions",
     "remove_function",
@@ -272,12 +275,17 @@ def install_bundle(
     *,
     max_bytes: int,
     max_files: int,
+    check_space: Callable[[int], None] | None = None,
 ) -> Path:
     """Verify and unpack one function version; return its directory.
 
     ``raw`` is the source text (``code_format="source"``) or the zip (``"zip"``) exactly as
     hashed by ``sha256``. Re-installing the same version and digest returns the existing
     directory untouched. Raises DeploymentRejected for anything wrong with the inputs.
+
+    ``check_space(estimate)`` is called with the bytes the unpacked version will take on
+    disk (:func:`estimated_disk_bytes`) before anything is written, and may raise
+    DeploymentRejected (a quota); it is not called when the version is already installed.
     """
     _check_function_id(function_id)
     _check_version(version)
@@ -304,6 +312,8 @@ def install_bundle(
         log.warning("reinstalling %s %s: %s", function_id, version, problem)
         _discard(target, f"{TRASH_PREFIX}{secrets.token_hex(8)}")
 
+    if check_space is not None:
+        check_space(estimated_disk_bytes(code_format, raw))
     function_dir = _ensure_function_dir(functions_dir, function_id)
     staging = _make_staging_dir(function_dir)
     try:
@@ -638,6 +648,75 @@ def _read_limited(src: IO[bytes], info: zipfile.ZipInfo, budget: _Budget) -> Ite
             raise _reject_member(info, f"compression ratio over {_BOMB_RATIO}:1")
         budget.take(len(chunk), info)
         yield chunk
+
+
+# -- disk usage -------------------------------------------------------------------------------
+
+#: What one file or directory takes at least (a filesystem block) in the estimates.
+_BLOCK = 4096
+
+
+def _blocks(n: int) -> int:
+    return max(_BLOCK, -(-n // _BLOCK) * _BLOCK)
+
+
+def estimated_disk_bytes(code_format: str, raw: bytes) -> int:
+    """What a verified bundle will take on disk once unpacked, from its central directory
+    (declared sizes, each file and directory rounded up to a 4 KiB block): an upper bound
+    the quota can refuse before a byte is written (the unpacker never writes more than
+    declared). A zip that cannot be read counts as its own size; unpacking rejects it."""
+    if code_format != "zip":
+        return _BLOCK + _blocks(len(raw))
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            infos = archive.infolist()
+    except _CORRUPT_ZIP_ERRORS:
+        return _BLOCK + _blocks(len(raw))
+    dirs: set[str] = set()
+    for info in infos:
+        parts = info.orig_filename.removesuffix("/").split("/")
+        dirs.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        if info.is_dir():
+            dirs.add("/".join(parts))
+    total = _BLOCK * (1 + len(dirs))
+    for info in infos:
+        if not info.is_dir():
+            total += _blocks(info.file_size)
+    return total
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes a file or directory tree takes on disk (allocated blocks; symlinks not
+    followed); 0 if it is gone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    total = st.st_blocks * 512
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            with os.scandir(path) as entries:
+                children = [Path(entry.path) for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return total
+        total += sum(disk_bytes(child) for child in children)
+    return total
+
+
+def installed_versions(functions_dir: Path) -> dict[str, list[Path]]:
+    """Every installed version directory, by function id (dot-named leftovers skipped)."""
+    out: dict[str, list[Path]] = {}
+    if not functions_dir.is_dir():
+        return out
+    for function_dir in sorted(functions_dir.iterdir()):
+        if function_dir.name.startswith(".") or not _lstat_is(function_dir, stat.S_ISDIR):
+            continue
+        out[function_dir.name] = [
+            entry
+            for entry in sorted(function_dir.iterdir())
+            if _VERSION_DIR_RE.fullmatch(entry.name) and _lstat_is(entry, stat.S_ISDIR)
+        ]
+    return out
 
 
 # -- removal ----------------------------------------------------------------------------------

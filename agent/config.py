@@ -587,6 +587,27 @@ class RuntimeConfig:
     max_bundle_files: int = _key(
         10000, integer(1), "Most files in one code bundle; a bigger deployment is rejected."
     )
+    max_code_mb: int = _key(
+        256,
+        integer(1),
+        "Most MB of installed function code on disk, all functions and kept versions "
+        "together (after unpacking); a deployment that would go over is rejected.",
+    )
+    max_functions: int = _key(
+        100, integer(1), "Most functions deployed at once; a spec for one more is rejected."
+    )
+    deploy_timeout_s: float = _key(
+        30.0,
+        number(10.0),
+        "Deadline (seconds, at least 10) for test-loading a new version (importing its "
+        'entrypoint); past it the version is "failed" and the old one keeps serving.',
+    )
+    deploy_parallel: int = _key(
+        4,
+        integer(1, 16),
+        "Deployments prepared at once (unpack and test-load), one per function at a time, "
+        "so a slow import never delays another function's deployment.",
+    )
 
 
 @dataclass(frozen=True)

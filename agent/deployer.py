@@ -1,26 +1,35 @@
 """Deployments: from the cloud's retained specs to code that serves, never breaking what serves.
 
 The event loop decides *what* should be deployed (:func:`effective_spec`: a node-scoped spec
-overrides the fleet's); the :class:`Deployer` thread does the slow part of *how*, one job at
-a time, off the loop: check limits, verify the sha256, unpack safely and atomically
+overrides the fleet's); the :class:`Deployer` threads do the slow part of *how*, off the
+loop: check limits, verify the sha256, check the code quota, unpack safely and atomically
 (:mod:`agent.bundles`), then load the entrypoint in a throwaway worker. Only when all of that
 succeeded does the loop switch the pool to the new version; otherwise the old one keeps
-serving and the state topic says ``rejected`` (the spec or bundle is bad) or ``failed``
-(the code did not load). This module never touches the store or MQTT.
+serving and the state topic says ``rejected`` (the spec or bundle is bad, or over a quota)
+or ``failed`` (the code did not load within ``runtime.deploy_timeout_s``).
+
+Scheduling: at most ``runtime.deploy_parallel`` jobs run at once and at most one per
+function; a newer job for a function replaces its queued (not yet started) one. So one
+function's hanging import delays nobody else, and two versions of one function never race
+for its directory. Installs (quota check, unpack) take one lock between them, so the quota
+is counted against a disk no other install is writing; test-loads run in parallel.
+
+This module never touches the store or MQTT.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent import bundles
 from agent.config import RuntimeConfig
-from agent.errors import DeploymentRejected, EdgeExecutionError, error_to_dict
+from agent.errors import DeploymentRejected, EdgeExecutionError, FunctionTimeout, error_to_dict
 from agent.isolation import FunctionIdentities
 from agent.pool import FunctionConfig, Worker, WorkerPool
 from agent.protocol import FunctionSpec, code_bytes
@@ -86,6 +95,9 @@ def pool_config(
 class DeployJob:
     spec: FunctionSpec
     fingerprint: str
+    #: The function's installed code that must stay (the version serving now); every other
+    #: version of it is pruned before the new one is counted against the quota.
+    keep: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,8 +110,15 @@ class DeployOutcome:
     worker: Worker | None = None
 
 
+_MB = 1024 * 1024
+
+
+def _mb(n: int) -> str:
+    return f"{n / _MB:.1f} MB"
+
+
 class Deployer:
-    """A background thread that prepares deployments one at a time. Starts on ``start()``."""
+    """Threads that prepare deployments (see the module docstring). Start on ``start()``."""
 
     def __init__(
         self,
@@ -114,23 +133,100 @@ class Deployer:
         self.identities = identities
         self.runtime = runtime
         self._post = post
-        self._jobs: queue.SimpleQueue[DeployJob | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._queued: dict[str, DeployJob] = {}  # function id -> its newest unstarted job
+        self._order: deque[str] = deque()  # function ids with a queued job, oldest first
+        self._running: set[str] = set()
+        self._threads: list[threading.Thread] = []
+        self._busy: set[threading.Thread] = set()  # threads in a job
+        self._idle = 0
+        self._stopping = False
+        self._started = False
+        self._install_lock = threading.Lock()
 
     def start(self) -> None:
         self.functions_dir.mkdir(parents=True, exist_ok=True)
         bundles.cleanup_staging(self.functions_dir)
-        self._thread = threading.Thread(target=self._run, name="edge-deployer", daemon=True)
-        self._thread.start()
+        with self._cond:
+            self._started = True
+            self._stopping = False
+            self._spawn_if_needed()
 
     def submit(self, job: DeployJob) -> None:
-        self._jobs.put(job)
+        with self._cond:
+            fid = job.spec.id
+            if fid not in self._queued:
+                self._order.append(fid)
+            self._queued[fid] = job  # an older queued job of the function is superseded
+            if self._started:
+                self._spawn_if_needed()
+            self._cond.notify()
+
+    def busy(self) -> list[str]:
+        """Function ids being prepared now."""
+        with self._cond:
+            return sorted(self._running)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+        with self._cond:
+            self._stopping = True
+            self._queued.clear()
+            self._order.clear()
+            self._cond.notify_all()
+            # A thread in a job (a hanging test-load, say) ends when the pool closes and
+            # kills its worker; its outcome then goes to a loop that no longer reads it.
+            threads = [t for t in self._threads if t not in self._busy]
+            self._threads = []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _spawn_if_needed(self) -> None:
+        """Caller holds the condition: one more thread if all are busy and the cap allows."""
+        wanted = len(self._running) + len(self._queued)
+        while (
+            self._idle < len(self._queued)
+            and len(self._threads) < self.runtime.deploy_parallel
+            and len(self._threads) < wanted
+        ):
+            thread = threading.Thread(
+                target=self._run, name=f"edge-deployer-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            self._idle += 1
+            thread.start()
+
+    def _next_job(self) -> DeployJob | None:
+        """Block until a job of a function not being prepared is queued; None to stop."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if len(self._running) < self.runtime.deploy_parallel:
+                    for fid in self._order:
+                        if fid not in self._running:
+                            self._order.remove(fid)
+                            self._running.add(fid)
+                            self._busy.add(threading.current_thread())
+                            self._idle -= 1
+                            return self._queued.pop(fid)
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while (job := self._next_job()) is not None:
+            outcome: DeployOutcome | None = None
+            try:
+                outcome = self.prepare(job)
+            except Exception:  # a bug must not take a deployer thread with it
+                log.exception("preparing %s %s failed unexpectedly", job.spec.id, job.spec.version)
+            finally:
+                with self._cond:
+                    self._running.discard(job.spec.id)
+                    self._busy.discard(threading.current_thread())
+                    self._idle += 1
+                    self._cond.notify_all()
+            if outcome is not None:
+                self._post(outcome)
 
     def config_for(
         self, spec: FunctionSpec, code_dir: Path, *, grant: bool = True
@@ -147,15 +243,45 @@ class Deployer:
         identity = self.identities.identity(spec.id)
         return pool_config(spec, code_dir, identity, self.runtime.max_processes)
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._post(self.prepare(job))
+    # -- the code quota (runtime.max_code_mb) ------------------------------------------------
 
-    def prepare(self, job: DeployJob) -> DeployOutcome:
-        """Install and test-load one spec; never raises."""
+    def code_bytes_used(self, exclude: Path | None = None) -> int:
+        """Bytes every installed version of every function takes on disk (``exclude``: but
+        that one)."""
+        total = 0
+        for versions in bundles.installed_versions(self.functions_dir).values():
+            total += sum(bundles.disk_bytes(v) for v in versions if v != exclude)
+        return total
+
+    def _check_space(self, spec: FunctionSpec, target: Path, estimate: int) -> None:
+        limit = self.runtime.max_code_mb * _MB
+        used = self.code_bytes_used(exclude=target)
+        if used + estimate > limit:
+            raise DeploymentRejected(
+                f"function {spec.id} {spec.version}: its code takes up to {_mb(estimate)} "
+                f"unpacked and installed code already takes {_mb(used)}: {_mb(used + estimate)} "
+                f"would be over runtime.max_code_mb ({self.runtime.max_code_mb} MB)"
+            )
+
+    def _prune_superseded(self, job: DeployJob, target: Path) -> None:
+        """Before counting the quota: drop this function's versions that nothing serves."""
+        keep = {*job.keep, target}
+        removed = bundles.prune_versions(self.functions_dir, job.spec.id, keep)
+        if removed:
+            log.info(
+                "pruned %d superseded versions of %s before installing %s",
+                len(removed),
+                job.spec.id,
+                job.spec.version,
+                extra={"function_id": job.spec.id},
+            )
+
+    def _install(self, job: DeployJob) -> Path:
+        """Quota, unpack, quota again with what it really takes; under the install lock."""
         spec = job.spec
-        try:
-            check_limits(spec, self.runtime)
+        target = bundles.version_dir(self.functions_dir, spec.id, spec.version, spec.code.sha256)
+        with self._install_lock:
+            self._prune_superseded(job, target)
             code_dir = bundles.install_bundle(
                 self.functions_dir,
                 spec.id,
@@ -166,7 +292,28 @@ class Deployer:
                 spec.entrypoint,
                 max_bytes=self.runtime.max_bundle_bytes,
                 max_files=self.runtime.max_bundle_files,
+                check_space=lambda estimate: self._check_space(spec, target, estimate),
             )
+            limit = self.runtime.max_code_mb * _MB
+            used = self.code_bytes_used()
+            if used > limit:
+                if code_dir not in job.keep:
+                    bundles.prune_versions(self.functions_dir, spec.id, set(job.keep))
+                raise DeploymentRejected(
+                    f"function {spec.id} {spec.version}: installed code would take "
+                    f"{_mb(used)} on disk with it, over runtime.max_code_mb "
+                    f"({self.runtime.max_code_mb} MB)"
+                )
+        return code_dir
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def prepare(self, job: DeployJob) -> DeployOutcome:
+        """Install and test-load one spec; never raises."""
+        spec = job.spec
+        try:
+            check_limits(spec, self.runtime)
+            code_dir = self._install(job)
         except DeploymentRejected as exc:
             return DeployOutcome(job, "rejected", None, error_to_dict(exc))
         except OSError as exc:
@@ -179,10 +326,21 @@ class Deployer:
         except OSError as exc:
             error = {"type": "deployment_rejected", "message": f"cannot grant {code_dir}: {exc}"}
             return DeployOutcome(job, "failed", code_dir, error)
+        # The test-load has its own deadline: a spec's timeout_seconds bounds invocations,
+        # not how long an import may hold a deployer thread.
+        deadline = self.runtime.deploy_timeout_s
+        started = time.monotonic()
         try:
-            worker = self.pool.check_load(config)
+            worker = self.pool.check_load(replace(config, timeout_s=deadline))
         except EdgeExecutionError as exc:
+            took = time.monotonic() - started
             message = str(exc)
+            if isinstance(exc, FunctionTimeout):
+                message = (
+                    f"function {spec.id} {spec.version}: the test-load (importing "
+                    f"{spec.entrypoint}) did not finish within runtime.deploy_timeout_s "
+                    f"({deadline:g}s); killed after {took:.1f}s"
+                )
             log.warning("function %s %s does not load: %s", spec.id, spec.version, message)
             error = {"type": "deployment_rejected", "message": message}
             return DeployOutcome(job, "failed", code_dir, error)

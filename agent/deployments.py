@@ -225,9 +225,32 @@ class DeploymentController:
             active = row.active_version if row is not None else None
             self._report(fid, spec.version, spec.code.sha256, "rejected", error, active)
             return
+        if row is None and fid not in self._pending_fingerprint:
+            over = self._over_max_functions(fid)
+            if over is not None:
+                log.warning("not deploying %s: %s", fid, over, extra={"function_id": fid})
+                error = {"type": "deployment_rejected", "message": over}
+                self._report(fid, spec.version, spec.code.sha256, "rejected", error, None)
+                return
         self._pending_fingerprint[fid] = fingerprint
         log.info("deploying %s %s", fid, spec.version, extra={"function_id": fid})
-        self.deployer.submit(DeployJob(spec, fingerprint))
+        keep = (Path(row.active_code_dir),) if row is not None and row.active_code_dir else ()
+        self.deployer.submit(DeployJob(spec, fingerprint, keep))
+
+    def _over_max_functions(self, fid: str) -> str | None:
+        """Why a new function ``fid`` may not be deployed (runtime.max_functions), or None.
+
+        Counts functions with a deployment row (serving, failed or rejected with a row)
+        and those being prepared for the first time."""
+        limit = self.deployer.runtime.max_functions
+        known = {row.function_id for row in self.store.list_deployments()}
+        known |= set(self._pending_fingerprint)
+        if len(known) < limit:
+            return None
+        return (
+            f"function {fid} would be function number {len(known) + 1} on this node, over "
+            f"runtime.max_functions ({limit}); remove one first"
+        )
 
     def _remove(self, row: DeploymentRow) -> None:
         fid = row.function_id
@@ -237,6 +260,14 @@ class DeploymentController:
         bundles.remove_function(self.deployer.functions_dir, fid)
         log.info("removed %s", fid, extra={"function_id": fid})
         self._report(fid, row.active_version or row.version, row.sha256, "removed", None, None)
+        self._retry_refused()
+
+    def _retry_refused(self) -> None:
+        """A function left: specs refused for runtime.max_functions may fit now."""
+        rows = {row.function_id for row in self.store.list_deployments()}
+        for fid, sources in self.store.get_spec_sources().items():
+            if fid not in rows and fid not in self._pending_fingerprint:
+                self.reconcile(fid, sources)
 
     def on_outcome(self, outcome: DeployOutcome) -> None:
         """The deployer finished preparing a spec: switch to it, or report why not."""
