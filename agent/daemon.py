@@ -71,8 +71,11 @@ class _Invocation:
     acks: list[mqtt.Message]
     started: float = field(default_factory=time.monotonic)
     #: The reply committed with the invocation's state changes (to ``targets[0]``), set
-    #: by the invocation thread before it gives its worker back.
+    #: by the invocation thread once they are on disk.
     committed_reply: bytes | None = None
+    #: Its write set applied in memory (StateSync.apply), and the reply that goes with it.
+    state_ticket: int = 0
+    pending_reply: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -559,8 +562,14 @@ class Agent:
                 request_id=request.request_id,
                 # Read when the worker gets it, not now: it may wait for a worker first.
                 context=self.sync.current,
-                on_result=functools.partial(self._commit_state, invocation),
+                on_result=functools.partial(self._apply_state, invocation),
             )
+            # The worker is free again; the reply waits until the state is on disk.
+            if invocation.state_ticket:
+                self.sync.persist(invocation.state_ticket)
+                invocation.committed_reply = invocation.pending_reply
+            elif result.accepts_context:
+                self.sync.persist_through(result.state_version)
         except EdgeExecutionError as exc:
             self.post(_InvokeDone(invocation, None, exc))
         except Exception as exc:  # a bug must still answer the caller
@@ -569,12 +578,13 @@ class Agent:
         else:
             self.post(_InvokeDone(invocation, result, None))
 
-    def _commit_state(self, invocation: _Invocation, result: InvokeResult) -> None:
-        """Invocation thread, worker still held: commit the write set with its reply.
+    def _apply_state(self, invocation: _Invocation, result: InvokeResult) -> None:
+        """Invocation thread, worker still held: apply the write set (in memory) with its
+        reply; it goes to disk once the worker is free (:meth:`StateSync.persist`).
 
-        Holding the worker means the function's next invocation (with ``concurrency`` 1)
-        cannot start before this commit is in its context. Raises what fails the
-        invocation instead (StateConflict, Overloaded, HandlerError); nothing is written then.
+        Applied while the worker is held, the function's next invocation (with
+        ``concurrency`` 1) cannot start before it is in its context. Raises what fails the
+        invocation instead (StateConflict, Overloaded, HandlerError); nothing is applied then.
         """
         if not result.changes:
             return
@@ -585,22 +595,17 @@ class Agent:
             raise error
         topic, correlation = invocation.targets[0]
         try:
-            self.sync.commit(
+            invocation.state_ticket = self.sync.apply(
                 result.changes,
                 ReplyRecord(rid, topic, payload, time.time(), correlation),
                 base_version=result.state_version,
                 checked=result.checked,
                 read_all=result.read_all,
             )
-        except OutboxFull as exc:
-            log.error("outbox full: state changes of %s not applied: %s", rid, exc)
-            raise Overloaded(
-                "the outbox is full: the invocation's state changes were not applied"
-            ) from exc
         except (StateTooLarge, ValueError, TypeError) as exc:
             log.warning("state changes of %s refused: %s", rid, exc, extra={"request_id": rid})
             raise HandlerError(f"state change refused: {exc}") from exc
-        invocation.committed_reply = payload
+        invocation.pending_reply = payload
 
     def _ok_reply(
         self, request: protocol.InvokeRequest, result: InvokeResult

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from procutil import run_threads
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime, EdgeSynchronizer
-from agent.errors import StateConflict, error_from_dict, error_to_dict
+from agent.errors import Overloaded, StateConflict, StoreError, error_from_dict, error_to_dict
 from agent.statecheck import WHOLE_DOCUMENT, ChangeVersions
+from agent.statesync import StateSync
 from agent.store import Store
 
 # -- the check itself -------------------------------------------------------------------------
@@ -257,3 +258,72 @@ def test_any_interleaving_equals_the_ok_invocations_run_serially(
         serial.update(tx.compute(tx.seen))
     assert final == serial
     assert len(committed) + len(conflicted) == len(txs)
+
+
+# -- the daemon's two steps: apply in memory (worker held), persist in order (group commit) ----
+
+
+class FailingStore(Store):
+    """A real store whose next ``fail`` group commits raise as a full disk would."""
+
+    fail = 0
+
+    def sync_persist(self, *args: Any, **kwargs: Any) -> int:
+        if self.fail:
+            self.fail -= 1
+            raise StoreError("database or disk is full")
+        return super().sync_persist(*args, **kwargs)
+
+
+@pytest.fixture
+def statesync(tmp_path: Path) -> Iterator[tuple[StateSync, FailingStore]]:
+    from agent import protocol
+    from agent.outbox import OutboxPump
+
+    with FailingStore(tmp_path / "state.db") as store:
+        sync = StateSync(
+            store, protocol.Topics("edge", "gw"), OutboxPump(store, lambda *a: 0), tmp_path / "h"
+        )
+        sync.boot()
+        yield sync, store
+        sync.close()
+
+
+def test_applied_writes_are_read_at_once_and_stored_in_one_transaction(
+    statesync: tuple[StateSync, FailingStore],
+) -> None:
+    """Three invocations apply while holding their workers; one group commit stores all."""
+    sync, store = statesync
+    tickets = []
+    for n in range(1, 4):
+        base = sync.current().state_version
+        tickets.append(sync.apply({"count": n}, None, base_version=base, checked=["count"]))
+        assert sync.current().state == {"count": n}  # the next one reads it at once
+    assert store.sync_state() == (0, {})  # nothing on disk yet
+    sync.persist(tickets[0])  # the first to get there writes everything applied so far
+    assert store.sync_state() == (3, {"count": 3}) and sync.durable_version == 3
+    sync.persist(tickets[2])  # already settled: nothing more to do
+    deltas = [i for i in store.outbox_peek(10) if i.kind == "sync_delta"]
+    assert len(deltas) == 1, "unsent deltas of one batch merge into one"
+
+
+def test_a_failed_group_commit_undoes_memory_and_fails_its_readers(
+    statesync: tuple[StateSync, FailingStore],
+) -> None:
+    """Writes visible in memory but never stored must not reach anyone as ok."""
+    sync, store = statesync
+    sync.commit({"count": 1}, None)
+    base = sync.current().state_version
+    lost = sync.apply({"count": 2}, None, base_version=base, checked=["count"])
+    read_version = sync.current().state_version  # a read-only invocation saw count = 2
+    store.fail = 1
+    with pytest.raises(Overloaded, match="could not be stored"):
+        sync.persist(lost)
+    with pytest.raises(Overloaded, match="could not be stored"):
+        sync.persist_through(read_version)
+    assert sync.current().state == {"count": 1} and store.sync_state() == (1, {"count": 1})
+    with pytest.raises(StateConflict):  # it read from the undone memory
+        sync.apply({"count": 3}, None, base_version=read_version, checked=["count"])
+    base = sync.current().state_version
+    sync.commit({"count": 2}, None, base_version=base, checked=["count"])
+    assert store.sync_state() == (2, {"count": 2})

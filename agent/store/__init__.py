@@ -10,7 +10,7 @@ from agent.store.core import (
     OutboxItem,
     Store,
 )
-from agent.store.sync import ReplyRecord, StateTooLarge, SyncCommit, effective_changes
+from agent.store.sync import ReplyRecord, StateTooLarge, SyncCommit, SyncJob, effective_changes
 
 __all__ = [
     "MIGRATIONS",
@@ -23,5 +23,6 @@ __all__ = [
     "StateTooLarge",
     "Store",
     "SyncCommit",
+    "SyncJob",
     "effective_changes",
 ]

@@ -533,12 +533,17 @@ class Store(SyncTables):
         return item_id
 
     def _remember_reply(
-        self, conn: sqlite3.Connection, reply: ReplyRecord, base: tuple[int, int]
+        self,
+        conn: sqlite3.Connection,
+        reply: ReplyRecord,
+        base: tuple[int, int],
+        *,
+        force: bool = False,
     ) -> tuple[int, tuple[int, int]]:
         """Queue a reply and remember its request inside the caller's transaction."""
         item_id, depth = self._enqueue(
             conn, reply.topic, reply.payload, 1, False, "reply", None, reply.ts,
-            reply.correlation, base=base,
+            reply.correlation, base=base, force=force,
         )  # fmt: skip
         conn.execute(_DEDUPE_UPSERT, (reply.request_id, reply.topic, reply.payload, reply.ts))
         return item_id, depth
@@ -580,10 +585,13 @@ class Store(SyncTables):
         correlation: bytes | None = None,
         *,
         base: tuple[int, int] | None = None,
+        force: bool = False,
     ) -> tuple[int, tuple[int, int]]:
         """Insert inside the caller's transaction; the id and the depth once committed.
 
         ``base`` is the depth to start from when the transaction already queued others.
+        ``force``: past the bounds too (state commits whose invocations were admitted while
+        there was room, and are already visible to others: they must not be refused now).
         """
         count, nbytes = self._depth if base is None else base
         gone_count = gone_bytes = 0
@@ -594,7 +602,7 @@ class Store(SyncTables):
             ).fetchone()
         new_count = count - gone_count + 1
         new_bytes = nbytes - gone_bytes + len(payload)
-        if new_count > self._max_messages or new_bytes > self._max_bytes:
+        if not force and (new_count > self._max_messages or new_bytes > self._max_bytes):
             raise OutboxFull(
                 f"outbox of {self._path} is full: {count} messages, {nbytes} bytes queued"
                 f" (limits {self._max_messages} messages, {self._max_bytes} bytes);"

@@ -47,7 +47,7 @@ SYNC_SCHEMA = """
 
 DELTA_KIND = "sync_delta"
 #: What a snapshot message adds around the document (ids, version, checksum, ts).
-_SNAPSHOT_OVERHEAD = 400
+SNAPSHOT_OVERHEAD = 400
 
 
 class StateTooLarge(StoreError):
@@ -67,6 +67,19 @@ class ReplyRecord:
     payload: bytes
     ts: float
     correlation: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SyncJob:
+    """A write set already applied in memory, for :meth:`SyncTables.sync_persist`."""
+
+    #: The effective changes (None deletes); empty when only the reply is to be written.
+    changes: dict[str, Any]
+    reply: ReplyRecord | None
+    #: The version these changes make (the stored one plus one); ignored when no changes.
+    to_version: int
+    #: Of the whole document after them.
+    checksum: str
 
 
 @dataclass(frozen=True)
@@ -126,11 +139,17 @@ class SyncTables:
         correlation: bytes | None = None,
         *,
         base: tuple[int, int] | None = None,
+        force: bool = False,
     ) -> tuple[int, tuple[int, int]]:
         raise NotImplementedError  # pragma: no cover - provided by Store
 
     def _remember_reply(
-        self, conn: sqlite3.Connection, reply: ReplyRecord, base: tuple[int, int]
+        self,
+        conn: sqlite3.Connection,
+        reply: ReplyRecord,
+        base: tuple[int, int],
+        *,
+        force: bool = False,
     ) -> tuple[int, tuple[int, int]]:
         raise NotImplementedError  # pragma: no cover - provided by Store
 
@@ -206,7 +225,7 @@ class SyncTables:
             new_state.update({k: v for k, v in effective.items() if v is not None})
             document = canonical_json(new_state) if effective else b""
             if effective and max_payload is not None:
-                size = len(document) + _SNAPSHOT_OVERHEAD
+                size = len(document) + SNAPSHOT_OVERHEAD
                 if size > max_payload:
                     raise StateTooLarge(
                         f"the synced state would be {size} bytes as a snapshot, over "
@@ -215,15 +234,7 @@ class SyncTables:
             with self._transaction("sync_commit") as conn:
                 depth = self._depth
                 if effective:
-                    for key, value in effective.items():
-                        if value is None:
-                            conn.execute("DELETE FROM sync_state WHERE key = ?", (key,))
-                        else:
-                            conn.execute(
-                                "INSERT INTO sync_state (key, value) VALUES (?, ?)"
-                                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                                (key, canonical_json(value).decode()),
-                            )
+                    _write_changes(conn, effective)
                     _set_version(conn, version + 1)
                     commit, depth = self._queue_delta(
                         conn,
@@ -246,6 +257,65 @@ class SyncTables:
                 self._sync_changes.record(commit.to_version, effective, len(new_state))
         return commit
 
+    def sync_persist(
+        self,
+        jobs: list[SyncJob],
+        *,
+        delta_topic: str,
+        encode_delta: EncodeDelta,
+        coalesce_after_id: int,
+        max_payload: int | None = None,
+    ) -> int:
+        """Write jobs already applied in memory, in order, in ONE transaction (group commit):
+        each changed document version, its delta (merged into the newest unsent one, as in
+        :meth:`sync_commit`) and each reply with its dedupe row. Returns the version written.
+
+        Nothing is refused for room or size (the caller checked size and admitted the
+        invocations while there was room, and others may already have read their writes).
+        Raises StoreError (nothing written) when the database fails, or when a job's
+        version does not follow the stored one (memory and disk have diverged).
+        """
+        with self._lock:
+            version, state = self._sync_loaded_locked()
+            changed: list[tuple[int, dict[str, Any], int]] = []
+            with self._transaction("sync_persist") as conn:
+                depth = self._depth
+                for job in jobs:
+                    if job.changes:
+                        if job.to_version != version + 1:
+                            raise StoreError(
+                                f"state commit for version {job.to_version} does not follow "
+                                f"the stored version {version}"
+                            )
+                        state = {k: v for k, v in state.items() if k not in job.changes}
+                        state.update({k: v for k, v in job.changes.items() if v is not None})
+                        _write_changes(conn, job.changes)
+                        _, depth = self._queue_delta(
+                            conn,
+                            version,
+                            job.changes,
+                            job.checksum,
+                            (
+                                delta_topic,
+                                encode_delta,
+                                max(coalesce_after_id, self._claimed_id),
+                                max_payload,
+                            ),
+                            depth,
+                            strict=False,
+                        )
+                        version += 1
+                        changed.append((version, job.changes, len(state)))
+                    if job.reply is not None:
+                        _, depth = self._remember_reply(conn, job.reply, depth, force=True)
+                if changed:
+                    _set_version(conn, version)
+            self._depth = depth
+            self._sync_cache = (version, state)
+            for at, keys, size in changed:
+                self._sync_changes.record(at, keys, size)
+        return version
+
     def _queue_delta(
         self,
         conn: sqlite3.Connection,
@@ -254,6 +324,8 @@ class SyncTables:
         checksum: str,
         how: tuple[str, EncodeDelta, int, int | None],
         depth: tuple[int, int],
+        *,
+        strict: bool = True,
     ) -> tuple[SyncCommit, tuple[int, int]]:
         """Merge into the newest delta not yet handed to MQTT, or queue a new one.
 
@@ -283,13 +355,23 @@ class SyncTables:
                 commit = SyncCommit(version, version + 1, effective, checksum, delta_id, True)
                 return commit, (count, grown)
         payload = encode_delta(version, version + 1, effective, checksum)
-        if max_payload is not None and len(payload) > max_payload:
+        if strict and max_payload is not None and len(payload) > max_payload:
             raise StateTooLarge(
                 f"the delta for this change is {len(payload)} bytes, over "
                 f"agent.max_payload_bytes ({max_payload}); the change was not applied"
             )
         delta_id, depth = self._enqueue(
-            conn, topic, payload, 1, False, DELTA_KIND, None, time.time(), None, base=depth
+            conn,
+            topic,
+            payload,
+            1,
+            False,
+            DELTA_KIND,
+            None,
+            time.time(),
+            None,
+            base=depth,
+            force=not strict,
         )
         return SyncCommit(version, version + 1, effective, checksum, delta_id, False), depth
 
@@ -325,6 +407,18 @@ class SyncTables:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (key, value),
                 )
+
+
+def _write_changes(conn: sqlite3.Connection, changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if value is None:
+            conn.execute("DELETE FROM sync_state WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT INTO sync_state (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, canonical_json(value).decode()),
+            )
 
 
 def _set_version(conn: sqlite3.Connection, version: int) -> None:
