@@ -192,6 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_connect = store.get_meta("last_connect_ts")
         dead_count, dead_marked = store.dead_letter_counts()
         dead = store.dead_letters(5)
+        repaired = store.get_meta("store_repaired")
     except StoreError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
@@ -230,6 +231,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
         },
     }
+    # The last time the agent found state.db damaged at start and replaced it (issue 12).
+    status["store_repaired"] = json.loads(repaired) if repaired else None
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -247,6 +250,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if dead_count:
         print("  degraded until none are left: --clear-dead-letters or --retry-dead-letters")
+    if status["store_repaired"]:
+        r = status["store_repaired"]
+        lost = "unknown" if r["lost_outbox"] is None else r["lost_outbox"]
+        print(f"store repair: {r['ts']}: damaged state.db moved to {r['moved_to']}")
+        print(f"  outbox messages lost: {lost}; problems: {'; '.join(r['problems'])}")
     print(f"functions:    {len(deployments)}")
     for fn in functions:
         line = f"  {fn['id']:<24} {fn['version']:<12} {fn['state']:<9}"

@@ -20,6 +20,7 @@ Delivery guarantees:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import signal
@@ -42,6 +43,7 @@ from agent.errors import (
     HandlerError,
     Overloaded,
     StateConflict,
+    StoreError,
     error_to_dict,
 )
 from agent.invoke_queue import FairQueue, Limits
@@ -51,6 +53,7 @@ from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
+from agent.store.core import store_fault
 from agent.systemd import Notifier, set_level
 from agent.trust import TrustPolicy
 
@@ -60,6 +63,8 @@ log = logging.getLogger(__name__)
 #: that sees only retained messages can tell a node whose Last Will was lost (its broker
 #: node died with it) from a live one; docs/scaling.md weighs the broker load.
 STATUS_REFRESH_HEARTBEATS = 3
+#: How often a failing store (disk full, I/O error) is probed for writes again (monotonic).
+STORE_RETRY_S = 1.0
 
 
 @dataclass
@@ -149,6 +154,12 @@ class Agent:
         self._timers: dict[str, float] = {}
         self._connected = False
         self._dead_letters: int | None = None  # read from the store when first needed
+        #: Why the store fails (disk full, I/O error), while it does: "degraded" until a
+        #: probe on the store_retry timer writes again (issue 12).
+        self._store_fault: str | None = None
+        self._store_fault_since = 0.0
+        #: Specs that could not be stored meanwhile, by topic (the newest wins): replayed.
+        self._deferred_specs: dict[str, tuple[str, str, bytes]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -167,7 +178,17 @@ class Agent:
 
     def boot(self) -> None:
         """Load local state and serve it: no broker needed. Sends READY=1."""
-        self.store.open()
+        self.store.open(repair=True)  # PRAGMA quick_check; a damaged file is moved aside
+        repaired = self.store.repaired
+        if repaired is not None and self.store.repaired_now:
+            log.error(
+                "the state database was damaged (%s): moved to %s and replaced by an empty "
+                "one; outbox messages lost: %s; functions come back as their retained specs "
+                "arrive",
+                "; ".join(repaired["problems"]),
+                repaired["moved_to"],
+                "unknown" if repaired["lost_outbox"] is None else repaired["lost_outbox"],
+            )
         self.sync.boot()
         isolation = self.identities.start(self.pool.python)
         if isolation.mode == "uid":
@@ -213,7 +234,11 @@ class Agent:
             event = None
         if event is not None:
             self._dispatch(event)
-        self._run_timers()
+        try:
+            self._run_timers()
+        except StoreError as exc:  # a failing store must not stop the loop (or the watchdog)
+            if not self._store_failed(exc, "running timers"):
+                log.error("timer: %s", exc)
 
     def _dispatch(self, event: object) -> None:
         try:
@@ -231,6 +256,9 @@ class Agent:
                 self.handle_disconnected(event)
             elif isinstance(event, _Signal):
                 self.handle_signal(event)
+        except StoreError as exc:
+            if not self._store_failed(exc, f"handling {type(event).__name__}"):
+                log.error("while handling %s: %s", type(event).__name__, exc)
         except AgentError as exc:  # one bad event never stops the agent
             log.error("while handling %s: %s", type(event).__name__, exc)
         except Exception:
@@ -268,9 +296,16 @@ class Agent:
         if self.mqtt is not None:  # a poison message set aside must not be resent by paho
             self.outbox.forget = self.mqtt.forget
         self._connected = self.outbox.connected = True
-        self.store.set_meta("last_connect_ts", protocol.now_ts())
+        try:
+            self.store.set_meta("last_connect_ts", protocol.now_ts())
+        except StoreError as exc:
+            if not self._store_failed(exc, "recording the connect"):
+                raise
         log.info("connected to the broker (session present: %s)", event.session_present)
         self._publish_status("online")
+        if not event.session_present:  # a broker without persistence lost retained messages
+            count = self._republish_states()
+            log.info("new broker session: republished the retained state of %d functions", count)
         self._timers["heartbeat"] = time.monotonic()
         self.outbox.drain()
         self._update_status_line()
@@ -332,7 +367,7 @@ class Agent:
     def _publish_status(self, status: str, wait: float = 0.0) -> None:
         assert self.mqtt is not None
         node = self.config.node
-        degraded = self._degraded()
+        degraded = self._degraded_reasons()
         if status == "online" and degraded:
             status = "degraded"
         payload = protocol.encode_status(
@@ -349,6 +384,7 @@ class Agent:
                 "isolation": self.identities.isolation.mode,  # "shared-uid" too
                 "dead_letters": self._dead_letters or 0,
                 **({"degraded": degraded} if degraded else {}),
+                **({"store_repaired": self.store.repaired} if self.store.repaired else {}),
                 # A view that reads only this retained message (edgectl nodes) judges
                 # staleness from ts: republished every status_refresh_s (docs/scaling.md).
                 "heartbeat_interval_s": self.config.agent.heartbeat_interval_s,
@@ -373,15 +409,22 @@ class Agent:
     def handle_message(self, msg: mqtt.Message) -> None:
         kind, fid = self.topics.classify(msg.topic)
         if kind == "invoke":
-            self.handle_invoke(msg)
+            try:
+                self.handle_invoke(msg)
+            except StoreError as exc:
+                if not self._store_failed(exc, "handling an invoke"):
+                    raise
+                self._refuse_on_store_fault(msg)
             return  # acknowledged once answered
         try:
             if kind in ("fleet_spec", "node_spec") and fid is not None:
-                scope = "fleet" if kind == "fleet_spec" else "node"
-                if self._spec_too_big(fid, msg.payload):
-                    return  # acknowledged below; never parsed
-                self.deployments.on_spec(scope, fid, msg.payload)
-                self._update_status_line()
+                try:
+                    self._on_spec(kind, fid, msg.payload)
+                except StoreError as exc:
+                    if not self._store_failed(exc, f"storing the spec on {msg.topic}"):
+                        raise
+                    # Retained, but not sent again on this connection: kept until it works.
+                    self._deferred_specs[msg.topic] = (kind, fid, msg.payload)
             elif kind == "sync_desired":
                 if self.sync.on_desired(msg.payload) and self._connected:
                     self._publish_status("online")  # its retained sync.desired_version
@@ -391,6 +434,13 @@ class Agent:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
             self._ack(msg)
+
+    def _on_spec(self, kind: str, fid: str, payload: bytes) -> None:
+        scope = "fleet" if kind == "fleet_spec" else "node"
+        if self._spec_too_big(fid, payload):
+            return  # acknowledged by the caller; never parsed
+        self.deployments.on_spec(scope, fid, payload)
+        self._update_status_line()
 
     def _spec_too_big(self, fid: str, payload: bytes) -> bool:
         """Over ``agent.max_spec_bytes``: reported rejected without parsing a byte of it."""
@@ -444,6 +494,13 @@ class Agent:
             self.store.outbox_put(topic, payload, qos=1, retain=retain, kind=kind, key=key)
         except OutboxFull as exc:
             log.error("outbox full, %s message for %s not queued: %s", kind, topic, exc)
+            return
+        except StoreError as exc:
+            if not self._store_failed(exc, f"queueing the {kind} message for {topic}"):
+                raise
+            # Sent without the outbox; the store's rows are published again on recovery.
+            if self._connected and self.mqtt is not None:
+                self.mqtt.publish(topic, payload, qos=1, retain=retain)
             return
         self.outbox.drain()
 
@@ -734,6 +791,9 @@ class Agent:
                     continue
                 except OutboxFull as exc:
                     log.error("outbox full for the reply to %s: %s", rid, exc)
+                except StoreError as exc:  # answered all the same, without the outbox
+                    if not self._store_failed(exc, f"queueing the reply to {rid}"):
+                        raise
             if self._connected and self.mqtt is not None:
                 self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation)
             else:
@@ -744,6 +804,126 @@ class Agent:
                 )
         if drain:
             self.outbox.drain()
+
+    # -- a failing store (issue 12): a state, never silence ----------------------------------
+
+    def _store_failed(self, exc: StoreError, doing: str) -> bool:
+        """Note a fault of the store (disk full, I/O error): "degraded" with the reason
+        until a probe on the store_retry timer writes again. Callers then carry on without
+        the store (a reply published directly, a spec kept in memory). False when ``exc``
+        is no fault of the store (OutboxFull and the other bounded refusals)."""
+        kind = store_fault(exc)
+        if kind is None:
+            return False
+        first = self._store_fault is None
+        self._store_fault = f"store: {kind}: {exc}"
+        if "store_retry" not in self._timers:
+            self._timers["store_retry"] = time.monotonic() + STORE_RETRY_S
+        if not first:
+            log.debug("state store still failing (%s): %s", doing, exc)
+            return True
+        self._store_fault_since = time.monotonic()
+        log.error(
+            "degraded: the state store failed while %s (%s): %s; replies go out without the "
+            "outbox until it takes writes again (probed every %gs)",
+            doing,
+            kind,
+            exc,
+            STORE_RETRY_S,
+        )
+        if self._connected and self.mqtt is not None:
+            self._publish_status("online")  # "degraded", with the reason
+        return True
+
+    def _refuse_on_store_fault(self, msg: mqtt.Message) -> None:
+        """An invoke the store failed under before it was taken: answer overloaded now."""
+        try:
+            request = protocol.decode_invoke(msg.payload, self.config.agent.max_payload_bytes)
+        except protocol.InvokeDecodeError:
+            self._ack(msg)
+            return
+        rid = request.request_id
+        if rid in self._inflight:
+            return  # taken: it is answered (and acknowledged) when it is done
+        address = self._reply_address(msg, request.reply_to)
+        busy = Overloaded(f"the agent's state store is failing ({self._store_fault}); retry later")
+        target = (address.topic, msg.correlation_data)
+        self._reply_error(rid, request.function_id, [target], busy, durable=False)
+        self._ack(msg)
+
+    def _retry_store(self) -> None:
+        """The store_retry timer: back online once the store takes a write again."""
+        problem = self.store.probe()
+        if problem is not None:
+            self._timers["store_retry"] = time.monotonic() + STORE_RETRY_S
+            log.debug("state store still failing: %s", problem)
+            return
+        self._timers.pop("store_retry", None)
+        took = time.monotonic() - self._store_fault_since
+        self._store_fault = None
+        log.warning("the state store takes writes again after %.1fs: catching up", took)
+        deferred, self._deferred_specs = self._deferred_specs, {}
+        for topic, (kind, fid, payload) in deferred.items():
+            try:
+                self._on_spec(kind, fid, payload)
+            except StoreError as exc:
+                self._deferred_specs[topic] = (kind, fid, payload)
+                if not self._store_failed(exc, f"storing the spec on {topic}"):
+                    raise
+        # Outcomes and states that could not be written: deploy again what the rows do not
+        # say is deployed, and publish every function's state from the rows.
+        self.deployments.reconcile_all()
+        self._republish_states()
+        self._timers["outbox_sweep"] = time.monotonic()
+        if self._store_fault is None:
+            log.info("state store recovered: online")
+        if self._connected and self.mqtt is not None:
+            self._publish_status("online")
+        self.outbox.drain()
+
+    def _sweep_outbox(self) -> None:
+        """Delete outbox rows the broker acknowledged while their delete failed (a full disk).
+
+        Once nothing is in flight or awaiting a retry, every row at or below the last id
+        handed to MQTT was acknowledged (or refused and not moved to the dead letters):
+        without this they would sit in the outbox until the next restart sent them again.
+        """
+        if self._store_fault is not None:
+            return  # the next recovery schedules the sweep again
+        if self.outbox.in_flight or self.outbox.awaiting_retry:
+            self._timers["outbox_sweep"] = time.monotonic() + 1.0
+            return
+        self._timers.pop("outbox_sweep", None)
+        last = self.outbox.last_sent_id
+        stuck = [item.id for item in self.store.outbox_peek(10_000) if item.id <= last]
+        for item_id in stuck:
+            self.store.outbox_ack(item_id)
+        if stuck:
+            log.warning(
+                "deleted %d outbox messages the broker had acknowledged while the store failed",
+                len(stuck),
+            )
+        self._update_status_line()
+
+    def _republish_states(self) -> int:
+        """Queue every function's retained state again, from the store's deployment rows
+        (a new broker session, or a store that could not queue them); how many."""
+        rows = self.store.list_deployments()
+        for row in rows:
+            error = json.loads(row.error_json) if row.error_json else None
+            self._report_state(
+                row.function_id, row.version, row.sha256, row.state, error, row.active_version
+            )
+        return len(rows)
+
+    def _degraded_reasons(self) -> list[str]:
+        """Every reason this node is degraded: the store's fault first, then the others."""
+        reasons = [self._store_fault] if self._store_fault else []
+        try:
+            others = self._degraded()
+        except StoreError:  # dead letters cannot be counted while the store fails
+            others = []
+        return reasons + others
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -763,6 +943,10 @@ class Agent:
             interval = self.notifier.watchdog_interval() or 1.0
             self._timers["watchdog"] = now + interval
             self.notifier.watchdog()  # from the loop only: a stuck loop stops the pings
+        if self._timers.get("store_retry", now + 1) <= now:
+            self._retry_store()
+        if self._timers.get("outbox_sweep", now + 1) <= now:
+            self._sweep_outbox()
         if self._timers.get("prune", now + 1) <= now:
             self._timers["prune"] = now + 60.0
             self.store.dedupe_prune(time.time() - self.config.agent.dedupe_window_s)
@@ -799,7 +983,7 @@ class Agent:
                 }
             )
         count, nbytes = self.store.outbox_depth()
-        degraded = self._degraded()
+        degraded = self._degraded_reasons()
         payload = protocol.encode_heartbeat(
             self.config.node.id,
             self._heartbeat_seq,

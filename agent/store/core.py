@@ -54,6 +54,8 @@ a script must not contain BEGIN or COMMIT (the runner wraps each in its own tran
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sqlite3
 import threading
@@ -78,6 +80,7 @@ __all__ = [
     "OutboxFull",
     "OutboxItem",
     "Store",
+    "store_fault",
 ]
 
 #: Schema scripts; index i upgrades user_version i -> i + 1.
@@ -291,13 +294,24 @@ class Store(SyncTables):
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the directory (0700) and the database (0600) if needed, then migrate."""
+    #: What :meth:`open` with ``repair=True`` found and did to a damaged database, or None.
+    repaired: dict[str, Any] | None = None
+    #: True when that repair happened in this :meth:`open` (not at an earlier start).
+    repaired_now: bool = False
+
+    def open(self, *, repair: bool = False) -> None:
+        """Create the directory (0700) and the database (0600) if needed, then migrate.
+
+        ``repair`` (the daemon at start; never a reader such as ``edge-agent status``): check
+        the file first and replace a damaged one (see :meth:`_check_and_repair`); what was
+        done is in :attr:`repaired` and kept in meta ``store_repaired`` (JSON).
+        """
         with self._lock:
             if self._conn is not None:
                 return
             try:
                 self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                repaired = self._check_and_repair() if repair else None
                 # Created here rather than by SQLite so that it (and the -wal and -shm files,
                 # which SQLite gives the same mode) is private whatever the umask.
                 os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -324,6 +338,98 @@ class Store(SyncTables):
                 raise
             self._conn = conn
             self._depth = (int(count), int(nbytes))
+        if repaired is not None:
+            self.repaired, self.repaired_now = repaired, True
+            self.set_meta("store_repaired", json.dumps(repaired, sort_keys=True))
+        elif repair:
+            kept = self.get_meta("store_repaired")
+            self.repaired = json.loads(kept) if kept else None
+
+    # -- integrity (issue 12: a corrupt store is repaired, not looped on) ------------------
+
+    def _check_and_repair(self) -> dict[str, Any] | None:
+        """Check the database before it is used; move a damaged one aside. Lock held.
+
+        ``PRAGMA quick_check`` at every start; the fuller ``PRAGMA integrity_check`` after
+        an unclean stop (a ``-wal`` left behind: a clean close checkpoints and deletes it).
+        A file SQLite calls corrupt or not a database is renamed, with its ``-wal`` and
+        ``-shm``, to ``state.db.corrupt-<UTC time>`` (kept for a post-mortem) and an empty
+        one takes its place. Returns what was done (``ts``, ``moved_to``, ``lost_outbox``:
+        outbox rows the damaged file still counted, None when it could not be counted,
+        ``problems``), or None when the file is sound or new. Any other failure (the disk
+        cannot be read) is raised: moving a file aside cannot help then.
+        """
+        path = self._path
+        try:
+            if os.stat(path).st_size == 0:
+                return None  # new (or created by a previous open): nothing to check
+        except FileNotFoundError:
+            return None
+        wal = Path(f"{path}-wal")
+        unclean = wal.exists() and wal.stat().st_size > 0
+        check = "integrity_check" if unclean else "quick_check"
+        problems: list[str] = []
+        lost: int | None = None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            rows = conn.execute(f"PRAGMA {check}(20)").fetchall()
+            problems = [str(r[0]) for r in rows if str(r[0]).lower() != "ok"]
+        except sqlite3.DatabaseError as exc:
+            if _fault_kind(exc) != "corrupt":
+                if conn is not None:
+                    conn.close()
+                raise StoreError(f"cannot check state database {path}: {exc}") from exc
+            problems = [str(exc)]
+        if not problems:
+            assert conn is not None
+            conn.close()
+            return None
+        if conn is not None:
+            with suppress(sqlite3.Error):
+                (lost,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+            conn.close()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():
+            n += 1
+            moved = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        os.rename(path, moved)
+        for suffix in ("-wal", "-shm"):  # SQLite pairs them by name: keep them together
+            with suppress(FileNotFoundError):
+                os.rename(f"{path}{suffix}", f"{moved}{suffix}")
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "moved_to": str(moved),
+            "lost_outbox": None if lost is None else int(lost),
+            "check": check,
+            "problems": problems[:5],
+        }
+
+    def probe(self, min_free_bytes: int = 1024 * 1024) -> str | None:
+        """Whether the store takes writes again after a fault: None if a small write
+        commits and its filesystem has ``min_free_bytes`` free; else why not."""
+        try:
+            st = os.statvfs(self._path.parent)
+        except OSError as exc:
+            return f"cannot stat {self._path.parent}: {exc}"
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            return (
+                f"{free // 1024} KiB free on the filesystem of {self._path}"
+                f" (waiting for {min_free_bytes // 1024} KiB)"
+            )
+        try:
+            self.set_meta("store.probe_ts", f"{time.time():.3f}")
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def close(self) -> None:
         """Close the connection (SQLite checkpoints the WAL); closing twice is harmless."""
@@ -823,3 +929,37 @@ def _checked_limits(max_messages: int, max_bytes: int) -> tuple[int, int]:
 def _check_qos(qos: int) -> None:
     if qos not in (0, 1, 2):
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+
+
+def store_fault(exc: StoreError) -> str | None:
+    """What kind of fault a StoreError from this store is: ``disk full``, ``I/O error``,
+    ``corrupt``, ``read-only``, ``locked`` or ``error``; None for the bounded, expected
+    refusals (OutboxFull and the like: subclasses, not faults of the store)."""
+    if type(exc) is not StoreError:
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, sqlite3.Error):
+        return _fault_kind(cause)
+    if isinstance(cause, OSError):
+        return "disk full" if cause.errno == errno.ENOSPC else "I/O error"
+    return "error"
+
+
+def _fault_kind(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return "disk full"
+    if name.startswith("SQLITE_IOERR") or "disk i/o error" in text:
+        return "I/O error"
+    if (
+        name in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+        or "malformed" in text
+        or ("not a database" in text)
+    ):
+        return "corrupt"
+    if name.startswith("SQLITE_READONLY"):
+        return "read-only"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return "locked"
+    return "error"
