@@ -541,6 +541,11 @@ class TcpProxy:
         self._peers: dict[socket.socket, socket.socket] = {}
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         self._running = True
+        #: A broker's manners: when set, a client connection whose bytes it returns True for
+        #: is closed there (e.g. a CONNECT of a protocol version the "broker" refuses).
+        self.close_if: Callable[[bytes], bool] | None = None
+        self._clients: set[socket.socket] = set()
+        self.closed_by_rule = 0
 
     def start(self) -> TcpProxy:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -590,6 +595,7 @@ class TcpProxy:
         for s in (sock, peer):
             if s is None:
                 continue
+            self._clients.discard(s)
             self._peers.pop(s, None)
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(s)
@@ -626,12 +632,17 @@ class TcpProxy:
                         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         self._selector.register(s, selectors.EVENT_READ)
                     self._peers[client], self._peers[upstream] = upstream, client
+                    self._clients.add(client)
                     continue
                 assert isinstance(sock, socket.socket)
                 if sock not in self._peers:
                     continue
                 try:
                     data = sock.recv(65536)
+                    if data and sock in self._clients and self.close_if and self.close_if(data):
+                        self.closed_by_rule += 1
+                        self._close(sock)
+                        continue
                     if data:
                         self._peers[sock].sendall(data)
                         continue

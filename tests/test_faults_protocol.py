@@ -13,7 +13,15 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent import ctl
-from tests.conftest import AgentProcess, Cloud, NatsServer, cli_status, run_cli, source_spec
+from tests.conftest import (
+    AgentProcess,
+    Cloud,
+    NatsServer,
+    TcpProxy,
+    cli_status,
+    run_cli,
+    source_spec,
+)
 
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
 
@@ -171,3 +179,27 @@ def test_portable_charset_answers_bad_request_to_a_dotted_reply_address(
         assert cli_status(agent)["dead_letters"]["count"] == 0
     finally:
         cloud.close()
+
+
+def _mqtt5_connect(data: bytes) -> bool:
+    """A CONNECT packet of protocol level 5 (what RabbitMQ 3.10 closes the socket on)."""
+    return data[:1] == b"\x10" and b"\x00\x04MQTT\x05" in data[:16]
+
+
+def test_protocol_auto_falls_back_when_the_broker_closes_during_connect(
+    agent_factory: Callable[..., AgentProcess], cloud: Cloud, uplink: TcpProxy
+) -> None:
+    """A broker that closes the socket on an MQTT 5 CONNECT was retried forever, silently."""
+    uplink.close_if = _mqtt5_connect
+    agent = agent_factory(port=uplink.port, agent={"log_level": "info"}).start()
+    agent.wait_log("using MQTT 3.1.1 from now on", timeout=20)
+    cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online", 20)
+    assert uplink.closed_by_rule == 2, uplink.closed_by_rule
+    log = agent.log()
+    line = next(ln for ln in log.splitlines() if "2 times in a row" in ln)
+    assert "WARNING" in line and "does not accept MQTT 5" in line, line
+    cloud.deploy(None, source_spec("echo", ECHO))
+    cloud.wait_message(
+        "edge/nodes/gw-test/functions/echo/state", lambda m: m["state"] == "active", 30
+    )
+    assert cloud.invoke("gw-test", "echo", 7, timeout=20)["ok"]
