@@ -464,6 +464,10 @@ class Agent:
     # -- deployments ------------------------------------------------------------------------
 
     def handle_deploy_outcome(self, outcome: DeployOutcome) -> None:
+        if outcome.disk_error is not None:  # the state dir's disk: retried on recovery
+            fault = StoreError(f"installing {outcome.job.spec.id}: {outcome.disk_error}")
+            fault.__cause__ = outcome.disk_error
+            self._store_failed(fault, f"installing {outcome.job.spec.id}")
         self.deployments.on_outcome(outcome)
         self._update_status_line()
 

@@ -19,6 +19,7 @@ This module never touches the store or MQTT.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -108,9 +109,14 @@ class DeployOutcome:
     error: dict[str, str] | None
     #: The worker that test-loaded the code: the function's first warm worker.
     worker: Worker | None = None
+    #: The local disk failed the install (full, I/O error): not the spec's fault, so it is
+    #: tried again once the disk recovers (the daemon treats it as a store fault).
+    disk_error: OSError | None = None
 
 
 _MB = 1024 * 1024
+#: What a full or failing disk raises: the install is tried again once it recovers.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 def _mb(n: int) -> str:
@@ -318,7 +324,8 @@ class Deployer:
             return DeployOutcome(job, "rejected", None, error_to_dict(exc))
         except OSError as exc:
             error = {"type": "deployment_rejected", "message": f"cannot install bundle: {exc}"}
-            return DeployOutcome(job, "failed", None, error)
+            disk = exc if exc.errno in _DISK_ERRNOS else None
+            return DeployOutcome(job, "failed", None, error, disk_error=disk)
         try:
             config = self.config_for(spec, code_dir)
         except DeploymentRejected as exc:

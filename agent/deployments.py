@@ -284,7 +284,8 @@ class DeploymentController:
             function_id=fid,
             version=spec.version,
             sha256=spec.code.sha256,
-            fingerprint=outcome.job.fingerprint,
+            # A disk that failed the install: no fingerprint, so the next reconcile retries.
+            fingerprint="" if outcome.disk_error else outcome.job.fingerprint,
             spec_json=spec_json,
             code_dir=str(outcome.code_dir or ""),
             state=outcome.state,

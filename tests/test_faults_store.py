@@ -110,6 +110,7 @@ def test_disk_full_during_burst_answers_every_invoke_and_recovers_by_itself(
         f"invokes never answered during the fault: "
         f"{sorted(set(rids) - set(replies_by_id(cloud)))[:10]}...\n{agent.log()[-3000:]}",
     )
+    cloud.deploy(None, source_spec("during", ECHO))  # arrives while the disk is full
     seen_before = len(cloud.on(STATUS))
     filler.unlink()  # space comes back
     wait_for(
@@ -122,6 +123,8 @@ def test_disk_full_during_burst_answers_every_invoke_and_recovers_by_itself(
     )
     answers = replies_by_id(cloud)
     assert all("ok" in answers[rid] for rid in rids), [answers[r] for r in rids][:3]
+    # The spec that arrived during the fault is deployed once the disk recovered.
+    cloud.wait_message(STATE.format("during"), lambda m: m["state"] == "active", timeout=15)
     # Nothing wedged: a new deployment is seen and serves, invokes are answered from it.
     cloud.deploy(None, source_spec("after", ECHO))
     cloud.wait_message(STATE.format("after"), lambda m: m["state"] == "active", timeout=15)
