@@ -239,6 +239,7 @@ class MqttClient:
         self.active_protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self._connack = False  # a CONNACK came on the current socket
         self._closed_in_connect = 0  # sockets closed before any CONNACK, in a row
+        self._fell_back_on_close = False  # on 3.1.1 because 5 was closed on, not refused
         self._last_refusal = ""
         endpoints = settings.endpoints()
         #: Index into the broker list of the current (or next) connection attempt.
@@ -480,7 +481,10 @@ class MqttClient:
                 )
             self._connect_refused(why)
             if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
-                self._fall_back(client, why)
+                if self._fell_back_on_close and self.active_protocol == "3.1.1":
+                    self._back_to_5(client)  # 3.1.1 is closed on too: not the version
+                else:
+                    self._fall_back(client, why, on_close=True)
         elif refused or not was_connected:
             pass  # the close after a refusing CONNACK: reported with the broker's reason
         else:
@@ -536,7 +540,7 @@ class MqttClient:
         self._last_refusal = why
         self._sink(ConnectFailed(why))
 
-    def _fall_back(self, client: paho.Client, why: str) -> None:
+    def _fall_back(self, client: paho.Client, why: str, *, on_close: bool = False) -> None:
         """Network thread: with ``protocol = "auto"``, make the next attempt MQTT 3.1.1.
 
         paho reconnects with the same client object; its protocol is a plain attribute
@@ -548,10 +552,24 @@ class MqttClient:
             return
         self.active_protocol = "3.1.1"
         self._closed_in_connect = 0
+        self._fell_back_on_close = on_close
         client._protocol = paho.MQTTv311
         client._clean_session = self.settings.clean_start
         client._connect_properties = None
         log.info("%s; protocol auto: using MQTT 3.1.1 from now on", why)
+
+    def _back_to_5(self, client: paho.Client) -> None:
+        """A fall-back made on closed connections alone, and 3.1.1 is closed on as well: the
+        closes were not about the version (a proxy whose broker is down), so try 5 again."""
+        self.active_protocol = "5"
+        self._closed_in_connect = 0
+        self._fell_back_on_close = False
+        client._protocol = paho.MQTTv5
+        client._connect_properties = self._connect_properties()
+        log.info(
+            "MQTT 3.1.1 is closed during CONNECT too: not a version refusal; protocol auto: "
+            "back to MQTT 5"
+        )
 
     def _set_next_delay(self, client: paho.Client) -> None:
         s = self.settings

@@ -203,3 +203,17 @@ def test_protocol_auto_falls_back_when_the_broker_closes_during_connect(
         "edge/nodes/gw-test/functions/echo/state", lambda m: m["state"] == "active", 30
     )
     assert cloud.invoke("gw-test", "echo", 7, timeout=20)["ok"]
+
+
+def test_protocol_auto_goes_back_to_5_when_311_is_closed_on_too(
+    agent_factory: Callable[..., AgentProcess], cloud: Cloud, uplink: TcpProxy
+) -> None:
+    """Closes that are not about the version (a proxy whose broker is down) pinned 3.1.1."""
+    uplink.close_if = lambda data: data[:1] == b"\x10"  # every CONNECT, whatever its version
+    agent = agent_factory(port=uplink.port, agent={"log_level": "info"}).start()
+    agent.wait_log("back to MQTT 5", timeout=30)
+    uplink.close_if = None
+    agent.wait_log("with MQTT 5\n", timeout=30)
+    cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online", 20)
+    log = agent.log()
+    assert log.index("using MQTT 3.1.1") < log.index("back to MQTT 5"), log[-3000:]
