@@ -429,7 +429,7 @@ class MqttClient:
                 self._connect_refused(why)
                 self._fall_back(client, why)
                 return
-            self._connect_refused(f"broker {host}:{port} refused: {reason}")
+            self._connect_refused(f"broker refused the connection at {host}:{port}: {reason}")
             return
         if self._last_refusal or self.settings.protocol == "auto":
             host, port = self.broker
