@@ -20,7 +20,7 @@ import pytest
 from agent.errors import Overloaded
 from agent.invoke_queue import FairQueue, Limits
 from agent.pool import FunctionConfig, WorkerPool
-from tests.conftest import AgentProcess, Cloud, TcpProxy, source_spec, wait_for
+from tests.conftest import AgentProcess, Cloud, TcpProxy, cli_status, source_spec, wait_for
 
 SLOW = "import time\n\ndef handler(payload):\n    time.sleep(0.02)\n    return payload\n"
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
@@ -198,6 +198,12 @@ def test_redelivery_after_kill9_mid_burst_answers_each_request_once(
     _publish_all(cloud, [{"request_id": r, "function_id": "f", "payload": r} for r in ids])
     wait_for(lambda: len(_replies(cloud)) >= 60, 30, "the burst did not get going")
     uplink.cut()
+    # Answered offline: replies queued, their invokes unacknowledged (the broker resends them).
+    wait_for(
+        lambda: cli_status(agent)["outbox"]["messages"] >= 20,
+        30,
+        "the agent did not answer 20 requests offline",
+    )
     agent.kill9()
     uplink.restore()
     agent.start()
