@@ -132,6 +132,10 @@ def connect(
         extra_subscriptions=extra_subscriptions,
         on_message=on_message,
         signer=signer,
+        # One-shot: the view at QoS 0 (retained replay only; fast on NATS); replies at
+        # QoS 1 only where a command waits for one (invoke; state's snapshot).
+        view_qos=0,
+        reply_qos=1 if getattr(args, "func", None) in (cmd_invoke, cmd_state) else 0,
     )
     controller.start(args.connect_timeout)
     return EdgeCluster(controller=controller)
@@ -334,6 +338,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         controller = cluster.controller
         if args.canary:
             return _deploy_staged(args, cluster, spec)
+        if args.fleet and not args.no_wait and not controller.targets(spec):
+            known = len(cluster.list_nodes())
+            print(
+                f"edgectl: no node would deploy {spec.id} {spec.version}: {known} nodes known "
+                f"under {args.prefix}/, none of them online"
+                + (f" with {', '.join(spec.requires)}" if spec.requires else "")
+                + "; nothing was published (--no-wait publishes the fleet spec anyway, for "
+                "nodes that come later)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         if args.fleet:
             targets = controller.deploy_fleet(spec)
         else:

@@ -53,6 +53,7 @@ from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
+from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
 from agent.store.core import store_fault
 from agent.systemd import Notifier, set_level
 from agent.trust import TrustPolicy
@@ -138,6 +139,10 @@ class Agent:
             max_workers=config.runtime.max_workers * 2, thread_name_prefix="edge-invoke"
         )
         self._inflight: dict[str, _Invocation] = {}
+        #: Accepted invokes recorded durably (acknowledged at once) until answered.
+        self.accepted = AcceptedInvokes(store)
+        self._accepted_rids: set[str] = set()
+        self._recovered = False
         #: Accepted invocations per function, fairly bounded and dispatched (issue 12).
         self._queue: FairQueue[_Invocation] = FairQueue(self._queue_limits)
         self.outbox = OutboxPump(store, self._publish_item)
@@ -307,6 +312,8 @@ class Agent:
             count = self._republish_states()
             log.info("new broker session: republished the retained state of %d functions", count)
         self._timers["heartbeat"] = time.monotonic()
+        if not self._recovered:
+            self._recover_accepted()
         self.outbox.drain()
         self._update_status_line()
 
@@ -535,7 +542,10 @@ class Agent:
         if running is not None:  # a duplicate while the first is still running
             if target not in running.targets:  # one reply per address, however many copies
                 running.targets.append(target)
-            running.acks.append(msg)
+            if rid in self._accepted_rids:
+                self._ack(msg)  # the first copy is on record: it will be answered
+            else:
+                running.acks.append(msg)
             return
         answered = self.store.dedupe_get(rid)
         if answered is not None and answered.ts < time.time() - self.config.agent.dedupe_window_s:
@@ -573,6 +583,7 @@ class Agent:
             self._ack(msg)
             return
         self._inflight[rid] = invocation
+        self._accept(invocation, msg)
         for other in displaced:  # its function held more than its share: this one is owed room
             self._refuse_displaced(other)
         self._start_ready()
@@ -742,7 +753,75 @@ class Agent:
         # the request, or every reconnect would queue its reply once more.
         for msg in invocation.acks:
             self._ack(msg)
+        if rid in self._accepted_rids:  # the reply is durable now: the record may go
+            self._accepted_rids.discard(rid)
+            self._forget_accepted(rid)
         self.outbox.drain()
+
+    def _accept(self, invocation: _Invocation, msg: mqtt.Message) -> None:
+        """Record an accepted invoke durably, then acknowledge it to the broker at once.
+
+        Brokers with an ack deadline (NATS: ``ack_wait``, 30 s by default) deliver again
+        what stays unacknowledged that long, even while it runs; once it is on record here
+        an agent that crashes runs it again at start (:meth:`_recover_accepted`), so the
+        request is answered either way. A record that cannot be written leaves the ack for
+        the answer, as before.
+        """
+        rid = invocation.request.request_id
+        if msg.qos == 0:  # nothing to acknowledge (a recovered request is on record already)
+            return
+        try:
+            record = AcceptedInvoke(
+                rid, msg.payload, msg.response_topic, msg.correlation_data, time.time()
+            )
+            self.accepted.put(record)
+        except StoreError as exc:
+            log.error("cannot record accepted invoke %s: %s", rid, exc, extra={"request_id": rid})
+            return
+        self._accepted_rids.add(rid)
+        for pending in invocation.acks:
+            self._ack(pending)
+        invocation.acks.clear()
+
+    def _forget_accepted(self, rid: str) -> None:
+        try:
+            self.accepted.done(rid)
+        except StoreError as exc:  # it would run again after a restart: a duplicate reply
+            log.error("cannot clear accepted invoke %s: %s", rid, exc, extra={"request_id": rid})
+
+    def _recover_accepted(self) -> None:
+        """At the first connect: handle again what a previous run accepted and left
+        unanswered (it crashed or was killed); a request already answered only loses its
+        record (its reply is in the outbox)."""
+        self._recovered = True
+        try:
+            pending = self.accepted.pending()
+        except StoreError as exc:
+            log.error("cannot read accepted invokes: %s", exc)
+            return
+        for record in pending:
+            rid = record.request_id
+            if rid in self._inflight:
+                continue
+            if self.store.dedupe_get(rid) is not None:
+                self._forget_accepted(rid)
+                continue
+            log.info("running again %s, accepted before a restart", rid, extra={"request_id": rid})
+            self._accepted_rids.add(rid)
+            self.handle_invoke(
+                mqtt.Message(
+                    topic=self.topics.invoke,
+                    payload=record.payload,
+                    qos=0,
+                    retain=False,
+                    mid=0,
+                    response_topic=record.response_topic,
+                    correlation_data=record.correlation,
+                )
+            )
+            if rid not in self._inflight:  # answered at once (not deployed, refused, ...)
+                self._accepted_rids.discard(rid)
+                self._forget_accepted(rid)
 
     def _error_payload(
         self, rid: str | None, fid: str | None, error: BaseException, duration_ms: float = 0.0

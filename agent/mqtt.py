@@ -224,11 +224,15 @@ class MqttClient:
         subscriptions: list[str] | None = None,
         manual_ack: bool = True,
         rng: random.Random | None = None,
+        subscription_qos: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self._sink = sink
         self._will = will
         self._subscriptions = list(subscriptions or [])
+        #: QoS per topic filter when not 1 (a read-only view may take 0: on NATS each QoS 1
+        #: subscription is a replicated JetStream consumer, slow to create).
+        self._qos = dict(subscription_qos or {})
         self._manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._client: paho.Client | None = None
@@ -392,6 +396,7 @@ class MqttClient:
 
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
         self._subscriptions.extend(t for t in topics if t not in self._subscriptions)
+        self._qos.update((t, qos) for t in topics)  # kept for the next reconnect too
         client = self._client
         if client is not None and self.connected:
             client.subscribe([(t, qos) for t in topics])
@@ -440,7 +445,7 @@ class MqttClient:
         self._connection += 1
         self._set_next_delay(client)
         if self._subscriptions:
-            client.subscribe([(t, 1) for t in self._subscriptions])
+            client.subscribe([(t, self._qos.get(t, 1)) for t in self._subscriptions])
         self._connected.set()
         self._sink(Connected(session_present=bool(getattr(flags, "session_present", False))))
 

@@ -76,6 +76,8 @@ Progress = Callable[[str, RolloutReport], None]
 
 #: Events handled per lock acquisition by the ingest thread.
 _BATCH = 512
+#: An invoke the broker has not acknowledged after this long is published again.
+INVOKE_RESEND_S = 3.0
 
 
 class BrokerUnreachable(AgentError):
@@ -131,6 +133,8 @@ class FleetController:
         on_message: Callable[[str, bytes], None] | None = None,
         mqtt_factory: Callable[..., MqttClient] = MqttClient,
         signer: Signer | None = None,
+        view_qos: int = 1,
+        reply_qos: int = 1,
     ) -> None:
         #: Signs every spec this controller publishes (deploys, canaries, rollbacks).
         self.signer = signer
@@ -145,7 +149,14 @@ class FleetController:
         base = f"{prefix}/controllers/{self.controller_id}"
         self.reply_topic = f"{base}/replies"
         self._fence_topic = f"{base}/fence"
-        self._subscriptions = [*self.view.subscriptions(), f"{base}/+", *extra_subscriptions]
+        own = [self.reply_topic, self._fence_topic]
+        self._subscriptions = [*self.view.subscriptions(), *own, *extra_subscriptions]
+        #: QoS 0 for the view's filters (and the fence) suits a one-shot reader (edgectl):
+        #: the retained replay is what it needs and nothing is queued for a clean session
+        #: anyway, while on a NATS cluster each QoS 1 filter is a replicated JetStream
+        #: consumer, slow to create and impossible while the cluster elects stream leaders.
+        self._subscription_qos = {t: view_qos for t in [*self.view.subscriptions(), *own]}
+        self._subscription_qos[self.reply_topic] = reply_qos
         self._on_message = on_message
         self._clock = clock
         self._mqtt_factory = mqtt_factory
@@ -171,8 +182,15 @@ class FleetController:
             return
         self._thread = threading.Thread(target=self._ingest, name="fleet-ingest", daemon=True)
         self._thread.start()
+        kwargs: dict[str, Any] = {}
+        if any(qos != 1 for qos in self._subscription_qos.values()):
+            kwargs["subscription_qos"] = self._subscription_qos
         self._mqtt = self._mqtt_factory(
-            self.settings, self._events.put, subscriptions=self._subscriptions, manual_ack=False
+            self.settings,
+            self._events.put,
+            subscriptions=self._subscriptions,
+            manual_ack=False,
+            **kwargs,
         )
         try:
             self._mqtt.start()
@@ -290,6 +308,51 @@ class FleetController:
         elif kind == "unknown" and self._on_message is not None:
             self._on_message(msg.topic, msg.payload)
         return kind in ("status", "function_state")
+
+    def _send_invoke(
+        self,
+        client: MqttClient,
+        topic: str,
+        body: bytes,
+        rid: str,
+        future: Future[dict[str, Any]],
+        deadline: float,
+    ) -> None:
+        """Publish an invoke until the broker acknowledges it (or its reply comes first).
+
+        A clustered broker that is electing a new leader for its message store (NATS after
+        a node died) may never acknowledge a publish, and MQTT only resends one after a
+        reconnect: without a PUBACK within ``INVOKE_RESEND_S`` the invoke goes again, with
+        the same request id, which the agent deduplicates.
+        """
+        while True:
+            with self._cond:
+                mid = client.publish(
+                    topic,
+                    body,
+                    qos=1,
+                    correlation_data=rid.encode(),
+                    response_topic=self.reply_topic,
+                )
+                self._acks[mid] = None
+                resend_at = min(deadline, time.monotonic() + INVOKE_RESEND_S)
+                try:
+                    while (ack := self._acks[mid]) is None and not future.done():
+                        remaining = resend_at - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                finally:
+                    del self._acks[mid]
+            if ack is not None and ack.refused:
+                raise PublishRefused(
+                    f"the broker refused the invoke on {topic}: {ack.reason} "
+                    f"({ack.reason_code:#04x})"
+                )
+            if ack is not None or future.done() or time.monotonic() >= deadline:
+                return
+            self.stats["invokes_resent"] += 1
+            log.info("fleet controller: no PUBACK for invoke %s; sending it again", rid)
 
     def _handle_reply(self, msg: Message) -> None:
         try:
@@ -595,11 +658,9 @@ class FleetController:
         with self._cond:
             self._pending[rid] = future
         started = time.monotonic()
-        client.publish(
-            topic, body, qos=1, correlation_data=rid.encode(), response_topic=self.reply_topic
-        )
         try:
-            reply = future.result(timeout)
+            self._send_invoke(client, topic, body, rid, future, started + timeout)
+            reply = future.result(max(0.0, started + timeout - time.monotonic()))
         except FutureTimeout:
             with self._cond:
                 self._pending.pop(rid, None)

@@ -1,0 +1,98 @@
+"""Issue 13, brokers with an ack deadline: an invoke is acknowledged once it is durably
+accepted (``agent/store/accepted.py``), not when its reply is ready, so NATS's ``ack_wait``
+no longer delivers a long invocation again while it runs, and an agent killed mid-run runs
+it again at start and answers it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AgentProcess, Mosquitto, NatsCluster, wait_for
+from test_cluster_failover import connect as connect_nats
+from test_cluster_failover import deploy as deploy_nats
+
+from agent.cluster import EdgeCluster
+from agent.fleet import function_spec
+
+COUNTING = """\
+import time
+
+
+def handler(event):
+    with open(event["log"], "a") as log:
+        log.write(event["tag"] + "\\n")
+    time.sleep(float(event.get("sleep", 0)))
+    return {"tag": event["tag"]}
+"""
+
+
+def runs(path: Path, tag: str) -> int:
+    return path.read_text().split().count(tag) if path.exists() else 0
+
+
+@pytest.mark.cluster_broker
+@pytest.mark.slow
+def test_invocation_longer_than_the_ack_wait_runs_and_answers_once(tmp_path: Path) -> None:
+    """A 40 s invocation with NATS's 30 s ack wait ran once but got two replies (here: 8 s
+    against an ack wait of 3 s)."""
+    nats = NatsCluster(tmp_path, ack_wait="3s").start()
+    agent = AgentProcess(
+        tmp_path,
+        nats.mqtt_ports[0],
+        "gw-1",
+        mqtt={"brokers": nats.brokers, "protocol": "3.1.1"},
+        agent={"heartbeat_interval_s": 1.0},
+    ).start()
+    try:
+        with connect_nats(nats) as cluster:
+            deploy_nats(tmp_path, cluster, "count", source=COUNTING)
+            log = tmp_path / "runs.log"
+            result = cluster.controller.invoke(
+                "gw-1", "count", {"log": str(log), "tag": "long", "sleep": 8}, timeout=30
+            )
+            assert result.value == {"tag": "long"}
+            # Past two more ack waits: a redelivery would have run or answered again.
+            deadline = time.monotonic() + 7
+            wait_for(lambda: time.monotonic() >= deadline, 8, "")
+            assert runs(log, "long") == 1
+            assert cluster.controller.stats["late_replies"] == 0, "a second reply came"
+    finally:
+        agent.stop()
+        nats.stop()
+
+
+def test_invoke_accepted_before_a_kill9_is_answered_after_the_restart(
+    tmp_path: Path, broker: Mosquitto, agent_factory: Any
+) -> None:
+    """Acknowledged at acceptance, an invoke cut by a crash must still be answered: the
+    restarted agent runs it again from its accepted record (the broker will not resend)."""
+    agent: AgentProcess = agent_factory("gw-1").start()
+    module = tmp_path / "count.py"
+    module.write_text(COUNTING)
+    with EdgeCluster.connect("127.0.0.1", broker.port, heartbeat_interval_s=1.0) as cluster:
+        controller = cluster.controller
+        controller.deploy_fleet(function_spec(module, id="count", timeout_seconds=30))
+        wait_for(lambda: "count" in controller.active_functions("gw-1"), 20, "count never active")
+        log = tmp_path / "runs.log"
+        answered: dict[str, Any] = {}
+
+        def call() -> None:
+            answered["r"] = controller.invoke(
+                "gw-1", "count", {"log": str(log), "tag": "cut", "sleep": 3}, timeout=40
+            )
+
+        import threading
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(lambda: runs(log, "cut") == 1, 15, "the invocation never started")
+        agent.kill9()
+        agent.start()
+        caller.join(45)
+        assert "r" in answered, f"never answered after the restart:\n{agent.log()[-3000:]}"
+        assert answered["r"].value == {"tag": "cut"}
+        assert runs(log, "cut") == 2  # at least once: the cut run, then the recovered one
+        assert "accepted before a restart" in agent.log()
