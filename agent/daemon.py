@@ -1050,7 +1050,13 @@ class Agent:
             return
         self._heartbeat_seq += 1
         functions = []
-        for row in self.store.list_deployments():
+        try:
+            rows = self.store.list_deployments()
+        except StoreError as exc:  # heartbeats go on (degraded) while the store cannot be read
+            if not self._store_failed(exc, "reading deployments for a heartbeat"):
+                raise
+            rows = []
+        for row in rows:
             stats = self.metrics.function_stats(row.function_id)
             functions.append(
                 {
