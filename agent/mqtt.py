@@ -474,17 +474,15 @@ class MqttClient:
         self._set_next_delay(client)
         if not self._connack:  # closed during CONNECT: no CONNACK at all
             self._closed_in_connect += 1
-            why = (
-                f"broker {host}:{port} closed the connection during CONNECT ({reason}): "
-                f"it may not accept MQTT {self.active_protocol}"
-            )
-            if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
-                why = (
-                    f"broker {host}:{port} closed the connection during CONNECT "
-                    f"{self._closed_in_connect} times in a row: it {PROTOCOL_REFUSED} "
-                    f"{self.active_protocol}"
-                )
-            self._connect_refused(why)
+            n, version = self._closed_in_connect, self.active_protocol
+            what = f"broker {host}:{port} closed the connection during CONNECT"
+            if version == "5" and n >= _CLOSES_BEFORE_FALLBACK:
+                why = f"{what} {n} times in a row: it {PROTOCOL_REFUSED} 5"
+            elif version == "5":
+                why = f"{what} ({reason}): it may not accept MQTT 5"
+            else:
+                why = f"{what}{f' {n} times in a row' if n > 1 else ''} ({reason}, MQTT {version})"
+            self._connect_refused(why + self._will_hint())
             if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
                 if self._fell_back_on_close and self.active_protocol == "3.1.1":
                     self._back_to_5(client)  # 3.1.1 is closed on too: not the version
@@ -544,6 +542,17 @@ class MqttClient:
             log.debug("%s", why)
         self._last_refusal = why
         self._sink(ConnectFailed(why))
+
+    def _will_hint(self) -> str:
+        """Why a broker may close every CONNECT whatever the version: the Will's topic."""
+        topic = self._will.topic if self._will is not None else ""
+        if "." not in topic and " " not in topic:
+            return ""
+        return (
+            f"; the Last Will's topic {topic!r} has a '.' or a space, which brokers that map "
+            'topics to subjects (NATS) refuse: mqtt.topic_charset = "portable" makes '
+            "check-config refuse such a topic_prefix"
+        )
 
     def _fall_back(self, client: paho.Client, why: str, *, on_close: bool = False) -> None:
         """Network thread: with ``protocol = "auto"``, make the next attempt MQTT 3.1.1.

@@ -217,3 +217,14 @@ def test_protocol_auto_goes_back_to_5_when_311_is_closed_on_too(
     cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online", 20)
     log = agent.log()
     assert log.index("using MQTT 3.1.1") < log.index("back to MQTT 5"), log[-3000:]
+
+
+def test_dotted_prefix_on_nats_is_named_in_the_log(
+    nats: NatsServer, nats_agents: Callable[..., AgentProcess]
+) -> None:
+    """topic_prefix "acme.edge" never connected to NATS, silently at INFO."""
+    agent = nats_agents(mqtt={"topic_prefix": "acme.edge"}, agent={"log_level": "info"})
+    agent.start()
+    agent.wait_log("mqtt.topic_charset", timeout=20)
+    line = next(ln for ln in agent.log().splitlines() if "mqtt.topic_charset" in ln)
+    assert "WARNING" in line and "'acme.edge/nodes/gw-test/status'" in line, line
