@@ -751,12 +751,14 @@ def _check_relations(cfg: Config) -> list[str]:
             if start == owned or start.startswith(f"{owned}/"):
                 need = f"must not fall under {owned}/ (the wire contract's topics)"
                 bad(f"mqtt.reply_prefixes[{index}]", need, start)
-    if mqtt.topic_charset == "portable":
-        for key in ("topic_prefix",):
-            value = getattr(mqtt, key)
+    if mqtt.topic_charset == "portable":  # every topic the agent names must be portable
+        need = 'must not contain "." or spaces with mqtt.topic_charset = "portable"'
+        named = [("mqtt.topic_prefix", mqtt.topic_prefix)] + [
+            (f"mqtt.reply_prefixes[{i}]", start) for i, start in enumerate(mqtt.reply_prefixes)
+        ]
+        for key, value in named:
             if "." in value or any(ch.isspace() for ch in value):
-                need = 'must not contain "." or spaces with mqtt.topic_charset = "portable"'
-                bad(f"mqtt.{key}", need, value)
+                bad(key, need, value)
     if mqtt.protocol == "3.1.1" and mqtt.password_file and not mqtt.username:
         # MQTT 3.1.1 forbids the password flag without the user name flag; 5 allows it.
         need = "MQTT 3.1.1 needs a user name when mqtt.password_file is set"

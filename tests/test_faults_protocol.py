@@ -107,6 +107,9 @@ def test_check_config_refuses_a_dotted_prefix_with_portable_topics(tmp_path: Pat
     config.write_text(config.read_text().replace("acme.edge", "acme/edge"))
     done = run_cli("check-config", "--config", str(config))
     assert done.returncode == 0, done.stderr
+    config.write_text(config.read_text().replace("[agent]", 'reply_prefixes = ["r.x/"]\n[agent]'))
+    done = run_cli("check-config", "--config", str(config))
+    assert done.returncode != 0 and "mqtt.reply_prefixes[0]" in done.stderr, done.stderr
 
 
 def _invoke_msg(rid: str, **extra: object) -> dict[str, object]:
