@@ -598,6 +598,9 @@ class Agent:
         self._reply_error(rid, fid, invocation.targets, busy, durable=False)
         for msg in invocation.acks:
             self._ack(msg)
+        if rid in self._accepted_rids:  # answered (overloaded): nothing to run after a restart
+            self._accepted_rids.discard(rid)
+            self._forget_accepted(rid)
 
     def _start_ready(self) -> None:
         """Hand every invocation the fair queue lets start to an executor thread."""

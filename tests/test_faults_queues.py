@@ -163,7 +163,7 @@ def test_flood_of_f_leaves_room_for_g(
     agent_factory: Callable[..., AgentProcess], cloud: Cloud
 ) -> None:
     """During a flood of one function, 3 of 20 calls to another were refused overloaded."""
-    agent_factory(agent={"log_level": "info"}).start()
+    agent = agent_factory(agent={"log_level": "info"}).start()
     cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online", 20)
     _deploy(cloud, source_spec("f", SLOW), source_spec("g", ECHO))
     f_ids = [f"f-{i}" for i in range(5000)]
@@ -181,7 +181,16 @@ def test_flood_of_f_leaves_room_for_g(
         if rid.startswith("f-")
     )
     assert set(outcomes) <= {"ok", "overloaded"} and sum(outcomes.values()) == 5000, outcomes
-    print(f"\nf: {dict(outcomes)}; g: 20 of 20 ok")
+    displaced = sum(
+        "fair share" in r[0].get("error", {}).get("message", "") for r in replies.values()
+    )
+    print(f"\nf: {dict(outcomes)} ({displaced} displaced by g); g: 20 of 20 ok")
+    # A call displaced by g was answered overloaded: a restart must not run it again.
+    agent.kill9()
+    agent.start()
+    assert cloud.invoke("gw-test", "g", "after restart", timeout=30)["ok"]
+    twice = {rid: len(r) for rid, r in _replies(cloud).items() if len(r) > 1}
+    assert not twice, f"answered twice: {list(twice)[:5]}"
 
 
 # -- redelivery after kill -9 mid-burst: one reply per request id ---------------------------------
