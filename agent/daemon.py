@@ -54,7 +54,7 @@ from agent.pool import InvokeResult, WorkerPool
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
-from agent.store.core import store_fault
+from agent.store.core import salvage_deployments, store_fault
 from agent.systemd import Notifier, set_level
 from agent.trust import TrustPolicy
 
@@ -212,6 +212,8 @@ class Agent:
                 isolation.reason,
             )
         self.pool.start()
+        if repaired is not None and self.store.repaired_now:
+            self._salvage(repaired)
         restored = self.deployments.restore()
         log.info("restored %d deployed functions from %s", restored, self.store.path)
         self.deployer.start()
@@ -920,6 +922,19 @@ class Agent:
         if self._connected and self.mqtt is not None:
             self._publish_status("online")  # "degraded", with the reason
         return True
+
+    def _salvage(self, repaired: dict[str, Any]) -> None:
+        """After a repair: serve again what the damaged file still proves (signed specs whose
+        code on disk matches), until the retained specs arrive; recorded in the repair."""
+        kept = self.deployments.salvage(salvage_deployments(repaired["moved_to"]))
+        repaired["restored"] = kept
+        self.store.set_meta("store_repaired", json.dumps(repaired, sort_keys=True))
+        if kept:
+            log.warning(
+                "restored %d signed functions from the damaged state database: %s",
+                len(kept),
+                ", ".join(kept),
+            )
 
     def _refuse_on_store_fault(self, msg: mqtt.Message) -> None:
         """An invoke the store failed under before it was taken: answer overloaded now."""

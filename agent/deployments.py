@@ -102,6 +102,65 @@ class DeploymentController:
             restored += 1
         return restored
 
+    def salvage(self, rows: Iterable[DeploymentRow]) -> list[str]:
+        """After a damaged store was replaced: keep what served before, from the rows the
+        damaged file still yields, only where it can be verified: a spec signed by a key
+        this node trusts (damaged pages cannot forge a signature) whose installed files are
+        exactly its bundle. Its replay-guard sequence is restored with it. Everything else
+        comes back when its retained spec arrives. Returns the function ids kept."""
+        kept: list[str] = []
+        functions_dir = self.deployer.functions_dir
+        for row in rows:
+            if not (row.active_spec_json and row.active_code_dir):
+                continue
+            try:
+                spec = protocol.decode_spec(row.active_spec_json.encode())
+                self.trust.verify_signature(spec)  # unsigned: cannot be verified, not kept
+            except Exception as exc:  # damaged data: any decoding error means "not kept"
+                log.info("not restoring %s from the damaged store: %s", row.function_id, exc)
+                continue
+            code_dir = Path(row.active_code_dir)
+            if spec.id != row.function_id or code_dir.parent != functions_dir / spec.id:
+                continue
+            if spec.target not in (protocol.FLEET_TARGET, self.trust.node_id):
+                continue  # signed for another node
+            problem = bundles.verify_installed(
+                code_dir,
+                spec.code.format,
+                protocol.code_bytes(spec.code),
+                spec.entrypoint,
+                max_bytes=self.deployer.runtime.max_bundle_bytes,
+                max_files=self.deployer.runtime.max_bundle_files,
+            )
+            if problem is not None:
+                log.info("not restoring %s from the damaged store: %s", spec.id, problem)
+                continue
+            spec_json = protocol.encode_spec(spec).decode()
+            # As if its spec had just arrived on the topic it was signed for; the broker's
+            # retained spec (or its removal) supersedes it on subscribe as usual.
+            scope = "fleet" if spec.target == protocol.FLEET_TARGET else "node"
+            self.store.put_spec_source(scope, spec.id, spec_json)
+            self.store.put_deployment(
+                DeploymentRow(
+                    function_id=spec.id,
+                    version=spec.version,
+                    sha256=spec.code.sha256,
+                    fingerprint=protocol.spec_fingerprint(spec),
+                    spec_json=spec_json,
+                    code_dir=str(code_dir),
+                    state="active",
+                    error_json=None,
+                    active_version=spec.version,
+                    active_code_dir=str(code_dir),
+                    active_spec_json=spec_json,
+                    updated_ts=time.time(),
+                )
+            )
+            if spec.sequence is not None:
+                self.store.set_meta(_sequence_key(scope, spec.id), str(spec.sequence))
+            kept.append(spec.id)
+        return kept
+
     def set_trust(self, trust: TrustPolicy) -> None:
         """SIGHUP: a new policy. Functions whose spec it no longer trusts (a key removed, or
         unsigned code once signatures are required) stop serving and report ``rejected``."""

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, cli_status, source_spec, wait_for
+from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
 
+from agent import protocol
 from agent.store import Store
+from agent.trust import Signer, generate_keypair
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"
@@ -144,6 +146,14 @@ def test_disk_full_during_burst_answers_every_invoke_and_recovers_by_itself(
 # -- item 2: a damaged state.db is repaired, not looped on -------------------------------------
 
 
+def keypair(directory: Path, name: str) -> tuple[Signer, str]:
+    """A fresh ed25519 key pair (0755 directory): the signer and the public key's path."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(directory, 0o755)
+    generate_keypair(directory / name)
+    return Signer.from_file(directory / name), str(directory / f"{name}.pub")
+
+
 def seeded_store(state_dir: Path, outbox_rows: int) -> Path:
     """A real state.db with specs, a deployment-like spread of pages and outbox rows."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -236,3 +246,85 @@ def test_agent_killed_mid_write_is_checked_fully_at_the_next_start(
     wait_for(lambda: len(cloud.on(STATUS)) > before, 15, "the agent did not come back")
     assert cloud.invoke(NODE, "echo", 1)["result"] == {"echo": 1}
     assert "store_repaired" not in cloud.on(STATUS)[-1]
+
+
+def corrupt_outbox_page(db: Path, seed: int) -> None:
+    """4 KiB of random bytes over one leaf page of the outbox table (nothing else)."""
+    conn = sqlite3.connect(db)
+    try:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        pages = [
+            p
+            for (p,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'outbox' AND pagetype = 'leaf'"
+            )
+        ]
+    finally:
+        conn.close()
+    assert pages, "no outbox pages to damage"
+    with open(db, "r+b") as f:
+        f.seek((pages[len(pages) // 2] - 1) * page_size)
+        f.write(random.Random(seed).randbytes(page_size))
+
+
+def test_signed_function_is_served_from_the_repaired_store_before_any_spec_arrives(
+    broker: Mosquitto, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """A repaired node served nothing until the broker sent specs, even code it could verify."""
+    signer, public = keypair(tmp_path / "trust", "ops")
+    agent = agent_factory(trust={"keys": [public]})
+    cloud = Cloud(broker.port)
+    try:
+        agent.start()
+        cloud.wait_message(STATUS, lambda m: m["status"] == "online")
+        spec = protocol.decode_spec(json.dumps(source_spec("sig", ECHO)).encode())
+        signed = protocol.encode_spec(signer.sign(spec, target=NODE, sequence=10))
+        cloud.publish(f"edge/nodes/{NODE}/functions/sig", signed, retain=True)
+        cloud.wait_message(STATE.format("sig"), lambda m: m["state"] == "active")
+    finally:
+        cloud.close()
+    agent.stop()
+    db = seeded_store(agent.state_dir, outbox_rows=30)
+    corrupt_outbox_page(db, seed=7)
+    assert quick_check_fails(db)
+    broker.restart()  # no persistence: the retained spec is gone, nothing will send it again
+    cloud = Cloud(broker.port)
+    try:
+        agent.start()
+        status = cloud.wait_message(STATUS, lambda m: m["status"] == "online", timeout=15)
+        assert status["store_repaired"]["restored"] == ["sig"], status
+        assert cloud.invoke(NODE, "sig", 3)["result"] == {"echo": 3}
+        # The replay guard came back with it: an older sequence is refused.
+        older = protocol.encode_spec(signer.sign(spec, target=NODE, sequence=9))
+        cloud.publish(f"edge/nodes/{NODE}/functions/sig", older, retain=True)
+        refused = cloud.wait_message(STATE.format("sig"), lambda m: m["state"] == "rejected")
+        assert "not above 10" in refused["error"]["message"], refused
+    finally:
+        cloud.close()
+
+
+def test_unsigned_function_is_not_served_from_a_damaged_store(
+    broker: Mosquitto, agent_factory: AgentFactory
+) -> None:
+    """Code from a damaged store that no signature vouches for must wait for its spec."""
+    agent = agent_factory()
+    cloud = Cloud(broker.port)
+    try:
+        agent.start()
+        cloud.wait_message(STATUS, lambda m: m["status"] == "online")
+        cloud.deploy(None, source_spec("plain", ECHO))
+        cloud.wait_message(STATE.format("plain"), lambda m: m["state"] == "active")
+    finally:
+        cloud.close()
+    agent.stop()
+    db = seeded_store(agent.state_dir, outbox_rows=30)
+    corrupt_outbox_page(db, seed=8)
+    broker.restart()
+    cloud = Cloud(broker.port)
+    try:
+        agent.start()
+        status = cloud.wait_message(STATUS, lambda m: m["status"] == "online", timeout=15)
+        assert status["store_repaired"]["restored"] == [], status
+        assert cloud.invoke(NODE, "plain", 1)["error"]["type"] == "function_not_found"
+    finally:
+        cloud.close()

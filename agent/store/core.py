@@ -80,6 +80,7 @@ __all__ = [
     "OutboxFull",
     "OutboxItem",
     "Store",
+    "salvage_deployments",
     "store_fault",
 ]
 
@@ -929,6 +930,29 @@ def _checked_limits(max_messages: int, max_bytes: int) -> tuple[int, int]:
 def _check_qos(qos: int) -> None:
     if qos not in (0, 1, 2):
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+
+
+def salvage_deployments(path: str | Path) -> list[DeploymentRow]:
+    """Best effort, read-only: the deployment rows a damaged database moved aside by
+    :meth:`Store.open` still yields, up to the first unreadable page; never raises. Nothing
+    here is trusted: the caller keeps only what it can verify."""
+    rows: list[DeploymentRow] = []
+    for uri in (f"file:{path}?mode=ro", f"file:{path}?immutable=1"):
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            cursor = conn.execute(_DEPLOYMENT_SELECT)
+            while (raw := cursor.fetchone()) is not None:
+                with suppress(TypeError, ValueError):
+                    rows.append(DeploymentRow(*raw))
+            return rows
+        except sqlite3.Error:
+            if rows:
+                return rows
+        finally:
+            if conn is not None:
+                conn.close()
+    return rows
 
 
 def store_fault(exc: StoreError) -> str | None:
