@@ -76,7 +76,7 @@ Progress = Callable[[str, RolloutReport], None]
 
 #: Events handled per lock acquisition by the ingest thread.
 _BATCH = 512
-#: An invoke the broker has not acknowledged after this long is published again.
+#: An invoke or spec the broker has not acknowledged after this long is published again.
 INVOKE_RESEND_S = 3.0
 
 
@@ -318,41 +318,57 @@ class FleetController:
         future: Future[dict[str, Any]],
         deadline: float,
     ) -> None:
-        """Publish an invoke until the broker acknowledges it (or its reply comes first).
+        """Publish an invoke until the broker acknowledges it (or its reply comes first);
+        the agent deduplicates the copies by request id (see :meth:`_wait_puback`)."""
 
-        A clustered broker that is electing a new leader for its message store (NATS after
-        a node died) may never acknowledge a publish, and MQTT only resends one after a
-        reconnect: without a PUBACK within ``INVOKE_RESEND_S`` the invoke goes again, with
-        the same request id, which the agent deduplicates.
+        def send() -> int:
+            return client.publish(
+                topic, body, qos=1, correlation_data=rid.encode(), response_topic=self.reply_topic
+            )
+
+        with self._cond:
+            ack = self._wait_puback(client, send, deadline, future.done)
+        if ack is not None and ack.refused:
+            raise PublishRefused(
+                f"the broker refused the invoke on {topic}: {ack.reason} ({ack.reason_code:#04x})"
+            )
+
+    def _wait_puback(
+        self,
+        client: MqttClient,
+        send: Callable[[], int],
+        deadline: float,
+        enough: Callable[[], bool],
+    ) -> Published | None:
+        """Publish with ``send`` and wait (lock held) for the PUBACK, until ``deadline`` or
+        ``enough()``; None without one.
+
+        A clustered broker electing new leaders for its message store (NATS after a node
+        died) may never acknowledge a publish, and MQTT resends one only after a reconnect:
+        so while connected and without a PUBACK after ``INVOKE_RESEND_S`` the message goes
+        again (a late PUBACK of an earlier copy is ignored). Everything the controller
+        publishes is idempotent or deduplicated by the agent (request ids).
         """
-        while True:
-            with self._cond:
-                mid = client.publish(
-                    topic,
-                    body,
-                    qos=1,
-                    correlation_data=rid.encode(),
-                    response_topic=self.reply_topic,
-                )
-                self._acks[mid] = None
+        mid = send()
+        self._acks[mid] = None
+        try:
+            while True:
                 resend_at = min(deadline, time.monotonic() + INVOKE_RESEND_S)
-                try:
-                    while (ack := self._acks[mid]) is None and not future.done():
-                        remaining = resend_at - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                finally:
+                while (ack := self._acks[mid]) is None and not enough():
+                    remaining = resend_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if ack is not None or enough() or time.monotonic() >= deadline:
+                    return ack
+                if client.connected:  # while disconnected paho sends the copy it holds
                     del self._acks[mid]
-            if ack is not None and ack.refused:
-                raise PublishRefused(
-                    f"the broker refused the invoke on {topic}: {ack.reason} "
-                    f"({ack.reason_code:#04x})"
-                )
-            if ack is not None or future.done() or time.monotonic() >= deadline:
-                return
-            self.stats["invokes_resent"] += 1
-            log.info("fleet controller: no PUBACK for invoke %s; sending it again", rid)
+                    mid = send()
+                    self._acks[mid] = None
+                    self.stats["publishes_resent"] += 1
+                    log.info("fleet controller: no PUBACK in %gs; published again", INVOKE_RESEND_S)
+        finally:
+            self._acks.pop(mid, None)
 
     def _handle_reply(self, msg: Message) -> None:
         try:
@@ -401,29 +417,30 @@ class FleetController:
     # -- publishing --------------------------------------------------------------------------
 
     def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 30.0
     ) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK: BrokerUnreachable if none comes,
-        PublishRefused if it carries a failure reason (MQTT 5: not authorized, ...)."""
+        PublishRefused if it carries a failure reason (MQTT 5: not authorized, ...).
+
+        Without a PUBACK after ``INVOKE_RESEND_S`` the message goes again (a clustered
+        broker electing leaders may drop a publish; MQTT resends only after a reconnect):
+        what the controller publishes (retained specs and states, desired state) is
+        idempotent. The deadline covers a cluster's failover (NATS: up to about 20 s).
+        """
         client = self._mqtt
         if client is None:
             raise BrokerUnreachable("the fleet controller is not started")
-        with self._cond:
-            mid = client.publish(topic, payload, qos=1, retain=retain)
-            self._acks[mid] = None
         deadline = time.monotonic() + timeout
+
+        def send() -> int:
+            return client.publish(topic, payload, qos=1, retain=retain)
+
         with self._cond:
-            try:
-                while (ack := self._acks[mid]) is None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerUnreachable(
-                            f"the broker did not acknowledge the publish to {topic} "
-                            f"within {timeout:g}s"
-                        )
-                    self._cond.wait(remaining)
-            finally:
-                del self._acks[mid]
+            ack = self._wait_puback(client, send, deadline, lambda: False)
+        if ack is None:
+            raise BrokerUnreachable(
+                f"the broker did not acknowledge the publish to {topic} within {timeout:g}s"
+            )
         if ack.refused:  # a spec the ACL forbids is not deployed: say so, never "sent"
             raise PublishRefused(
                 f"the broker refused the publish to {topic}: {ack.reason} ({ack.reason_code:#04x})"

@@ -1,0 +1,113 @@
+"""Issue 13 on a real 3-node NATS cluster: a staged rollout survives the loss of a broker
+node in its middle, and a node whose Last Will died with its broker node goes offline in
+the live view and in the one-shot ``edgectl nodes``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import AgentProcess, NatsCluster, wait_for
+from test_cluster_failover import connect, start_agent, wait_online
+
+from agent import ctl
+from agent.fleet import RolloutReport, function_spec
+from agent.models import EdgeNodeStatus
+
+pytestmark = [pytest.mark.cluster_broker, pytest.mark.slow]
+
+
+def test_staged_rollout_completes_with_a_broker_node_lost_midway(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """Canaries, then the fleet, with the node most agents sit on killed during the canary
+    phase: every agent ends active on the new version."""
+    nats = nats_cluster
+    agents: list[AgentProcess] = []
+    try:
+        for n in range(3):
+            start_agent(tmp_path, nats, agents, f"gw-{n}")
+        with connect(nats) as cluster:
+            controller = cluster.controller
+            for n in range(3):
+                wait_online(controller, f"gw-{n}")
+            module = tmp_path / "versioned.py"
+            module.write_text("def handler(event):\n    return 'v2'\n")
+            spec = function_spec(module, id="versioned", version="2")
+            homes = [nats.node_of(f"edge-agent-gw-{n}") for n in range(3)]
+            victim = max(set(homes), key=homes.count)
+            killed = threading.Event()
+
+            def on_progress(phase: str, report: RolloutReport) -> None:
+                if phase == "canary" and not killed.is_set():
+                    killed.set()
+                    nats.kill(victim)
+
+            started = time.monotonic()
+            result = controller.staged_rollout(
+                spec, canary=1, canary_timeout_s=90, timeout_s=120, on_progress=on_progress
+            )
+            elapsed = time.monotonic() - started
+            assert killed.is_set()
+            assert not result.rolled_back, result.notes
+            assert result.fleet is not None and result.fleet.ok, result.fleet
+            assert set(result.fleet.results) == {"gw-0", "gw-1", "gw-2"}
+            print(f"\nstaged rollout with node {victim} killed in the canary phase: {elapsed:.1f}s")
+            for n in range(3):
+                assert controller.invoke(f"gw-{n}", "versioned", None, timeout=30).value == "v2"
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_node_whose_will_died_with_its_broker_node_goes_offline(
+    tmp_path: Path, nats_cluster: NatsCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The agent and its broker node die together, so no Will: the status stayed online
+    for the whole outage (edgectl nodes: "online 24s ago" with a 2 s heartbeat)."""
+    nats = nats_cluster
+    agent = start_agent(tmp_path, nats, [], "gw-1")
+    try:
+        home = nats.node_of("edge-agent-gw-1")
+        assert home is not None
+        others = [i for i in range(nats.size) if i != home]
+        with connect(nats, others) as cluster:
+            wait_online(cluster.controller, "gw-1")
+            lost_at = time.monotonic()
+            agent.signal(signal.SIGSTOP)  # frozen: its connection stays open, no Will yet
+            nats.kill(home)  # the Will dies with the node that held it
+            agent.kill9()
+
+            def offline() -> bool:
+                node = cluster.controller.node("gw-1")
+                return node is not None and node.status is EdgeNodeStatus.OFFLINE
+
+            wait_for(offline, 20, "the live view never marked gw-1 offline")
+            live = time.monotonic() - lost_at
+            node = cluster.controller.node("gw-1")
+            reason = node.metadata.get("offline_reason") if node else None
+            with capsys.disabled():
+                print(f"\nlive view: gw-1 offline after {live:.1f}s: {reason}")
+        common = ["--broker", ",".join(nats.brokers[i] for i in others), "--protocol", "3.1.1"]
+
+        def one_shot_offline() -> bool:
+            code = ctl.main([*common, "--connect-timeout", "20", "--json", "nodes"])
+            out = capsys.readouterr().out
+            rows = {r["id"]: r for r in json.loads(out)} if code == 0 else {}
+            return rows.get("gw-1", {}).get("status") == "offline"
+
+        wait_for(one_shot_offline, 30, "edgectl nodes never showed gw-1 offline")
+        one_shot = time.monotonic() - lost_at
+        with capsys.disabled():
+            print(
+                f"\nWill lost (1 s heartbeats): live view offline after {live:.1f}s, "
+                f"edgectl nodes after {one_shot:.1f}s"
+            )
+        assert live < 3 * 1.0 + 3.0, live  # 3 intervals after the last heartbeat (+ slack)
+        assert one_shot < 3 * 1.0 + 3.0 + 5.0, one_shot  # + the status refresh period
+    finally:
+        agent.stop()
