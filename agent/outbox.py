@@ -27,7 +27,7 @@ it gets a strike; ``poison_disconnects`` strikes (3) move it to the dead letters
 closed the connection after it, N times") and paho forgets it (``forget``), so what is behind
 it drains. A PUBACK clears its strikes. An uplink that fails within seconds of every
 reconnect, three times in a row, can dead-letter an innocent item too: the operator's retry
-(``edge-agent dead-letters --retry``) sends it again.
+(``edge-agent status --retry-dead-letters``) sends it again.
 
 A refused item sent again goes out after items queued behind it: per-topic order holds for
 retained function states because a newer state supersedes (deletes) the refused one, and a
