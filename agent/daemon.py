@@ -165,6 +165,8 @@ class Agent:
         self._store_fault_since = 0.0
         #: Specs that could not be stored meanwhile, by topic (the newest wins): replayed.
         self._deferred_specs: dict[str, tuple[str, str, bytes]] = {}
+        #: Answered invokes whose accepted record could not be deleted meanwhile.
+        self._uncleared_accepted: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -780,8 +782,11 @@ class Agent:
                 rid, msg.payload, msg.response_topic, msg.correlation_data, time.time()
             )
             self.accepted.put(record)
-        except StoreError as exc:
-            log.error("cannot record accepted invoke %s: %s", rid, exc, extra={"request_id": rid})
+        except StoreError as exc:  # a failing store: degraded, and acknowledged once answered
+            if not self._store_failed(exc, f"recording the accepted invoke {rid}"):
+                log.error(
+                    "cannot record accepted invoke %s: %s", rid, exc, extra={"request_id": rid}
+                )
             return
         self._accepted_rids.add(rid)
         for pending in invocation.acks:
@@ -792,6 +797,9 @@ class Agent:
         try:
             self.accepted.done(rid)
         except StoreError as exc:  # it would run again after a restart: a duplicate reply
+            if self._store_failed(exc, f"clearing the accepted invoke {rid}"):
+                self._uncleared_accepted.add(rid)  # cleared once the store recovers
+                return
             log.error("cannot clear accepted invoke %s: %s", rid, exc, extra={"request_id": rid})
 
     def _recover_accepted(self) -> None:
@@ -971,6 +979,9 @@ class Agent:
                 self._deferred_specs[topic] = (kind, fid, payload)
                 if not self._store_failed(exc, f"storing the spec on {topic}"):
                     raise
+        uncleared, self._uncleared_accepted = self._uncleared_accepted, set()
+        for rid in sorted(uncleared):  # answered: must not run again after a restart
+            self._forget_accepted(rid)
         # Outcomes and states that could not be written: deploy again what the rows do not
         # say is deployed, and publish every function's state from the rows.
         self.deployments.reconcile_all()

@@ -141,6 +141,23 @@ def test_disk_full_during_burst_answers_every_invoke_and_recovers_by_itself(
         f"outbox never emptied: {cloud.on(HEARTBEAT)[-1]['outbox']}",
     )
     assert cli_status(agent)["outbox"]["messages"] == 0
+    # No answered invoke stays on record as accepted (it would run again after a restart).
+    wait_for(
+        lambda: accepted_on_record(small_tmpfs / "state.db") == 0,
+        10,
+        "answered invokes still recorded as accepted",
+    )
+
+
+def accepted_on_record(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if "accepted_invokes" not in tables:
+            return 0
+        return int(conn.execute("SELECT count(*) FROM accepted_invokes").fetchone()[0])
+    finally:
+        conn.close()
 
 
 # -- item 2: a damaged state.db is repaired, not looped on -------------------------------------
