@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import uuid
@@ -345,3 +346,42 @@ def test_unsigned_function_is_not_served_from_a_damaged_store(
         assert cloud.invoke(NODE, "plain", 1)["error"]["type"] == "function_not_found"
     finally:
         cloud.close()
+
+
+def test_outbox_rows_acknowledged_while_the_disk_was_full_do_not_stay_stuck(
+    broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory, small_tmpfs: Path
+) -> None:
+    """PUBACKs whose delete failed on a full disk left their rows in the outbox until a restart."""
+    agent = agent_factory().start()
+    cloud.wait_message(STATUS, lambda m: m["status"] == "online")
+    cloud.deploy(None, source_spec("echo", SLOW_ECHO))
+    cloud.wait_message(STATE.format("echo"), lambda m: m["state"] == "active")
+    assert broker.proc is not None
+    rids = [f"held-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)]
+    for i, rid in enumerate(rids):
+        cloud.publish(INVOKE, {"request_id": rid, "function_id": "echo", "payload": i})
+    wait_for(lambda: replies_by_id(cloud), 10, "no reply at all")
+    broker.proc.send_signal(signal.SIGSTOP)  # replies go out, their PUBACKs do not come back
+    try:
+        wait_for(
+            lambda: cli_status(agent)["outbox"]["messages"] >= 5,
+            10,
+            "replies did not wait in the outbox for their PUBACKs",
+        )
+        fill(small_tmpfs / "filler")
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: set(rids) <= set(replies_by_id(cloud)),
+        15,
+        f"replies lost: {sorted(set(rids) - set(replies_by_id(cloud)))}\n{agent.log()[-2000:]}",
+    )
+    cloud.wait_message(STATUS, lambda m: m["status"] == "degraded", timeout=10)
+    stuck = cli_status(agent)["outbox"]["messages"]
+    (small_tmpfs / "filler").unlink()
+    wait_for(
+        lambda: cli_status(agent)["outbox"]["messages"] == 0,
+        10,
+        f"{stuck} acknowledged rows stayed in the outbox after the disk recovered",
+    )
+    assert "had acknowledged while the store failed" in agent.log(), agent.log()[-2000:]
