@@ -561,6 +561,12 @@ class RuntimeConfig:
         "empty runs them as the agent's own user. Switching users needs the agent to start "
         "as root.",
     )
+    allow_file_code_urls: bool = _key(
+        False,
+        flag,
+        "Accept code by reference at file:// URLs (tests, air-gapped installs that copy "
+        "bundles in by other means); otherwise only https.",
+    )
     max_processes: int = _key(
         64,
         integer(1),

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent import bundles
+from agent import bundles, fetch
 from agent.config import RuntimeConfig
 from agent.errors import DeploymentRejected, EdgeExecutionError, FunctionTimeout, error_to_dict
 from agent.isolation import FunctionIdentities
@@ -282,10 +282,26 @@ class Deployer:
                 extra={"function_id": job.spec.id},
             )
 
+    def raw_code(self, spec: FunctionSpec) -> bytes:
+        """A spec's code bytes: inline, or by reference (``code.url``): fetched once into
+        ``functions/.fetch/<sha256>`` with its size and SHA-256 checked while it streams, and
+        kept there (digest checked again on every use), so restoring it after a restart
+        needs no network. Raises DeploymentRejected (a bad reference) or FetchFailed."""
+        if not spec.code.url:
+            return code_bytes(spec.code)
+        path = fetch.fetch_code(
+            fetch.CodeRef(spec.code.url, spec.code.sha256, spec.code.size),
+            self.functions_dir / ".fetch",
+            max_bytes=self.runtime.max_bundle_bytes,
+            allow_file=self.runtime.allow_file_code_urls,
+        )
+        return path.read_bytes()
+
     def _install(self, job: DeployJob) -> Path:
         """Quota, unpack, quota again with what it really takes; under the install lock."""
         spec = job.spec
         target = bundles.version_dir(self.functions_dir, spec.id, spec.version, spec.code.sha256)
+        raw = self.raw_code(spec)  # a fetch can take a while: not under the lock
         with self._install_lock:
             self._prune_superseded(job, target)
             code_dir = bundles.install_bundle(
@@ -293,7 +309,7 @@ class Deployer:
                 spec.id,
                 spec.version,
                 spec.code.format,
-                code_bytes(spec.code),
+                raw,
                 spec.code.sha256,
                 spec.entrypoint,
                 max_bytes=self.runtime.max_bundle_bytes,

@@ -85,7 +85,7 @@ class DeploymentController:
             problem = bundles.verify_installed(
                 code_dir,
                 spec.code.format,
-                protocol.code_bytes(spec.code),
+                self._raw_code(spec),
                 spec.entrypoint,
                 max_bytes=self.deployer.runtime.max_bundle_bytes,
                 max_files=self.deployer.runtime.max_bundle_files,
@@ -127,7 +127,7 @@ class DeploymentController:
             problem = bundles.verify_installed(
                 code_dir,
                 spec.code.format,
-                protocol.code_bytes(spec.code),
+                self._raw_code(spec),
                 spec.entrypoint,
                 max_bytes=self.deployer.runtime.max_bundle_bytes,
                 max_files=self.deployer.runtime.max_bundle_files,
@@ -160,6 +160,13 @@ class DeploymentController:
                 self.store.set_meta(_sequence_key(scope, spec.id), str(spec.sequence))
             kept.append(spec.id)
         return kept
+
+    def _raw_code(self, spec: protocol.FunctionSpec) -> bytes:
+        """The bytes installed code must match (fetched code: the copy kept at install)."""
+        try:
+            return self.deployer.raw_code(spec)
+        except (OSError, AgentError):
+            return b""  # cannot be checked: verify_installed then reports it, not run
 
     def set_trust(self, trust: TrustPolicy) -> None:
         """SIGHUP: a new policy. Functions whose spec it no longer trusts (a key removed, or
