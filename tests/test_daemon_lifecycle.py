@@ -292,10 +292,10 @@ def test_sighup_changing_worker_user_is_applied_or_reported(
 
 
 def test_unusable_state_database_exits_1_with_a_critical_line(tmp_path: Path) -> None:
-    """`edge-agent run` on a corrupt state.db exits 1 and says why, without a traceback."""
+    """`edge-agent run` on a state.db it cannot open exits 1 and says why, without a traceback
+    (a corrupt one is repaired instead: tests/test_faults_store.py)."""
     state = tmp_path / "state"
-    state.mkdir()
-    (state / "state.db").write_bytes(b"this is not an SQLite database" * 100)
+    (state / "state.db").mkdir(parents=True)  # a directory: nothing to repair
     config = {"node": {"id": "gw-corrupt"}, "agent": {"state_dir": str(state)}}
     path = tmp_path / "agent.toml"
     path.write_text(tomli_w.dumps(config))
