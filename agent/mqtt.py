@@ -38,6 +38,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ class MqttSettings:
     max_packet_size: int = 0
     #: The nodes of a clustered broker; when non-empty it replaces ``host``/``port``.
     brokers: tuple[tuple[str, int], ...] = ()
+    #: With a broker list: a QoS 1 publish unacknowledged this long means the broker node
+    #: dropped it (NATS during a leader election): the connection is dropped, so paho sends
+    #: it again (DUP) on the next connection, to the next node. 0 turns this off.
+    puback_timeout_s: float = 20.0
 
     def endpoints(self) -> tuple[tuple[str, int], ...]:
         return self.brokers or ((self.host, self.port),)
@@ -233,6 +238,12 @@ class MqttClient:
         #: QoS per topic filter when not 1 (a read-only view may take 0: on NATS each QoS 1
         #: subscription is a replicated JetStream consumer, slow to create).
         self._qos = dict(subscription_qos or {})
+        #: SUBSCRIBE packet id -> its filters, until the SUBACK says which were granted.
+        self._subscribing: dict[int, list[str]] = {}
+        #: QoS 1 publishes not yet acknowledged: mid -> when sent (monotonic).
+        self._unacked: dict[int, float] = {}
+        self._unacked_lock = threading.Lock()
+        self._watchdog_stop = threading.Event()
         self._manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._client: paho.Client | None = None
@@ -295,6 +306,7 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.endpoint = lambda: self.broker
         self._set_next_delay(client)
@@ -315,6 +327,9 @@ class MqttClient:
         )
         self._client = client
         client.loop_start()
+        if len(s.endpoints()) > 1 and s.puback_timeout_s > 0:
+            self._watchdog_stop.clear()
+            threading.Thread(target=self._watch_pubacks, name="mqtt-puback", daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
@@ -322,6 +337,7 @@ class MqttClient:
         if client is None:
             return
         self._client = None
+        self._watchdog_stop.set()
         client.disconnect()
         client.loop_stop()
         self._connected.clear()
@@ -363,6 +379,9 @@ class MqttClient:
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos > 0:
+            with self._unacked_lock:
+                self._unacked.setdefault(int(info.mid), time.monotonic())
         return int(info.mid)
 
     def ack(self, msg: Message) -> None:
@@ -391,6 +410,8 @@ class MqttClient:
         client = self._client
         if client is None:
             return False
+        with self._unacked_lock:
+            self._unacked.pop(mid, None)
         with client._out_message_mutex:
             return client._out_messages.pop(mid, None) is not None
 
@@ -399,7 +420,7 @@ class MqttClient:
         self._qos.update((t, qos) for t in topics)  # kept for the next reconnect too
         client = self._client
         if client is not None and self.connected:
-            client.subscribe([(t, qos) for t in topics])
+            self._send_subscribe(client, list(topics))
 
     # -- paho callbacks (network thread): convert and enqueue, nothing else -------------------
 
@@ -443,9 +464,12 @@ class MqttClient:
         self._refused = False
         self._attempt = 0
         self._connection += 1
+        with self._unacked_lock:  # paho resends what is unacknowledged: the clock restarts
+            now = time.monotonic()
+            self._unacked = dict.fromkeys(self._unacked, now)
         self._set_next_delay(client)
         if self._subscriptions:
-            client.subscribe([(t, self._qos.get(t, 1)) for t in self._subscriptions])
+            self._send_subscribe(client, list(self._subscriptions))
         self._connected.set()
         self._sink(Connected(session_present=bool(getattr(flags, "session_present", False))))
 
@@ -513,6 +537,38 @@ class MqttClient:
             )
         )
 
+    def _send_subscribe(self, client: paho.Client, topics: list[str]) -> None:
+        _, mid = client.subscribe([(t, self._qos.get(t, 1)) for t in topics])
+        if mid is not None:
+            self._subscribing[mid] = topics
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        """A filter the broker refused (SUBACK 0x80: a NATS cluster that cannot create the
+        JetStream consumer of a QoS 1 subscription while it elects leaders) is asked for
+        again 1 s later, on the same connection; without this it stayed silently missing."""
+        topics = self._subscribing.pop(mid, [])
+        failed = [t for t, code in zip(topics, reason_codes, strict=False) if code.is_failure]
+        if not failed:
+            return
+        log.warning("the broker refused the subscriptions %s; asking again in 1 s", failed)
+        connection = self._connection
+
+        def again() -> None:
+            current = self._client
+            if current is not None and self.connected and self._connection == connection:
+                self._send_subscribe(current, failed)
+
+        timer = threading.Timer(1.0, again)
+        timer.daemon = True
+        timer.start()
+
     def _on_publish(
         self,
         client: paho.Client,
@@ -522,7 +578,34 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         code = int(getattr(reason, "value", 0) or 0)
+        with self._unacked_lock:
+            self._unacked.pop(mid, None)
         self._sink(Published(mid, code, str(reason) if code else "Success"))
+
+    def _watch_pubacks(self) -> None:
+        """Watchdog thread (broker lists only): drop a connection on which a QoS 1 publish
+        has waited ``puback_timeout_s`` for its PUBACK. MQTT resends unacknowledged
+        publishes only on a new connection, and a clustered broker's node may drop one for
+        good (NATS: "unable to store ... timeout" while it elects a stream leader); the agent's
+        outbox and the controller would then wait forever on a live connection."""
+        limit = self.settings.puback_timeout_s
+        while not self._watchdog_stop.wait(1.0):
+            now = time.monotonic()
+            with self._unacked_lock:
+                oldest = min(self._unacked.values(), default=now)
+                stale = self.connected and now - oldest > limit
+                if stale:  # a fresh start for each: paho resends them on the next connection
+                    self._unacked = dict.fromkeys(self._unacked, now + limit)
+            if stale:
+                host, port = self.broker
+                log.warning(
+                    "no PUBACK from %s:%d for %.0fs: dropping the connection so the "
+                    "unacknowledged messages go again",
+                    host,
+                    port,
+                    now - oldest,
+                )
+                self.kill_network()
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -47,14 +47,18 @@ def cluster_agents(tmp_path: Path, nats_cluster: NatsCluster) -> Iterator[list[A
 
 
 def start_agent(
-    tmp_path: Path, nats: NatsCluster, agents: list[AgentProcess], node_id: str = "gw-1"
+    tmp_path: Path,
+    nats: NatsCluster,
+    agents: list[AgentProcess],
+    node_id: str = "gw-1",
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> AgentProcess:
     agent = AgentProcess(
         tmp_path,
         nats.mqtt_ports[0],
         node_id,
         mqtt={"brokers": nats.brokers, "protocol": "3.1.1", "keepalive": 5},
-        agent={"heartbeat_interval_s": HEARTBEAT_S},
+        agent={"heartbeat_interval_s": heartbeat_s},
     )
     agents.append(agent.start())
     client_id = f"edge-agent-{node_id}"

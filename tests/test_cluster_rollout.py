@@ -30,7 +30,9 @@ def test_staged_rollout_completes_with_a_broker_node_lost_midway(
     agents: list[AgentProcess] = []
     try:
         for n in range(3):
-            start_agent(tmp_path, nats, agents, f"gw-{n}")
+            # 5 s heartbeats: 3 missed (15 s) outlast a NATS failover (about 9 s), so a
+            # canary behind the dead node is late, not offline
+            start_agent(tmp_path, nats, agents, f"gw-{n}", heartbeat_s=5.0)
         with connect(nats) as cluster:
             controller = cluster.controller
             for n in range(3):
