@@ -290,3 +290,178 @@ def run(quick: bool) -> dict[str, Any]:
     if leftovers:
         notes.append(f"child processes left running: {leftovers}")
     return {"rows": rows, "notes": notes, **extra, "pid": os.getpid()}
+
+
+# -- scale: 10,000 simulated nodes (issue 13) -------------------------------------------------
+
+
+def _broker_floor(port: int, count: int = 50_000, size: int = 600) -> dict[str, float]:
+    """The broker's raw rate on this machine: one paho publisher, one subscriber, ``count``
+    messages of ``size`` bytes at QoS 0 and at QoS 1; messages/s received."""
+    return {f"qos{qos}_per_s": _floor_rate(port, qos, count, size) for qos in (0, 1)}
+
+
+def _floor_rate(port: int, qos: int, count: int, size: int) -> float:
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got = 0
+    done, subscribed = threading.Event(), threading.Event()
+
+    def on_message(c: Any, u: Any, m: Any) -> None:
+        nonlocal got
+        got += 1
+        if got >= count:
+            done.set()
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-sub-{qos}")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe("floor/x", qos=qos)
+    subscribed.wait(10)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-pub-{qos}")
+    pub.max_inflight_messages_set(1000)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    body = b"x" * size
+    t0 = time.monotonic()
+    for _ in range(count):
+        pub.publish("floor/x", body, qos=qos)
+    done.wait(120)
+    elapsed = time.monotonic() - t0
+    for client in (pub, sub):
+        client.disconnect()
+        client.loop_stop()
+    return got / elapsed
+
+
+def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> dict[str, Any]:
+    """``nodes`` simulated gateways in ``sims`` fleet-sim processes on one mosquitto (its
+    file limit raised): connect, controller start, a rollout to all, heartbeat ingestion at
+    ``nodes / heartbeat_s`` per second, ``edgectl nodes``, and the broker's raw rate."""
+    from agent.cluster import EdgeCluster
+    from agent.fleet import function_spec
+
+    nofile = _raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    port = _free_port()
+    procs: list[subprocess.Popen[Any]] = []
+    result: dict[str, Any] = {"nodes": nodes, "sims": sims, "nofile": nofile}
+    cluster: Any = None
+    try:
+        conf = work / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "max_queued_messages 1000000\npersistence false\nmax_connections -1\n"
+        )
+        broker = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        procs.append(broker)
+        _wait_port(port, 10)
+        t0 = time.monotonic()
+        per = nodes // sims
+        sim_procs = []
+        for i in range(sims):
+            count = per if i < sims - 1 else nodes - per * (sims - 1)
+            sim_procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "scripts" / "fleet_sim.py"),
+                        str(count),
+                        "--port",
+                        str(port),
+                        "--heartbeat",
+                        str(heartbeat_s),
+                        "--first",
+                        str(i * per),
+                        "--id-format",
+                        "sim-{:05d}",
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+            )
+        procs.extend(sim_procs)
+        for sim in sim_procs:
+            _readline(sim, 600)
+        result["connect_s"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        cluster = EdgeCluster.connect(
+            "127.0.0.1", port, heartbeat_interval_s=heartbeat_s, timeout=120
+        )
+        result["controller_start_s"] = time.monotonic() - t0
+        result["nodes_seen"] = len(cluster.list_nodes())
+
+        source = work / "thermo.py"
+        source.write_text("VERSION = 1\n\ndef handler(e):\n    return e\n")
+        spec = function_spec(source, id="thermo", version="s1")
+        t0 = time.monotonic()
+        targeted = cluster.deploy_to_all(spec)
+        report = cluster.wait_for_rollout(spec, timeout=300)
+        result["rollout_s"] = time.monotonic() - t0
+        result["rollout_targeted"] = targeted
+        result["rollout_counts"] = dict(report.counts())
+
+        me = psutil.Process()
+        view = cluster.controller.view
+        hb0, cpu0, t0 = view.counts["heartbeat"], sum(me.cpu_times()[:2]), time.monotonic()
+        sim_cpu0 = sum(sum(psutil.Process(s.pid).cpu_times()[:2]) for s in sim_procs)
+        broker_ps = psutil.Process(broker.pid)
+        broker_cpu0 = sum(broker_ps.cpu_times()[:2])
+        time.sleep(heartbeat_s * 2)  # measuring a window, not waiting for an event
+        wall = time.monotonic() - t0
+        result["ingest"] = {
+            "window_s": wall,
+            "heartbeats_per_s": (view.counts["heartbeat"] - hb0) / wall,
+            "expected_per_s": nodes / heartbeat_s,
+            "controller_cpu_percent": 100 * (sum(me.cpu_times()[:2]) - cpu0) / wall,
+            "broker_cpu_percent": 100 * (sum(broker_ps.cpu_times()[:2]) - broker_cpu0) / wall,
+            "sims_cpu_percent": 100
+            * (sum(sum(psutil.Process(s.pid).cpu_times()[:2]) for s in sim_procs) - sim_cpu0)
+            / wall,
+            "controller_rss_mb": me.memory_info().rss / MB,
+            "offline_now": len([n for n in cluster.list_nodes() if n.status.value == "offline"]),
+        }
+
+        timings = []
+        for args in (["--json", "nodes"], ["nodes"]):
+            t0 = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{port}", *args],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=False,
+            )
+            timings.append((" ".join(args), time.monotonic() - t0, done.returncode))
+        result["edgectl_nodes"] = timings
+        result["broker_floor"] = _broker_floor(port)
+    finally:
+        if cluster is not None:
+            cluster.close()
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    wanted = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    processes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    print(json.dumps(run_scale(wanted, processes), indent=2, default=str))
