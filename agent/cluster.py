@@ -64,6 +64,7 @@ class EdgeCluster:
         clock: Callable[[], float] = time.monotonic,
         settings: MqttSettings | None = None,
         sign_key: str | None = None,
+        view_qos: int = 1,
     ) -> EdgeCluster:
         """A remote-mode cluster, connected and with every retained node status ingested.
 
@@ -73,7 +74,12 @@ class EdgeCluster:
         A clustered broker: ``brokers=["10.0.0.1:1883", "10.0.0.2:1883", ...]`` (or
         ``(host, port)`` pairs, or that list as ``host``). The controller starts at a random
         entry and moves to the next whenever a connection fails or is lost, re-subscribing
-        and re-reading the retained state there.
+        and re-reading the retained state there. ``view_qos=0`` subscribes the view's
+        filters at QoS 0: with the controller's clean session QoS 1 adds nothing across a
+        reconnect (the retained state is replayed on every subscribe), and on a NATS cluster
+        each QoS 1 filter is a JetStream consumer that cannot be created while the cluster
+        elects leaders after a node died. Keep 1 on a single broker under heavy load, which
+        may drop QoS 0 deliveries to a slow subscriber.
         Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
         within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
 
@@ -115,6 +121,7 @@ class EdgeCluster:
             invoke_timeout_s=invoke_timeout_s,
             clock=clock,
             signer=signer,
+            view_qos=view_qos,
         )
         controller.start(timeout)
         return cls(controller=controller)

@@ -132,10 +132,11 @@ def connect(
         extra_subscriptions=extra_subscriptions,
         on_message=on_message,
         signer=signer,
-        # One-shot: the view at QoS 0 (retained replay only; fast on NATS); replies at
-        # QoS 1 only where a command waits for one (invoke; state's snapshot).
+        # One-shot with a clean session: QoS 1 would only matter across a reconnect, which
+        # a clean session does not survive anyway; QoS 0 keeps NATS from creating a
+        # replicated JetStream consumer per filter (seconds, and impossible mid-election).
         view_qos=0,
-        reply_qos=1 if getattr(args, "func", None) in (cmd_invoke, cmd_state) else 0,
+        reply_qos=0,
     )
     controller.start(args.connect_timeout)
     return EdgeCluster(controller=controller)

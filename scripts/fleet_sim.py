@@ -96,8 +96,12 @@ class SimNode:
         self.connected = False
         self.dead = False  # killed on purpose: no reconnect
         self.muted = False  # heartbeats paused on purpose
+        v5 = fleet.protocol == "5"
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"sim-{node_id}", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"sim-{node_id}",
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else True,
         )
         client.will_set(
             self.topics.status,
@@ -133,11 +137,15 @@ class SimNode:
     # -- connection --------------------------------------------------------------------------
 
     def connect(self) -> None:
+        host, port = self.fleet.endpoint_for(self.node_id)
+        if self.fleet.protocol != "5":  # MQTT 3.1.1 (NATS): clean session, no properties
+            self.client.connect(host, port, keepalive=self.fleet.keepalive)
+            return
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         self.client.connect(
-            self.fleet.host,
-            self.fleet.port,
+            host,
+            port,
             keepalive=self.fleet.keepalive,
             clean_start=True,
             properties=props,
@@ -310,7 +318,7 @@ class SimNode:
 
     def _publish_reply(self, topic: str, body: bytes, correlation: Any) -> None:
         props = None
-        if correlation is not None:
+        if correlation is not None and self.fleet.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
         self.client.publish(topic, body, qos=1, properties=props)
@@ -372,8 +380,13 @@ class SimFleet:
         first: int = 0,
         keepalive: int = 30,
         seed: int | None = None,
+        brokers: Iterable[tuple[str, int]] = (),
+        protocol: str = "5",
     ) -> None:
         self.host, self.port, self.prefix = host, port, prefix
+        #: The nodes of a clustered broker: simulated nodes spread over them by index.
+        self.brokers = list(brokers) or [(host, port)]
+        self.protocol = protocol
         self.heartbeat_s = heartbeat_s
         self.normal_heartbeat_s = heartbeat_s
         self.fast_heartbeat_s = fast_heartbeat_s
@@ -381,6 +394,7 @@ class SimFleet:
         self.rng = random.Random(seed)
         self._capabilities = list(capabilities)
         self._ids = [id_format.format(i) for i in range(first, first + count)]
+        self._index = {node_id: i for i, node_id in enumerate(self._ids)}
         self.nodes: dict[str, SimNode] = {}
         self.stopping = False
         self.heartbeats_sent = 0
@@ -409,6 +423,12 @@ class SimFleet:
             raise TimeoutError(
                 f"fleet-sim: {self._connected} of {len(self._ids)} nodes connected in {timeout}s"
             )
+
+    def endpoint_for(self, node_id: str) -> tuple[str, int]:
+        """The broker node a simulated node connects to (round robin over ``brokers``)."""
+        if len(self.brokers) == 1:
+            return self.brokers[0]
+        return self.brokers[self._index.get(node_id, len(self._index)) % len(self.brokers)]
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread (which owns every client)."""
@@ -596,7 +616,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capabilities", default="python", help="comma list (default python)")
     parser.add_argument("--id-format", default="sim-{:04d}", help="node ids (default sim-0000)")
     parser.add_argument("--first", type=int, default=0, help="number of the first node")
+    parser.add_argument(
+        "--brokers", default="", help="host:port,... of a clustered broker (spread over them)"
+    )
+    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version")
     args = parser.parse_args(argv)
+    brokers = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in args.brokers.split(",") if e)]
     raise_nofile_limit()
     fleet = SimFleet(
         args.host,
@@ -608,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         capabilities=[c for c in args.capabilities.split(",") if c],
         id_format=args.id_format,
         first=args.first,
+        brokers=brokers,
+        protocol=args.protocol,
     )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

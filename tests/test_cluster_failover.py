@@ -73,6 +73,7 @@ def start_agent(
 def connect(nats: NatsCluster, nodes: list[int] | None = None, **kwargs: Any) -> EdgeCluster:
     brokers = [nats.brokers[i] for i in (nodes if nodes is not None else range(nats.size))]
     kwargs.setdefault("timeout", 20.0)
+    kwargs.setdefault("view_qos", 0)  # as docs/scaling.md advises on NATS
     return EdgeCluster.connect(
         brokers=brokers, protocol="3.1.1", heartbeat_interval_s=HEARTBEAT_S, **kwargs
     )
