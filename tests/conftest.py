@@ -206,8 +206,18 @@ class NatsCluster:
         return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
 
     def stop(self) -> None:
-        for i in range(self.size):
-            self.kill(i, signal.SIGTERM)
+        """SIGTERM every node, then SIGKILL what has not exited within 15 s (never leak)."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for i, proc in enumerate(self.procs):
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            self.procs[i] = None
 
 
 def _mqtt_session_works(port: int) -> bool:
