@@ -806,9 +806,13 @@ class WorkerPool:
             try:
                 worker = self._spawn()
                 self._await_ready(worker, time.monotonic() + 30)
-            except (OSError, wire.FrameError, _Deadline, AgentError) as exc:
+            except (OSError, wire.FrameError, _Deadline, AgentError, RuntimeError) as exc:
                 if worker is not None:
                     self._discard(worker)
+                if self._is_closed():  # closing: its spawner thread ended and took the worker
+                    return
+                if isinstance(exc, RuntimeError):
+                    raise
                 failures += 1
                 log.error("could not pre-start a worker (%d): %s", failures, exc)
                 if failures > 5:
