@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-NATS_SERVER_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 T = TypeVar("T")
 
 
@@ -153,7 +153,7 @@ class NatsCluster:
         return [f"127.0.0.1:{port}" for port in self.mqtt_ports]
 
     def start(self, timeout: float = 60.0) -> NatsCluster:
-        if not os.path.exists(NATS_SERVER_BIN):
+        if not os.path.exists(NATS_SERVER):
             pytest.skip("nats-server is not installed (apt-get install nats-server)")
         for i in range(self.size):
             self.start_node(i, wait=False)
@@ -164,7 +164,7 @@ class NatsCluster:
     def start_node(self, i: int, *, wait: bool = True, timeout: float = 60.0) -> None:
         with self.logs[i].open("ab") as log:
             self.procs[i] = subprocess.Popen(
-                [NATS_SERVER_BIN, "-c", str(self.confs[i])], stdout=log, stderr=subprocess.STDOUT
+                [NATS_SERVER, "-c", str(self.confs[i])], stdout=log, stderr=subprocess.STDOUT
             )
         if wait:
             self.wait_ready(i, timeout)
@@ -714,7 +714,6 @@ def isolated_agents(open_dir: Path, broker: Mosquitto) -> Iterator[Callable[...,
 
 # -- NATS with its MQTT listener (MQTT 3.1.1 only; maps topics to subjects) -----------------
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsServer:
