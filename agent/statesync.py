@@ -199,8 +199,7 @@ class StateSync:
             failed = self._failed.pop(ticket, None) if own else self._failed.get(ticket)
         if failed is not None:
             raise Overloaded(
-                f"the invocation's state could not be stored ({failed}); nothing was "
-                f"applied: retry"
+                f"the invocation's state could not be stored ({failed}); nothing was applied: retry"
             ) from failed
 
     def persist_through(self, version: int) -> None:
@@ -213,8 +212,7 @@ class StateSync:
             gone = version > self._version
         if gone:
             raise Overloaded(
-                f"the state this invocation read (version {version}) could not be stored; "
-                f"retry"
+                f"the state this invocation read (version {version}) could not be stored; retry"
             )
         if ticket:
             self.persist(ticket, own=False)

@@ -715,7 +715,6 @@ def isolated_agents(open_dir: Path, broker: Mosquitto) -> Iterator[Callable[...,
 # -- NATS with its MQTT listener (MQTT 3.1.1 only; maps topics to subjects) -----------------
 
 
-
 class NatsServer:
     """Debian's nats-server on free loopback ports with JetStream and the MQTT listener.
 
