@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, make_zip, source_spec, zip_spec
+from conftest import AgentProcess, Cloud, make_zip, source_spec, wait_for, zip_spec
 
 NODE = "gw-test"
 STATE = "edge/nodes/gw-test/functions/{}/state"
@@ -260,10 +260,14 @@ def test_republishing_good_spec_after_unparseable_one_reports_active_again(
     wait_state(cloud, "f", "rejected")
     count = len(cloud.on(STATE.format("f")))
     cloud.deploy(None, good)
-    deploy_active(cloud, versioned("control", "1"))
-    states = cloud.on(STATE.format("f"))
-    assert len(states) > count and states[-1]["state"] == "active", (
-        f"the retained state still says {states[-1]['state']!r} while version 1 serves"
+    # deployer threads run in parallel: wait for f's own report, not for another function's
+    wait_for(
+        lambda: (
+            len(cloud.on(STATE.format("f"))) > count
+            and cloud.on(STATE.format("f"))[-1]["state"] == "active"
+        ),
+        15,
+        "the retained state still says 'rejected' while version 1 serves",
     )
 
 
