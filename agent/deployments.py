@@ -82,14 +82,7 @@ class DeploymentController:
             if untrusted is not None:
                 self._stop_serving(row, "rejected", untrusted)
                 continue
-            problem = bundles.verify_installed(
-                code_dir,
-                spec.code.format,
-                self._raw_code(spec),
-                spec.entrypoint,
-                max_bytes=self.deployer.runtime.max_bundle_bytes,
-                max_files=self.deployer.runtime.max_bundle_files,
-            )
+            problem = self._installed_problem(spec, code_dir)
             if problem is not None:
                 self._stop_serving(row, "failed", f"{problem}: not run")
                 continue
@@ -124,14 +117,7 @@ class DeploymentController:
                 continue
             if spec.target not in (protocol.FLEET_TARGET, self.trust.node_id):
                 continue  # signed for another node
-            problem = bundles.verify_installed(
-                code_dir,
-                spec.code.format,
-                self._raw_code(spec),
-                spec.entrypoint,
-                max_bytes=self.deployer.runtime.max_bundle_bytes,
-                max_files=self.deployer.runtime.max_bundle_files,
-            )
+            problem = self._installed_problem(spec, code_dir)
             if problem is not None:
                 log.info("not restoring %s from the damaged store: %s", spec.id, problem)
                 continue
@@ -161,12 +147,23 @@ class DeploymentController:
             kept.append(spec.id)
         return kept
 
-    def _raw_code(self, spec: protocol.FunctionSpec) -> bytes:
-        """The bytes installed code must match (fetched code: the copy kept at install)."""
+    def _installed_problem(self, spec: protocol.FunctionSpec, code_dir: Path) -> str | None:
+        """What differs between installed code and its spec's bundle (None: identical).
+
+        Fetched code is compared with the copy kept at install; if that cannot be read,
+        nothing matches and the code is not run."""
         try:
-            return self.deployer.raw_code(spec)
+            raw = self.deployer.raw_code(spec)
         except (OSError, AgentError):
-            return b""  # cannot be checked: verify_installed then reports it, not run
+            raw = b""
+        return bundles.verify_installed(
+            code_dir,
+            spec.code.format,
+            raw,
+            spec.entrypoint,
+            max_bytes=self.deployer.runtime.max_bundle_bytes,
+            max_files=self.deployer.runtime.max_bundle_files,
+        )
 
     def set_trust(self, trust: TrustPolicy) -> None:
         """SIGHUP: a new policy. Functions whose spec it no longer trusts (a key removed, or
