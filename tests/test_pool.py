@@ -318,3 +318,85 @@ def test_leak_check_catches_a_leaked_child_and_fd(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="fds leaked"), leak_check(timeout=0.2):
         fd = os.open(tmp_path, os.O_RDONLY)
     os.close(fd)
+
+
+# -- a failed load with callers queued behind it ------------------------------------------------
+
+#: A module that says it is loading, waits for the test's go, then fails to import (with
+#: ``die_once``: SIGKILLs its own worker instead, the first time only, as ``kill -9`` from
+#: outside would while a pre-started interpreter loads it).
+_GATED_MODULE = """\
+import os
+import signal
+import time
+
+open({mark!r}, 'w').close()
+while not os.path.exists({gate!r}):
+    time.sleep(0.005)
+if {die_once!r}:
+    if not os.path.exists({died!r}):
+        open({died!r}, 'w').close()
+        os.kill(os.getpid(), signal.SIGKILL)
+else:
+    raise ImportError('broken on purpose')
+
+
+def handler(x):
+    return x
+"""
+
+
+def _gated_function(tmp_path: Path, *, die_once: bool) -> tuple[FunctionConfig, Path, Path]:
+    """A package function whose load waits for ``gate``; (config, mark, gate)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    mark, gate, died = tmp_path / "loading", tmp_path / "go", tmp_path / "died"
+    (code / "gated.py").write_text(
+        _GATED_MODULE.format(mark=str(mark), gate=str(gate), died=str(died), die_once=die_once)
+    )
+    config = FunctionConfig(
+        function_id="gated",
+        memory_mb=128,
+        timeout_s=30,
+        kind="package",
+        path=str(code),
+        entrypoint="gated:handler",
+    )
+    return config, mark, gate
+
+
+def test_callers_queued_behind_a_failed_load_are_all_answered_at_once(tmp_path: Path) -> None:
+    """A cold start fails to load while two callers wait for the function's only place: both
+    get the load error at once. The first caller woken raised it without passing the wake-up
+    on, so the other waited out its whole queue timeout (a daemon invoke unanswered for 60 s
+    after its worker was SIGKILLed mid-burst)."""
+    config, mark, gate = _gated_function(tmp_path, die_once=False)
+    with leak_check():
+        pool = WorkerPool(codec="json", prestart=0, sys_path=[])
+        pool.start()
+        try:
+            pool.register(config)
+
+            def call() -> Any:
+                return pool.invoke("gated", (1,), queue_timeout=60)
+
+            loading = in_thread(call)
+            wait_for(mark.exists, 10, "the cold start never began loading the handler")
+            queued = [in_thread(call), in_thread(call)]
+            slot = pool._slots["gated"]
+            wait_for(lambda: slot.waiting == 2, 10, "the two callers never queued")
+            # A long backoff after this failure (as after several in a row), so that whoever
+            # is woken sees the load error however slowly this machine schedules it.
+            slot.load_failures = 10
+            gate.touch()
+            futures = [loading, *queued]
+            wait_for(
+                lambda: all(f.done() for f in futures),
+                10,
+                "a caller was still waiting 10 s after the load failed (queue timeout: 60 s)",
+            )
+            for future in futures:
+                with pytest.raises(HandlerError, match="broken on purpose"):
+                    future.result()
+        finally:
+            pool.close()

@@ -567,6 +567,13 @@ class WorkerPool:
                             f"function {function_id}: no worker free within {wait_for:g}s"
                         )
                     slot.cond.wait(remaining)
+            except BaseException:
+                if queued is not None:
+                    # It may have been woken for the place it now leaves (the load error of
+                    # the cold start before it): pass the wake-up on, or the next caller
+                    # sleeps until its own deadline with nobody left to release anything.
+                    queued.cond.notify()
+                raise
             finally:
                 if queued is not None:
                     queued.waiting -= 1
