@@ -65,6 +65,7 @@ class EdgeCluster:
         settings: MqttSettings | None = None,
         sign_key: str | None = None,
         view_qos: int = 1,
+        reply_qos: int | None = None,
     ) -> EdgeCluster:
         """A remote-mode cluster, connected and with every retained node status ingested.
 
@@ -80,6 +81,12 @@ class EdgeCluster:
         each QoS 1 filter is a JetStream consumer that cannot be created while the cluster
         elects leaders after a node died. Keep 1 on a single broker under heavy load, which
         may drop QoS 0 deliveries to a slow subscriber.
+        ``reply_qos`` is the QoS of the controller's reply subscription; by default 0 with
+        more than one broker (a cluster) and 1 otherwise. On a NATS cluster a QoS 1
+        subscription that stays connected through the death of another node has been seen
+        to stop delivering for good (its JetStream consumer is not repaired), while QoS 0
+        delivery carried on; a reply lost either way comes again, because ``invoke`` asks a
+        late request again and the agent answers the copy from its dedupe table.
         Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
         within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
 
@@ -114,6 +121,8 @@ class EdgeCluster:
             reconnect_max_s=5.0,
             connect_timeout_s=min(timeout, 10.0),
         )
+        if reply_qos is None:
+            reply_qos = 0 if len(settings.endpoints()) > 1 else 1
         controller = FleetController(
             settings,
             prefix=prefix,
@@ -122,6 +131,7 @@ class EdgeCluster:
             clock=clock,
             signer=signer,
             view_qos=view_qos,
+            reply_qos=reply_qos,
         )
         controller.start(timeout)
         return cls(controller=controller)

@@ -56,7 +56,10 @@ def test_staged_rollout_completes_with_a_broker_node_lost_midway(
             elapsed = time.monotonic() - started
             assert killed.is_set()
             assert not result.rolled_back, result.notes
-            assert result.fleet is not None and result.fleet.ok, result.fleet
+            assert result.fleet is not None, result.notes
+            assert result.fleet.ok, {
+                node: (r.state, r.error) for node, r in result.fleet.results.items()
+            }
             assert set(result.fleet.results) == {"gw-0", "gw-1", "gw-2"}
             print(f"\nstaged rollout with node {victim} killed in the canary phase: {elapsed:.1f}s")
             for n in range(3):

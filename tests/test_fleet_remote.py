@@ -14,7 +14,9 @@ from fleetutil import connect, sim_fleet, wait_status
 
 from agent.errors import FunctionNotFound, FunctionTimeout, HandlerError
 from agent.fleet import BrokerUnreachable, RemoteRuntime, ReplyTimeout, function_spec
+from agent.fleet import controller as controller_module
 from agent.models import EdgeNode, EdgeNodeStatus
+from agent.mqtt import Message
 
 AgentFactory = Callable[..., AgentProcess]
 
@@ -147,6 +149,36 @@ def test_remote_invoke_raises_the_local_exception_classes(
     assert isinstance(missing.value, ValueError)
     with pytest.raises(ValueError, match="one JSON payload"):
         runtime.invoke("sensor", 1, 2)
+
+
+def test_a_lost_reply_is_asked_for_again_and_answered_from_the_dedupe_table(
+    serving_agent: tuple[AgentProcess, RemoteRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker loses the real agent's first reply (dropped here at the controller's
+    ingest): the controller asks again after REPLY_REASK_S with the same request id, and the
+    agent answers the copy from its dedupe table without running the handler twice."""
+    agent, runtime = serving_agent
+    controller = runtime._controller
+    monkeypatch.setattr(controller_module, "REPLY_REASK_S", 0.5)
+    dropped: list[str] = []
+    handle = controller._handle_reply
+
+    def lossy(msg: Message) -> None:
+        if not dropped:
+            dropped.append(msg.correlation_data.decode() if msg.correlation_data else "?")
+            return
+        handle(msg)
+
+    monkeypatch.setattr(controller, "_handle_reply", lossy)
+    result = controller.invoke("gw-real", "sensor", {"temperature": 100}, timeout=10)
+    assert result.value == {"processed": True, "value": 212.0}
+    assert dropped == [result.request_id], dropped
+    assert controller.stats["invokes_reasked"] == 1
+    wait_for(
+        lambda: f"duplicate request {result.request_id}: resending its reply" in agent.log(),
+        5,
+        "the agent did not answer the second ask from its dedupe table",
+    )
 
 
 def test_reply_that_never_comes_is_a_function_timeout(broker: Mosquitto) -> None:

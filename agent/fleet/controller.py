@@ -78,6 +78,11 @@ Progress = Callable[[str, RolloutReport], None]
 _BATCH = 512
 #: An invoke or spec the broker has not acknowledged after this long is published again.
 INVOKE_RESEND_S = 3.0
+#: An acknowledged invoke without a reply after this long is asked again (same request id;
+#: the agent answers a duplicate from its dedupe table, or takes it as already running),
+#: then after twice that, up to :data:`REPLY_REASK_MAX_S` between two asks.
+REPLY_REASK_S = 5.0
+REPLY_REASK_MAX_S = 20.0
 
 
 class BrokerUnreachable(AgentError):
@@ -332,6 +337,41 @@ class FleetController:
             raise PublishRefused(
                 f"the broker refused the invoke on {topic}: {ack.reason} ({ack.reason_code:#04x})"
             )
+
+    def _await_reply(
+        self,
+        client: MqttClient,
+        topic: str,
+        body: bytes,
+        rid: str,
+        future: Future[dict[str, Any]],
+        deadline: float,
+    ) -> dict[str, Any]:
+        """The reply to ``rid``, asking again while it is late (FutureTimeout at ``deadline``).
+
+        A broker may lose a reply it acknowledged to the agent: a NATS cluster whose node
+        died has been seen to stop delivering to a QoS 1 subscription that stayed connected
+        (a JetStream consumer it never repaired), and a clean-session controller that
+        reconnects loses what was queued for it. The agent keeps every reply in its dedupe
+        table (``dedupe_window_s``) and answers a duplicate request with it, so asking again
+        turns any lost reply into a late one; a duplicate of a request still running costs the
+        agent a log line. The asks back off from :data:`REPLY_REASK_S` to
+        :data:`REPLY_REASK_MAX_S`.
+        """
+        wait = REPLY_REASK_S
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FutureTimeout
+            try:
+                return future.result(min(wait, remaining))
+            except FutureTimeout:
+                if time.monotonic() >= deadline or self._mqtt is not client:
+                    raise
+            self.stats["invokes_reasked"] += 1
+            log.info("fleet controller: no reply to %s in %gs; asking again", rid, wait)
+            self._send_invoke(client, topic, body, rid, future, deadline)
+            wait = min(wait * 2, REPLY_REASK_MAX_S)
 
     def _wait_puback(
         self,
@@ -675,9 +715,10 @@ class FleetController:
         with self._cond:
             self._pending[rid] = future
         started = time.monotonic()
+        deadline = started + timeout
         try:
-            self._send_invoke(client, topic, body, rid, future, started + timeout)
-            reply = future.result(max(0.0, started + timeout - time.monotonic()))
+            self._send_invoke(client, topic, body, rid, future, deadline)
+            reply = self._await_reply(client, topic, body, rid, future, deadline)
         except FutureTimeout:
             with self._cond:
                 self._pending.pop(rid, None)
