@@ -50,7 +50,23 @@ NODE_STATUSES: Final = frozenset(s.value for s in EdgeNodeStatus)
 FUNCTION_STATES: Final = frozenset({"active", "failed", "rejected", "removed"})
 CODE_FORMATS: Final = ("source", "zip")
 
-TopicKind = Literal["fleet_spec", "node_spec", "invoke", "sync_desired", "sync_request", "unknown"]
+TopicKind = Literal[
+    "fleet_spec",
+    "node_spec",
+    "fleet_index",
+    "node_index",
+    "rollcall",
+    "invoke",
+    "sync_desired",
+    "sync_request",
+    "unknown",
+]
+#: ``mqtt.retained_wildcards``: does the broker replay retained messages to wildcard
+#: subscriptions? "yes" (MQTT says it must), "no" (RabbitMQ before 3.13: exact-topic
+#: compatibility mode, see docs/protocol.md *Brokers without retained wildcards*), "auto".
+RETAINED_WILDCARDS: Final = ("auto", "yes", "no")
+#: The longest answer window a roll call may ask for (seconds); longer ones are clamped.
+MAX_ROLLCALL_WINDOW_S: Final = 300.0
 FleetTopicKind = Literal[
     "status", "heartbeat", "function_state", "sync_delta", "sync_snapshot", "replies", "unknown"
 ]
@@ -195,15 +211,36 @@ class Topics:
     def function_state(self, fid: str) -> str:
         return f"{self.node_function(fid)}/state"
 
-    def subscriptions(self) -> list[str]:
-        """The topic filters the agent subscribes to (QoS 1)."""
-        return [
+    @property
+    def fleet_index(self) -> str:
+        return f"{self.prefix}/fleet/index"
+
+    @property
+    def node_index(self) -> str:
+        return f"{self._node}/index"
+
+    @property
+    def rollcall(self) -> str:
+        return f"{self.prefix}/fleet/rollcall"
+
+    def subscriptions(self, retained_wildcards: str = "yes") -> list[str]:
+        """The topic filters the agent subscribes to (QoS 1; the roll call at QoS 0).
+
+        Unless the broker is known to replay retained messages to wildcard filters
+        (``retained_wildcards`` "yes"), the exact index and roll-call topics follow the
+        wildcards: last, so that a broker that does replay has sent every retained spec
+        before the indexes arrive (see :class:`agent.specindex.IndexFollower`).
+        """
+        filters = [
             f"{self.prefix}/fleet/functions/+",
             f"{self._node}/functions/+",
             self.invoke,
             self.sync_desired,
             self.sync_request,
         ]
+        if retained_wildcards != "yes":
+            filters += [self.fleet_index, self.node_index, self.rollcall]
+        return filters
 
     def classify(self, topic: str) -> tuple[TopicKind, str | None]:
         """What an incoming topic is; a function id only comes back when it is a valid id."""
@@ -211,12 +248,18 @@ class Topics:
         if topic.startswith(fleet):
             fid = topic[len(fleet) :]
             return ("fleet_spec", fid) if is_valid_id(fid) else ("unknown", None)
+        if topic == self.fleet_index:
+            return ("fleet_index", None)
+        if topic == self.rollcall:
+            return ("rollcall", None)
         node = f"{self._node}/"
         if not topic.startswith(node):
             return ("unknown", None)  # another node's topic, or not ours at all
         rest = topic[len(node) :]
         if rest == "invoke":
             return ("invoke", None)
+        if rest == "index":
+            return ("node_index", None)
         if rest == "sync/desired":
             return ("sync_desired", None)
         if rest == "sync/request":
@@ -355,6 +398,19 @@ class FleetTopics:
 
     def fleet_function(self, fid: str) -> str:
         return f"{self.prefix}/fleet/functions/{_check_id('function id', fid)}"
+
+    @property
+    def fleet_index(self) -> str:
+        return f"{self.prefix}/fleet/index"
+
+    @property
+    def node_catalog(self) -> str:
+        """Which nodes have specs of their own (the controllers' copy of the node indexes)."""
+        return f"{self.prefix}/fleet/node-index"
+
+    @property
+    def rollcall(self) -> str:
+        return f"{self.prefix}/fleet/rollcall"
 
     @property
     def status(self) -> str:
@@ -1297,3 +1353,88 @@ def decode_sync_delta(payload: bytes) -> dict[str, Any]:
 def decode_sync_snapshot(payload: bytes) -> dict[str, Any]:
     """A validated snapshot whose checksum matches its data (cloud side)."""
     return _decode(payload, "sync snapshot", _check_sync_snapshot)
+
+
+# --------------------------------------------------------------------------- spec indexes
+
+
+def encode_spec_index(functions: Mapping[str, str]) -> bytes:
+    """A retained spec index: ``{"functions": {fid: version}, "ts"}`` (sorted by id)."""
+    msg: dict[str, Any] = {"functions": dict(sorted(functions.items())), "ts": now_ts()}
+    _check_spec_index(msg, ValueError)
+    return _dumps(msg)
+
+
+def decode_spec_index(payload: bytes) -> dict[str, str]:
+    """The ``functions`` of a spec index (fid -> version); empty for a cleared topic."""
+    if not payload:
+        return {}
+    msg = _load_object(payload, "spec index", BadRequest)
+    _check_spec_index(msg, BadRequest)
+    return dict(msg["functions"])
+
+
+def _check_spec_index(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "spec index", err)
+    _check_functions(f, "functions", f.obj("functions"))
+    f.ts()
+
+
+def _check_functions(f: _Fields, key: str, functions: Mapping[str, Any]) -> None:
+    """``{fid: version}``: valid function ids and versions."""
+    g = f.child(key, functions)
+    for fid in functions:
+        if not is_valid_id(fid):
+            g.bad(fid, f"a function id matching {ID_RE.pattern}", fid)
+        g.text(fid, f"a version matching {VERSION_RE.pattern}", VERSION_RE)
+
+
+def encode_node_catalog(nodes: Mapping[str, Mapping[str, str]]) -> bytes:
+    """The controllers' catalog of per-node specs: ``{"nodes": {node: {fid: version}}, "ts"}``."""
+    msg: dict[str, Any] = {
+        "nodes": {n: dict(sorted(fns.items())) for n, fns in sorted(nodes.items()) if fns},
+        "ts": now_ts(),
+    }
+    _check_node_catalog(msg, ValueError)
+    return _dumps(msg)
+
+
+def decode_node_catalog(payload: bytes) -> dict[str, dict[str, str]]:
+    """node id -> (fid -> version) of a node catalog; empty for a cleared topic."""
+    if not payload:
+        return {}
+    msg = _load_object(payload, "node index", BadRequest)
+    _check_node_catalog(msg, BadRequest)
+    return {n: dict(fns) for n, fns in msg["nodes"].items()}
+
+
+def _check_node_catalog(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "node index", err)
+    nodes = f.obj("nodes")
+    g = f.child("nodes", nodes)
+    for node_id in nodes:
+        if not is_valid_id(node_id):
+            g.bad(node_id, f"a node id matching {ID_RE.pattern}", node_id)
+        _check_functions(g, node_id, g.obj(node_id))
+    f.ts()
+
+
+def encode_rollcall(request_id: str, window_s: float) -> bytes:
+    """A roll call: every agent answers within ``window_s`` (at a random moment in it)."""
+    msg = {"request_id": request_id, "window_s": window_s}
+    _check_rollcall(msg, ValueError)
+    return _dumps(msg)
+
+
+def decode_rollcall(payload: bytes) -> tuple[str, float]:
+    """``(request_id, window_s)`` of a roll call, the window clamped to
+    ``MAX_ROLLCALL_WINDOW_S``."""
+    msg = _load_object(payload, "roll call", BadRequest)
+    _check_rollcall(msg, BadRequest)
+    return msg["request_id"], min(float(msg["window_s"]), MAX_ROLLCALL_WINDOW_S)
+
+
+def _check_rollcall(msg: Mapping[str, Any], err: _Err) -> None:
+    f = _Fields(msg, "roll call", err)
+    _request_id(f)
+    f.number("window_s")
