@@ -118,8 +118,16 @@ def build_agent(
             extra={"reason": "connection lost"},
         ),
     )
+    mode = config.mqtt.retained_wildcards
+    extra: dict[str, Any] = {}
+    if mode != "yes":  # a roll call is only worth answering now: no queued copies of it
+        extra["subscription_qos"] = {topics.rollcall: 0}
     agent.mqtt = mqtt_factory(
-        mqtt_settings(config), agent.post, will=will, subscriptions=topics.subscriptions()
+        mqtt_settings(config),
+        agent.post,
+        will=will,
+        subscriptions=topics.subscriptions(mode),
+        **extra,
     )
     return agent
 

@@ -392,6 +392,15 @@ class MqttConfig:
         "for brokers that map topics to subjects (NATS closes the connection on a publish "
         'to a topic with ".").',
     )
+    retained_wildcards: str = _key(
+        "auto",
+        choice("auto", "yes", "no"),
+        'Does the broker replay retained specs to wildcard subscriptions? "yes": MQTT says '
+        'it must (Mosquitto, EMQX, NATS). "no": it does not (RabbitMQ before 3.13): the '
+        "agent also follows the controller's retained spec indexes with exact-topic "
+        'subscriptions. "auto": follow the indexes, subscribing only to specs the broker '
+        "did not replay. Agents answer the controller's roll call unless \"yes\".",
+    )
     username: str = _key("", string(), "Broker user name; empty for none.")
     password_file: str = _key(
         "",

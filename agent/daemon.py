@@ -51,6 +51,7 @@ from agent.isolation import FunctionIdentities
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
+from agent.specindex import IndexFollower, rollcall_delay
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
@@ -117,6 +118,9 @@ class Agent:
         # Heartbeats read counters and percentiles only: no per-invocation record log.
         self.metrics = metrics or EdgeMetrics(history=0)
         self.topics = protocol.Topics(config.mqtt.topic_prefix, config.node.id)
+        #: Exact-topic spec subscriptions from the retained indexes (agent.specindex).
+        mode = config.mqtt.retained_wildcards
+        self.spec_index = IndexFollower(self.topics, mode) if mode != "yes" else None
         self.mqtt: mqtt.MqttClient | None = None
         functions_dir = Path(config.agent.state_dir) / "functions"
         #: Each function's own uid and gid (runtime.function_uids), decided at boot.
@@ -311,6 +315,8 @@ class Agent:
             if not self._store_failed(exc, "recording the connect"):
                 raise
         log.info("connected to the broker (session present: %s)", event.session_present)
+        if self.spec_index is not None:
+            self.spec_index.connected()
         self._publish_status("online")
         if not event.session_present:  # a broker without persistence lost retained messages
             count = self._republish_states()
@@ -429,6 +435,8 @@ class Agent:
             return  # acknowledged once answered
         try:
             if kind in ("fleet_spec", "node_spec") and fid is not None:
+                if self.spec_index is not None:
+                    self.spec_index.spec_seen(msg.topic)
                 try:
                     self._on_spec(kind, fid, msg.payload)
                 except StoreError as exc:
@@ -441,10 +449,34 @@ class Agent:
                     self._publish_status("online")  # its retained sync.desired_version
             elif kind == "sync_request":
                 self.sync.on_request(msg.payload)
+            elif kind in ("fleet_index", "node_index", "rollcall"):
+                self._on_index_or_rollcall(kind, msg.payload)
             else:
                 log.debug("ignoring message on %s", msg.topic, extra={"topic": msg.topic})
         finally:
             self._ack(msg)
+
+    def _on_index_or_rollcall(self, kind: str, payload: bytes) -> None:
+        """A retained spec index (subscribe to the exact spec topics it lists, for brokers
+        without retained wildcards) or a roll call (answer within its window)."""
+        try:
+            if kind == "rollcall":
+                due = time.monotonic() + rollcall_delay(payload)
+                self._timers["rollcall"] = min(self._timers.get("rollcall", due), due)
+                return
+            if self.spec_index is None or self.mqtt is None:
+                return
+            scope = "fleet" if kind == "fleet_index" else "node"
+            change = self.spec_index.on_index(scope, payload)
+        except BadRequest as exc:
+            log.warning("ignoring bad %s: %s", kind.replace("_", " "), exc)
+            return
+        if change.subscribe:
+            log.info("spec index: subscribing to %s", ", ".join(change.subscribe))
+            self.mqtt.subscribe(change.subscribe)
+        if change.unsubscribe:
+            log.info("spec index: unsubscribing from %s", ", ".join(change.unsubscribe))
+            self.mqtt.unsubscribe(change.unsubscribe)
 
     def _on_spec(self, kind: str, fid: str, payload: bytes) -> None:
         scope = "fleet" if kind == "fleet_spec" else "node"
@@ -1057,6 +1089,11 @@ class Agent:
             self.notifier.watchdog()  # from the loop only: a stuck loop stops the pings
         if self._timers.get("store_retry", now + 1) <= now:
             self._retry_store()
+        if self._timers.get("rollcall", now + 1) <= now:
+            del self._timers["rollcall"]
+            if self._connected:  # answered live: a controller cannot read retained ones
+                self._publish_status("online")
+                self._republish_states()
         if self._timers.get("outbox_sweep", now + 1) <= now:
             self._sweep_outbox()
         if self._timers.get("prune", now + 1) <= now:

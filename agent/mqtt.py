@@ -422,6 +422,16 @@ class MqttClient:
         if client is not None and self.connected:
             self._send_subscribe(client, list(topics))
 
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Drop filters (now, if connected, and from every later reconnect)."""
+        gone = [t for t in topics if t in self._subscriptions]
+        self._subscriptions = [t for t in self._subscriptions if t not in gone]
+        for t in gone:
+            self._qos.pop(t, None)
+        client = self._client
+        if gone and client is not None and self.connected:
+            client.unsubscribe(gone)
+
     # -- paho callbacks (network thread): convert and enqueue, nothing else -------------------
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
