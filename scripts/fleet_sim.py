@@ -25,6 +25,15 @@ than the simulation itself. Here one selector thread drives every client through
 external-loop API (``loop_read`` / ``loop_write`` / ``loop_misc`` and the socket
 open/close/register-write callbacks).
 
+What a node owes is delivered the way the agent delivers it (its outbox and PUBACK
+watchdog): its retained status and its function-state reports are tracked by packet id until
+the broker's PUBACK, and one not acknowledged within ``--resend`` seconds (jittered, doubling
+up to 30 s) is published again on the same selector loop, the unacknowledged copy dropped from
+paho's queue; a newer report on the same topic replaces an owed one, and a reconnect
+publishes the status again. A clustered broker (NATS electing JetStream leaders, or just busy)
+may drop or never acknowledge a QoS 1 publish, and MQTT itself resends only after a
+reconnect. Heartbeats (QoS 0) and replies (the controller asks again) are not tracked.
+
 Signals (for benchmarks): SIGUSR1 switches every node to ``--fast-heartbeat``, SIGUSR2
 back to ``--heartbeat``; SIGINT/SIGTERM stop cleanly (each node publishes ``offline``).
 """
@@ -66,6 +75,7 @@ from agent.daemon import STATUS_REFRESH_HEARTBEATS as STATUS_REFRESH  # noqa: E4
 from agent.errors import AgentError, DeploymentRejected, error_to_dict  # noqa: E402
 
 MAX_PAYLOAD = 262144
+RESEND_MAX_S = 30.0
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 
@@ -96,6 +106,10 @@ class SimNode:
         self.connected = False
         self.dead = False  # killed on purpose: no reconnect
         self.muted = False  # heartbeats paused on purpose
+        #: retained topic -> [payload, mid, due, wait]: published, no PUBACK yet
+        self.owed: dict[str, list[Any]] = {}
+        self.owed_mids: dict[int, str] = {}
+        self.resend_due: float | None = None  # the node's one resend timer
         v5 = fleet.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -112,6 +126,8 @@ class SimNode:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.max_inflight_messages_set(0)  # no window: owed copies are replaced, not queued
         client.on_socket_open = fleet._on_socket_open
         client.on_socket_close = fleet._on_socket_close
         client.on_socket_register_write = fleet._on_register_write
@@ -156,7 +172,12 @@ class SimNode:
             return
         self.connected = True
         client.subscribe([(t, 1) for t in self.topics.subscriptions()])
-        client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+        self.publish_owed(self.topics.status, self._status("online"))
+        # paho sends the held copies of other owed reports again now: restart their clocks
+        now = time.monotonic()
+        for entry in self.owed.values():
+            entry[2], entry[3] = now + self._jitter(self.fleet.resend_s), self.fleet.resend_s
+        self._arm_resend()
         self.fleet.schedule_heartbeat(self, 0.0)
         self.fleet.on_node_connected(self)
 
@@ -167,6 +188,62 @@ class SimNode:
             self.fleet.on_node_disconnected(self)
         if not self.dead and not self.fleet.stopping:
             self.fleet.schedule_reconnect(self)
+
+    # -- what the node owes: retained publishes until their PUBACK ----------------------------
+
+    def _jitter(self, wait: float) -> float:
+        return wait * self.fleet.rng.uniform(1.0, 1.5)
+
+    def publish_owed(self, topic: str, payload: bytes, wait: float | None = None) -> None:
+        """Publish a retained QoS 1 message that must reach the broker: tracked by mid until
+        its PUBACK, published again by the resend timer; replaces what was owed on ``topic``."""
+        previous = self.owed.get(topic)
+        if previous is not None:
+            self._forget(previous[1])
+        mid = self.client.publish(topic, payload, qos=1, retain=True).mid
+        wait = self.fleet.resend_s if wait is None else wait
+        self.owed[topic] = [payload, mid, time.monotonic() + self._jitter(wait), wait]
+        self.owed_mids[mid] = topic
+        self._arm_resend()
+
+    def _forget(self, mid: int) -> None:
+        """Drop a superseded unacknowledged copy, so a reconnect does not send it again
+        (paho keeps no public handle on its resend queue; as ``MqttClient.forget``)."""
+        self.owed_mids.pop(mid, None)
+        client = self.client
+        with client._out_message_mutex:
+            client._out_messages.pop(mid, None)
+
+    def _on_publish(self, client: paho.Client, node: Any, mid: int, reason: Any, p: Any) -> None:
+        topic = self.owed_mids.pop(mid, None)
+        if topic is None:
+            return  # a heartbeat or a reply
+        entry = self.owed.get(topic)
+        if entry is not None and entry[1] == mid:
+            if getattr(reason, "is_failure", False):  # MQTT 5: refused; the timer sends again
+                return
+            del self.owed[topic]
+            self.fleet.acked += 1
+
+    def _arm_resend(self) -> None:
+        if not self.owed:
+            return
+        due = min(entry[2] for entry in self.owed.values())
+        if self.resend_due is None or due < self.resend_due:
+            self.resend_due = due
+            self.fleet.push_timer(due, "resend", self)
+
+    def resend(self, now: float) -> None:
+        """The resend timer: publish again what is owed and overdue (only while connected:
+        while disconnected paho holds the copies and sends them on the reconnect)."""
+        self.resend_due = None
+        if not self.connected:
+            return  # _on_connect restarts the clocks
+        for topic, (payload, _mid, due, wait) in list(self.owed.items()):
+            if due <= now:
+                self.publish_owed(topic, payload, min(wait * 2, RESEND_MAX_S))
+                self.fleet.resent += 1
+        self._arm_resend()
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -259,7 +336,7 @@ class SimNode:
         payload = protocol.encode_function_state(
             fid, version, sha256, state, error, extra={"active_version": active}
         )
-        self.client.publish(self.topics.function_state(fid), payload, qos=1, retain=True)
+        self.publish_owed(self.topics.function_state(fid), payload)
 
     def on_invoke(self, payload: bytes, response_topic: str | None, correlation: Any) -> None:
         started = time.perf_counter()
@@ -360,7 +437,7 @@ class SimNode:
         )
         self.client.publish(self.topics.heartbeat, payload, qos=0)
         if self.seq % STATUS_REFRESH == 0:  # the retained status's ts is "last seen"
-            self.client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+            self.publish_owed(self.topics.status, self._status("online"))
 
 
 class SimFleet:
@@ -382,6 +459,7 @@ class SimFleet:
         seed: int | None = None,
         brokers: Iterable[tuple[str, int]] = (),
         protocol: str = "5",
+        resend_s: float = 3.0,
     ) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         #: The nodes of a clustered broker: simulated nodes spread over them by index.
@@ -398,6 +476,10 @@ class SimFleet:
         self.nodes: dict[str, SimNode] = {}
         self.stopping = False
         self.heartbeats_sent = 0
+        #: seconds without a PUBACK before an owed retained publish goes again (then doubling)
+        self.resend_s = resend_s
+        self.resent = 0  # owed publishes sent again
+        self.acked = 0  # owed publishes acknowledged
         self._selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, str, SimNode]] = []
         self._timer_seq = itertools.count()
@@ -470,7 +552,7 @@ class SimFleet:
             now = time.monotonic()
             for node in self.nodes.values():  # spread evenly over the new interval
                 self._hb_due[node.node_id] = now + self.rng.uniform(0, interval_s)
-                self._push(self._hb_due[node.node_id], "hb", node)
+                self.push_timer(self._hb_due[node.node_id], "hb", node)
 
         self.call(change)
 
@@ -492,16 +574,27 @@ class SimFleet:
             except OSError:
                 self.schedule_reconnect(node)
 
-    def _push(self, due: float, what: str, node: SimNode) -> None:
+    def push_timer(self, due: float, what: str, node: SimNode) -> None:
         heapq.heappush(self._timers, (due, next(self._timer_seq), what, node))
 
     def schedule_heartbeat(self, node: SimNode, delay: float) -> None:
         due = time.monotonic() + delay
         self._hb_due[node.node_id] = due
-        self._push(due, "hb", node)
+        self.push_timer(due, "hb", node)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for benchmarks (read from any thread: plain ints, a snapshot)."""
+        owed = sum(len(node.owed) for node in list(self.nodes.values()))
+        return {
+            "connected": self._connected,
+            "heartbeats_sent": self.heartbeats_sent,
+            "owed_acked": self.acked,
+            "owed_resent": self.resent,
+            "owed_now": owed,
+        }
 
     def schedule_reconnect(self, node: SimNode) -> None:
-        self._push(time.monotonic() + self.rng.uniform(0.2, 1.0), "reconnect", node)
+        self.push_timer(time.monotonic() + self.rng.uniform(0.2, 1.0), "reconnect", node)
 
     def on_node_connected(self, node: SimNode) -> None:
         self._connected += 1
@@ -590,10 +683,13 @@ class SimFleet:
                     continue  # rescheduled since
                 if node.connected and not self.stopping:
                     self._hb_due[node.node_id] = due + self.heartbeat_s
-                    self._push(due + self.heartbeat_s, "hb", node)
+                    self.push_timer(due + self.heartbeat_s, "hb", node)
                     if not node.muted:
                         node.heartbeat()
                         self.heartbeats_sent += 1
+            elif what == "resend":
+                if node.resend_due == due and not self.stopping:
+                    node.resend(now)
             elif what == "reconnect" and not node.dead and not self.stopping:
                 try:
                     node.client.reconnect()
@@ -620,6 +716,18 @@ def main(argv: list[str] | None = None) -> int:
         "--brokers", default="", help="host:port,... of a clustered broker (spread over them)"
     )
     parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version")
+    parser.add_argument(
+        "--resend",
+        type=float,
+        default=3.0,
+        help="seconds without a PUBACK before a retained status/state goes again (default 3)",
+    )
+    parser.add_argument(
+        "--stats-every",
+        type=float,
+        default=0.0,
+        help="print a JSON line of counters every N seconds (default 0: only at the end)",
+    )
     args = parser.parse_args(argv)
     brokers = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in args.brokers.split(",") if e)]
     raise_nofile_limit()
@@ -635,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         first=args.first,
         brokers=brokers,
         protocol=args.protocol,
+        resend_s=args.resend,
     )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -645,10 +754,14 @@ def main(argv: list[str] | None = None) -> int:
     fleet.start()
     ready = {"ready": args.count, "seconds": round(time.monotonic() - started, 3)}
     print(json.dumps(ready), flush=True)
-    while not stop.wait(1.0):
-        pass
+    every = args.stats_every
+    next_stats = time.monotonic() + every
+    while not stop.wait(min(1.0, every) if every > 0 else 1.0):
+        if every > 0 and time.monotonic() >= next_stats:
+            next_stats += every
+            print(json.dumps({"stats": fleet.stats()}), flush=True)
     fleet.stop()
-    print(json.dumps({"stopped": True, "heartbeats_sent": fleet.heartbeats_sent}), flush=True)
+    print(json.dumps({"stopped": True, **fleet.stats()}), flush=True)
     return 0
 
 
