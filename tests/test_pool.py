@@ -400,3 +400,25 @@ def test_callers_queued_behind_a_failed_load_are_all_answered_at_once(tmp_path: 
                     future.result()
         finally:
             pool.close()
+
+
+def test_prestarted_worker_killed_while_loading_is_not_a_load_failure(tmp_path: Path) -> None:
+    """The pre-started interpreter a cold start took is SIGKILLed while it loads the handler:
+    the load is retried in a fresh worker and the invocation answers. It counted as a failed
+    load: the caller got worker_crashed, and so did every caller of the function for the
+    backoff after it (28 of a burst of 40 when every worker was killed mid-burst)."""
+    config, _, gate = _gated_function(tmp_path, die_once=True)
+    with leak_check():
+        pool = WorkerPool(codec="json", prestart=1, sys_path=[])
+        pool.start()
+        try:
+            assert pool.wait_prestarted(), "the prestart pool never filled"
+            prestarted = set(pool.worker_pids())
+            pool.register(config)
+            gate.touch()
+            result = pool.invoke("gated", (7,))
+            assert result.value == 7 and result.cold_start
+            assert result.worker_pid not in prestarted, "loaded in the killed worker?"
+            assert pool.invoke("gated", (8,)).value == 8  # no load error left behind
+        finally:
+            pool.close()

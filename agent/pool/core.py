@@ -700,8 +700,15 @@ class WorkerPool:
             )
             self._note_load_failure(slot, error)
             raise error from None
-        except wire.FrameError:
+        except wire.FrameError as exc:
             self._discard(worker)
+            if exc.eof and worker is reserved:
+                # The pre-started interpreter died under us (killed from outside just
+                # before or while it loaded; the poll above can miss that): no proof that
+                # the handler cannot load, and a load failure would fail every caller of
+                # the function for the backoff. Once more, in a worker of its own.
+                log.info("pre-started worker %d died while loading; spawning another", worker.pid)
+                return self._load(slot, None)
             error = worker.death_error(config.function_id)
             self._note_load_failure(slot, error)
             raise error from None
