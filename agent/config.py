@@ -399,7 +399,7 @@ class MqttConfig:
         'it must (Mosquitto, EMQX, NATS). "no": it does not (RabbitMQ before 3.13): the '
         "agent also follows the controller's retained spec indexes with exact-topic "
         'subscriptions. "auto": follow the indexes, subscribing only to specs the broker '
-        "did not replay. Agents answer the controller's roll call unless \"yes\".",
+        'did not replay. Agents answer the controller\'s roll call unless "yes".',
     )
     username: str = _key("", string(), "Broker user name; empty for none.")
     password_file: str = _key(
