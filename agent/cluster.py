@@ -66,6 +66,8 @@ class EdgeCluster:
         sign_key: str | None = None,
         view_qos: int = 1,
         reply_qos: int | None = None,
+        retained_wildcards: str = "auto",
+        rollcall_window_s: float = 2.0,
     ) -> EdgeCluster:
         """A remote-mode cluster, connected and with every retained node status ingested.
 
@@ -89,6 +91,11 @@ class EdgeCluster:
         late request again and the agent answers the copy from its dedupe table.
         Raises :class:`~agent.fleet.BrokerUnreachable` when the broker cannot be reached
         within ``timeout`` seconds, ``ConfigError`` for unusable TLS files.
+
+        ``retained_wildcards``: ``"auto"`` probes whether the broker replays retained
+        messages to wildcard subscriptions; where it does not (``"no"``: RabbitMQ before
+        3.13) the controller reads the specs through the retained indexes and calls a roll
+        call, waiting ``rollcall_window_s`` for the nodes' answers (docs/protocol.md).
 
         ``sign_key`` is a private key file (``edgectl keygen``): every spec the cluster
         publishes is then signed (ConfigError when the file is unusable or others can
@@ -132,6 +139,8 @@ class EdgeCluster:
             signer=signer,
             view_qos=view_qos,
             reply_qos=reply_qos,
+            retained_wildcards=retained_wildcards,
+            rollcall_window_s=rollcall_window_s,
         )
         controller.start(timeout)
         return cls(controller=controller)

@@ -21,7 +21,10 @@ broker; ``EDGECTL_BROKER``, default 127.0.0.1:1883),
 ``--prefix`` (``EDGECTL_PREFIX``, default edge), ``--tls`` (``EDGECTL_TLS=1``),
 ``--ca-file``/``--cert-file``/``--key-file`` (``EDGECTL_CA_FILE``, ...), ``--username``
 (``EDGECTL_USERNAME``), ``--password-file`` (``EDGECTL_PASSWORD_FILE``),
-``--heartbeat-interval`` (``EDGECTL_HEARTBEAT_INTERVAL``, the agents' interval, default 30).
+``--heartbeat-interval`` (``EDGECTL_HEARTBEAT_INTERVAL``, the agents' interval, default 30),
+``--retained-wildcards auto|yes|no`` (``EDGECTL_RETAINED_WILDCARDS``: brokers that replay no
+retained messages to wildcard filters, RabbitMQ before 3.13, need "no", which "auto" detects)
+and ``--rollcall-window`` (``EDGECTL_ROLLCALL_WINDOW``, the nodes' answer window there).
 ``--json`` prints one JSON document on stdout instead of tables.
 
 Exit codes, for scripts: 0 ok; 1 the operation failed (a deploy rejected or failed on some
@@ -137,6 +140,8 @@ def connect(
         # replicated JetStream consumer per filter (seconds, and impossible mid-election).
         view_qos=0,
         reply_qos=0,
+        retained_wildcards=args.retained_wildcards,
+        rollcall_window_s=args.rollcall_window,
     )
     controller.start(args.connect_timeout)
     return EdgeCluster(controller=controller)
@@ -617,7 +622,10 @@ def mosquitto_acl(prefix: str, nodes: Sequence[str], controllers: Sequence[str])
             f"topic write {n}/sync/snapshot",
             f"topic write {p}/controllers/+/replies",
             f"topic read {p}/fleet/functions/+",
+            f"topic read {p}/fleet/index",
+            f"topic read {p}/fleet/rollcall",
             f"topic read {n}/functions/+",
+            f"topic read {n}/index",
             f"topic read {n}/invoke",
             f"topic read {n}/sync/desired",
             f"topic read {n}/sync/request",
@@ -691,6 +699,22 @@ def _connection_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=d(float(_env("HEARTBEAT_INTERVAL", "30"))),
         metavar="S",
         help="the agents' heartbeat interval: 3 missed is OFFLINE (default 30)",
+    )
+    g.add_argument(
+        "--retained-wildcards",
+        choices=protocol.RETAINED_WILDCARDS,
+        default=d(_env("RETAINED_WILDCARDS", "auto")),
+        help="does the broker replay retained messages to wildcard subscriptions? no: "
+        "RabbitMQ before 3.13 (spec indexes and a roll call); auto: probe (default; env "
+        "EDGECTL_RETAINED_WILDCARDS)",
+    )
+    g.add_argument(
+        "--rollcall-window",
+        type=float,
+        default=d(float(_env("ROLLCALL_WINDOW", "2"))),
+        metavar="S",
+        help="without retained wildcards: how long the nodes take to answer the roll call "
+        "(they spread their answers over it; default 2)",
     )
     g.add_argument("--json", action="store_true", default=d(False), help="JSON on stdout")
 

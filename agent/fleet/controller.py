@@ -78,11 +78,16 @@ Progress = Callable[[str, RolloutReport], None]
 _BATCH = 512
 #: An invoke or spec the broker has not acknowledged after this long is published again.
 INVOKE_RESEND_S = 3.0
+#: A roll call's answers are awaited this much longer than its window (transit, queues).
+ROLLCALL_MARGIN_S = 0.5
 #: An acknowledged invoke without a reply after this long is asked again (same request id;
 #: the agent answers a duplicate from its dedupe table, or takes it as already running),
 #: then after twice that, up to :data:`REPLY_REASK_MAX_S` between two asks.
 REPLY_REASK_S = 5.0
 REPLY_REASK_MAX_S = 20.0
+#: A canary without a result after this long gets its per-node spec again (then after
+#: twice that, and so on): see :meth:`FleetController.wait_rollout`.
+REPUSH_S = 10.0
 
 
 class BrokerUnreachable(AgentError):
@@ -140,6 +145,8 @@ class FleetController:
         signer: Signer | None = None,
         view_qos: int = 1,
         reply_qos: int = 1,
+        retained_wildcards: str = "auto",
+        rollcall_window_s: float = 2.0,
     ) -> None:
         #: Signs every spec this controller publishes (deploys, canaries, rollbacks).
         self.signer = signer
@@ -155,6 +162,22 @@ class FleetController:
         self.reply_topic = f"{base}/replies"
         self._fence_topic = f"{base}/fence"
         own = [self.reply_topic, self._fence_topic]
+        #: Brokers without retained wildcards (docs/protocol.md): "yes", "no" or "auto"
+        #: (probe at start); ``wildcard_replay`` says what start() found.
+        if retained_wildcards not in protocol.RETAINED_WILDCARDS:
+            raise ValueError(
+                f"retained_wildcards: expected auto, yes or no, not {retained_wildcards}"
+            )
+        self.retained_wildcards = retained_wildcards
+        self.wildcard_replay: bool | None = None
+        self.rollcall_window_s = rollcall_window_s
+        self._probe_topic, self._probe_fence = f"{base}/probe/r", f"{base}/probe/f"
+        self._probe_nonce = b""
+        self._probe_result: bool | None = None
+        #: Index topic -> the payload this controller published last, until it comes back.
+        self._index_sent: dict[str, bytes] = {}
+        if retained_wildcards != "yes":  # exact topics: replayed by every broker
+            own += [self.view.topics.fleet_index, self.view.topics.node_catalog]
         self._subscriptions = [*self.view.subscriptions(), *own, *extra_subscriptions]
         #: QoS 0 for the view's filters (and the fence) suits a one-shot reader (edgectl):
         #: the retained replay is what it needs and nothing is queued for a clean session
@@ -218,6 +241,90 @@ class FleetController:
                 f"cannot reach the MQTT broker at {where} within {timeout:g}s: "
                 f"{reason or 'no broker answered the CONNECT'}"
             )
+        try:
+            self._settle_retained_mode(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _settle_retained_mode(self, timeout: float) -> None:
+        """Does the broker replay retained messages to wildcard filters (``auto``: probe)?
+        Without, read the specs the indexes list on their exact topics and call the roll:
+        statuses and function states arrive live, as answers."""
+        mode = self.retained_wildcards
+        replay = mode == "yes" or (mode == "auto" and self.probe_retained_wildcards(timeout))
+        self.wildcard_replay = replay
+        if replay:
+            return
+        log.info(
+            "fleet controller: exact-topic mode (the broker does not replay retained "
+            "messages to wildcard subscriptions): spec indexes and a roll call"
+        )
+        with self._cond:
+            topics = [self.spec_topic(fid) for fid in self.view.fleet_index]
+            topics += [
+                self.spec_topic(fid, node_id)
+                for node_id, functions in self.view.node_index.items()
+                for fid in functions
+            ]
+        client = self._mqtt
+        if topics and client is not None:
+            client.subscribe(topics, qos=self._subscription_qos[self._fence_topic])
+            with self._cond:
+                self._synced = False
+                self._fence = uuid.uuid4().hex.encode()
+                client.publish(self._fence_topic, self._fence, qos=1)
+            if not self.wait_synced(timeout):
+                raise BrokerUnreachable(
+                    f"the {len(topics)} specs the indexes list did not arrive within {timeout:g}s"
+                )
+        self.rollcall()
+
+    def probe_retained_wildcards(self, timeout: float = 10.0) -> bool:
+        """True when the broker replays a retained message to a wildcard subscription.
+
+        Publishes a retained probe on this controller's own topic, subscribes to a wildcard
+        that matches it, then publishes a live *fence* on the same wildcard: the broker
+        queues retained messages for a subscription before it routes a later publish, so
+        the fence arriving first means no replay (RabbitMQ before 3.13). The probe is
+        cleared afterwards. No answer within ``timeout``: False (the compatible choice).
+        """
+        client = self._mqtt
+        if client is None:
+            raise BrokerUnreachable("the fleet controller is not started")
+        nonce = uuid.uuid4().hex.encode()
+        with self._cond:
+            self._probe_nonce, self._probe_result = nonce, None
+        deadline = time.monotonic() + timeout
+        self.publish(self._probe_topic, nonce, retain=True, timeout=timeout)
+        wildcard = self._probe_topic.rsplit("/", 1)[0] + "/+"
+        try:
+            client.subscribe([wildcard], qos=self._subscription_qos[self._fence_topic])
+            self.publish(self._probe_fence, nonce, timeout=max(0.1, deadline - time.monotonic()))
+            with self._cond:
+                while self._probe_result is None and time.monotonic() < deadline:
+                    self._cond.wait(deadline - time.monotonic())
+                result = self._probe_result
+        finally:
+            client.unsubscribe([wildcard])
+            self.publish(self._probe_topic, b"", retain=True, timeout=timeout)
+        if result is None:
+            log.warning("fleet controller: the retained-wildcard probe did not come back")
+        log.info("fleet controller: broker replays retained messages to wildcards: %s", result)
+        return bool(result)
+
+    def rollcall(self, window_s: float | None = None) -> None:
+        """Ask every agent to publish its status and function states again, live, at a
+        random moment within ``window_s`` (default ``rollcall_window_s``), and wait for the
+        window to pass: how a view fills on a broker that replays no retained statuses to
+        wildcards. N nodes answer at about N / window statuses per second."""
+        window = self.rollcall_window_s if window_s is None else window_s
+        rid = f"{self.controller_id}-rollcall-{next(self._request_ids):x}"
+        self.publish(self.view.topics.rollcall, protocol.encode_rollcall(rid, window))
+        deadline = time.monotonic() + window + ROLLCALL_MARGIN_S
+        stop = threading.Event()  # answers are ingested meanwhile; nothing to wake us for
+        while (remaining := deadline - time.monotonic()) > 0:
+            stop.wait(remaining)
 
     def wait_synced(self, timeout: float) -> bool:
         """True once connected and every retained message up to now has been ingested."""
@@ -306,6 +413,14 @@ class FleetController:
         if msg.topic == self._fence_topic:
             if msg.payload == self._fence:
                 self._synced = True
+            return False
+        if msg.topic in (self._probe_topic, self._probe_fence):
+            if msg.payload == self._probe_nonce and self._probe_result is None:
+                self._probe_result = msg.topic == self._probe_topic and msg.retain
+            return False
+        if msg.topic in self._index_sent:  # our own write is newer until it comes back
+            if self._index_sent[msg.topic] == msg.payload:
+                del self._index_sent[msg.topic]
             return False
         kind = self.view.ingest(msg.topic, msg.payload, now=now, retained=msg.retain, wall=wall)
         if kind == "bad":
@@ -502,7 +617,12 @@ class FleetController:
 
     def publish_spec(self, spec: protocol.FunctionSpec, node_id: str | None = None) -> None:
         """Publish ``spec`` retained, fleet-wide (``node_id`` None) or for one node; signed
-        for that target with a new sequence when the controller has a signer."""
+        for that target with a new sequence when the controller has a signer. Then the
+        spec index (see :meth:`update_indexes`)."""
+        self._publish_spec(spec, node_id)
+        self.update_indexes([(node_id, spec.id, spec.version)])
+
+    def _publish_spec(self, spec: protocol.FunctionSpec, node_id: str | None) -> None:
         if self.signer is not None:
             target = protocol.FLEET_TARGET if node_id is None else node_id
             spec = self.signer.sign(spec, target=target, sequence=self.next_sequence(spec))
@@ -535,7 +655,52 @@ class FleetController:
             else:
                 had = (node_id, function_id) in self.view.node_specs
         self.publish(self.spec_topic(function_id, node_id), b"", retain=True)
+        self.update_indexes([(node_id, function_id, None)])
         return had
+
+    def update_indexes(self, changes: Iterable[tuple[str | None, str, str | None]]) -> None:
+        """Bring the retained spec indexes up to date after specs were published, each
+        ``(node id or None for the fleet, function id, version or None when cleared)``.
+
+        Agents on a broker without retained wildcards subscribe to the exact spec topics the
+        indexes list (agent.specindex). Read-modify-write of the retained copy this
+        controller holds, published after the specs: one controller writing at a time is
+        assumed (two at once may lose one's update; an agent never undeploys because of
+        an index). Nothing is written with ``retained_wildcards="yes"``.
+        """
+        if self.retained_wildcards == "yes":
+            return
+        topics = self.view.topics
+        out: list[tuple[str, bytes]] = []
+        with self._cond:
+            fleet = dict(self.view.fleet_index)
+            nodes = {n: dict(fns) for n, fns in self.view.node_index.items()}
+            fleet_changed, nodes_changed = False, set()
+            for node_id, fid, version in changes:
+                table = fleet if node_id is None else nodes.setdefault(node_id, {})
+                if table.get(fid) == version:
+                    continue
+                if version is None:
+                    table.pop(fid, None)
+                else:
+                    table[fid] = version
+                if node_id is None:
+                    fleet_changed = True
+                else:
+                    nodes_changed.add(node_id)
+            nodes = {n: fns for n, fns in nodes.items() if fns}
+            if fleet_changed:
+                out.append((topics.fleet_index, protocol.encode_spec_index(fleet)))
+            for node_id in sorted(nodes_changed):
+                own = nodes.get(node_id)
+                out.append((topics.node(node_id).node_index, protocol.encode_spec_index(own or {})))
+            if nodes_changed:
+                out.append((topics.node_catalog, protocol.encode_node_catalog(nodes)))
+            self.view.fleet_index, self.view.node_index = fleet, nodes
+            watched = (topics.fleet_index, topics.node_catalog)  # node indexes never come back
+            self._index_sent.update((t, p) for t, p in out if t in watched)
+        for topic, payload in out:
+            self.publish(topic, payload, retain=True)
 
     def deploy_fleet(self, spec: protocol.FunctionSpec) -> list[str]:
         """Publish the fleet spec; the nodes that will deploy it now (the rollout's targets)."""
@@ -547,7 +712,8 @@ class FleetController:
         """Publish a per-node spec to each node; the nodes."""
         nodes = list(dict.fromkeys(node_ids))
         for node_id in nodes:
-            self.publish_spec(spec, node_id)
+            self._publish_spec(spec, node_id)
+        self.update_indexes([(node_id, spec.id, spec.version) for node_id in nodes])
         return nodes
 
     def forget_node(self, node_id: str) -> bool:
@@ -574,13 +740,23 @@ class FleetController:
         on_progress: Progress | None = None,
         *,
         phase: str = "rollout",
+        repush: Callable[[list[str]], object] | None = None,
     ) -> RolloutReport:
         """Wait until every node in ``nodes`` (default: the targets now) has a final result
         for ``spec`` (active, rejected, failed, offline), or the deadline; the report says
-        which (``timed_out`` and ``pending`` nodes when the deadline won)."""
+        which (``timed_out`` and ``pending`` nodes when the deadline won).
+
+        ``repush(nodes)`` is called with the nodes still ``pending`` (online, no result)
+        :data:`REPUSH_S` after the start, then after twice that, and so on: it publishes their
+        per-node spec again. A clustered broker may acknowledge a retained publish and still
+        lose its live delivery to a subscriber (NATS while its streams elect leaders); the
+        agent takes an unchanged spec again as a no-op, so a repeat only fills the gap.
+        """
         node_ids = self.targets(spec) if nodes is None else list(dict.fromkeys(nodes))
         started = time.monotonic()
         deadline = started + timeout
+        repush_wait = REPUSH_S
+        repush_at = started + repush_wait
         changed = threading.Event()
         last: dict[str, rollout.NodeResult] | None = None
         with self._cond:
@@ -602,6 +778,22 @@ class FleetController:
                 last = current.results
                 if finished:
                     return replace(current, timed_out=not current.done)
+                if repush is not None and time.monotonic() >= repush_at:
+                    pending = sorted(n for n, r in current.results.items() if r.state == "pending")
+                    if pending:
+                        log.info(
+                            "%s %s: no result from %d node(s) after %.0fs: publishing their "
+                            "spec again (%s)",
+                            spec.id,
+                            spec.version,
+                            len(pending),
+                            time.monotonic() - started,
+                            ", ".join(pending[:10]),
+                        )
+                        self.stats["specs_repushed"] += len(pending)
+                        repush(pending)
+                    repush_wait *= 2
+                    repush_at = time.monotonic() + repush_wait
                 # Woken by status/state messages; every 0.25 s anyway (staleness advances).
                 changed.wait(min(0.25, max(0.0, deadline - time.monotonic())))
         finally:
@@ -634,7 +826,12 @@ class FleetController:
             )
         self.deploy_nodes(spec, canaries)
         canary_report = self.wait_rollout(
-            spec, canaries, canary_timeout_s, on_progress, phase="canary"
+            spec,
+            canaries,
+            canary_timeout_s,
+            on_progress,
+            phase="canary",
+            repush=lambda pending: self.deploy_nodes(spec, pending),
         )
         failed = [n for n, r in canary_report.results.items() if r.state != "active"]
         if len(failed) > max_failures:

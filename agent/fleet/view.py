@@ -49,7 +49,7 @@ from agent.errors import AgentError, BadRequest
 from agent.models import EdgeNode, EdgeNodeStatus
 
 MessageKind = Literal[
-    "status", "heartbeat", "function_state", "fleet_spec", "node_spec", "unknown", "bad"
+    "status", "heartbeat", "function_state", "fleet_spec", "node_spec", "index", "unknown", "bad"
 ]
 
 #: Heartbeat intervals of silence after which a node counts as OFFLINE.
@@ -90,6 +90,10 @@ class FleetView:
     fleet_specs: dict[str, bytes] = field(default_factory=dict)
     #: (node id, function id) -> the retained per-node spec.
     node_specs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    #: The retained spec indexes (docs/protocol.md, *Brokers without retained wildcards*):
+    #: fleet function id -> version, and node id -> its own specs' ids -> versions.
+    fleet_index: dict[str, str] = field(default_factory=dict)
+    node_index: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Messages ingested, by kind (``bad`` = did not decode); ``last_error`` says why.
     counts: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
@@ -138,6 +142,12 @@ class FleetView:
     def _apply(
         self, topic: str, payload: bytes, now: float, retained: bool, wall: float | None
     ) -> MessageKind:
+        if topic == self.topics.fleet_index:
+            self.fleet_index = protocol.decode_spec_index(payload)
+            return "index"
+        if topic == self.topics.node_catalog:
+            self.node_index = protocol.decode_node_catalog(payload)
+            return "index"
         if topic.startswith(self._fleet_head):
             fleet_fid = topic[len(self._fleet_head) :]
             if not protocol.is_valid_id(fleet_fid):
