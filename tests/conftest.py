@@ -774,3 +774,105 @@ def mirror(broker: Mosquitto) -> Iterator[Any]:
     ).start()
     yield client
     client.stop()
+
+
+# -- RabbitMQ with its MQTT plugin (3.10: no retained messages for wildcard subscriptions) ---
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class RabbitMQ:
+    """A RabbitMQ node of the test's own: its own node name, ports, Mnesia and log
+    directories and Erlang cookie (``HOME``) under ``workdir``, the MQTT plugin enabled from
+    its own plugins file, listening on 127.0.0.1 only. Never the system's node: that one's
+    name, ports, data and plugins stay untouched. Erlang's port mapper (epmd) is shared (or
+    started, and left running, like any Erlang tool does)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir / f"rabbitmq-{uuid.uuid4().hex[:8]}"
+        self.workdir.mkdir()
+        self.port = free_port()  # MQTT
+        self.amqp_port = free_port()
+        self.dist_port = free_port()
+        self.node = f"edge-test-{uuid.uuid4().hex[:10]}@localhost"
+        self.log = self.workdir / "stdout.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_in: float | None = None
+        (self.workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "loopback_users = none\n"
+            "management_agent.disable_metrics_collector = true\n"
+        )
+        self.env = {
+            **os.environ,
+            "HOME": str(self.workdir),  # its own .erlang.cookie
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.workdir / "plugins-expand"),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.workdir / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.workdir / "rabbitmq-env.conf"),
+        }
+
+    def start(self, timeout: float = 90.0) -> RabbitMQ:
+        server = RABBITMQ_BIN / "rabbitmq-server"
+        if not server.exists():
+            pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        started = time.monotonic()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(server)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                env=self.env,
+                start_new_session=True,  # stop() can kill its whole process group
+            )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"rabbitmq-server exited: {self.log.read_text()[-3000:]}")
+            return port_open(self.port)
+
+        wait_for(up, timeout, f"RabbitMQ's MQTT listener did not open on {self.port}")
+        self.started_in = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, "stop"],
+                env=self.env,
+                cwd=self.workdir,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
+            )
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """One RabbitMQ node per test module (it takes 10-15 s to start); tests keep apart by
+    topic prefix."""
+    server = RabbitMQ(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield server
+    server.stop()

@@ -1145,6 +1145,9 @@ DOC_EXAMPLES: dict[str, tuple[Callable[[bytes], Any], Callable[[dict[str, Any]],
         p.decode_sync_snapshot,
         lambda m: p.encode_sync_snapshot(m["request_id"], m["version"], m["data"], m["checksum"]),
     ),
+    "spec_index": (p.decode_spec_index, lambda m: p.encode_spec_index(m["functions"])),
+    "node_catalog": (p.decode_node_catalog, lambda m: p.encode_node_catalog(m["nodes"])),
+    "rollcall": (p.decode_rollcall, lambda m: p.encode_rollcall(m["request_id"], m["window_s"])),
 }
 
 
