@@ -7,12 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from conftest import AgentProcess, Mosquitto, wait_for
 from fleetutil import connect, sim_fleet, versioned_module, wait_status
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
 from agent.cluster import EdgeCluster
+from agent.fleet import controller as controller_module
 from agent.fleet import function_spec
 from agent.fleet import rollout as ro
 from agent.models import EdgeNodeStatus
@@ -157,3 +160,50 @@ def test_failures_within_the_threshold_do_not_stop_the_rollout(
         assert result.fleet.nodes_in("failed") == [canaries[0]]
         assert result.fleet.counts()["active"] == 5
         assert not result.ok
+
+
+def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that acknowledges a canary's spec and loses its delivery (a NATS cluster
+    electing leaders): the controller publishes the canary's spec again after REPUSH_S, so
+    the rollout completes instead of rolling back after ``canary_timeout_s``. The node here
+    is a bare MQTT client that drops the first spec it is sent."""
+    monkeypatch.setattr(controller_module, "REPUSH_S", 0.5)
+    node_id, base = "gw-deaf", "edge/nodes/gw-deaf"
+    received: list[str] = []
+    node = paho.Client(CallbackAPIVersion.VERSION2, client_id=node_id)
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if not msg.payload:  # a cleared per-node spec
+            return
+        spec = protocol.decode_spec(msg.payload)
+        received.append(msg.topic)
+        if len(received) == 1:
+            return  # lost on the way
+        state = protocol.encode_function_state(
+            spec.id, spec.version, spec.code.sha256, "active", None
+        )
+        client.publish(f"{base}/functions/{spec.id}/state", state, qos=1, retain=True)
+
+    node.on_message = on_message
+    node.connect("127.0.0.1", broker.port)
+    node.subscribe([(f"{base}/functions/+", 1), ("edge/fleet/functions/+", 1)])
+    status = protocol.encode_status(
+        node_id, "online", agent_version="sim", name=node_id, location="", capabilities=[]
+    )
+    node.loop_start()
+    node.publish(f"{base}/status", status, qos=1, retain=True).wait_for_publish(10)
+    try:
+        with connect(broker.port, heartbeat_interval_s=30.0) as cluster:
+            wait_status(cluster, node_id, EdgeNodeStatus.ONLINE, 10)
+            spec = function_spec(versioned_module(tmp_path / "v1", "1"), id="ver", version="1")
+            result = cluster.controller.staged_rollout(
+                spec, canary=1, canary_timeout_s=20, timeout_s=20
+            )
+            assert result.ok, result.to_dict()
+            assert received[:2] == [f"{base}/functions/ver"] * 2, received
+            assert cluster.controller.stats["specs_repushed"] >= 1
+    finally:
+        node.loop_stop()
+        node.disconnect()
