@@ -110,6 +110,9 @@ class SimNode:
         self.owed: dict[str, list[Any]] = {}
         self.owed_mids: dict[int, str] = {}
         self.resend_due: float | None = None  # the node's one resend timer
+        self.subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
+        self.refused: list[str] = []  # filters the broker refused: asked for again
+        self.connection = 0  # counts connections: a retry belongs to one
         v5 = fleet.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -127,6 +130,7 @@ class SimNode:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.max_inflight_messages_set(0)  # no window: owed copies are replaced, not queued
         client.on_socket_open = fleet._on_socket_open
         client.on_socket_close = fleet._on_socket_close
@@ -171,7 +175,10 @@ class SimNode:
         if reason.is_failure:
             return
         self.connected = True
-        client.subscribe([(t, 1) for t in self.topics.subscriptions()])
+        self.connection += 1
+        self.subscribing.clear()
+        self.refused = []
+        self.subscribe(self.topics.subscriptions())
         self.publish_owed(self.topics.status, self._status("online"))
         # paho sends the held copies of other owed reports again now: restart their clocks
         now = time.monotonic()
@@ -188,6 +195,29 @@ class SimNode:
             self.fleet.on_node_disconnected(self)
         if not self.dead and not self.fleet.stopping:
             self.fleet.schedule_reconnect(self)
+
+    def subscribe(self, filters: list[str]) -> None:
+        _, mid = self.client.subscribe([(t, 1) for t in filters])
+        if mid is not None:
+            self.subscribing[mid] = filters
+
+    def _on_subscribe(
+        self, client: paho.Client, node: Any, mid: int, codes: list[Any], p: Any
+    ) -> None:
+        """As the agent: a filter the broker refused (SUBACK 0x80: NATS could not create the
+        JetStream consumer of a QoS 1 subscription in time) is asked for again ~1 s later."""
+        filters = self.subscribing.pop(mid, [])
+        failed = [t for t, code in zip(filters, codes, strict=False) if code.is_failure]
+        if failed:
+            self.refused.extend(failed)
+            self.fleet.refused += len(failed)
+            delay = self.fleet.rng.uniform(1.0, 2.0)
+            self.fleet.push_timer(time.monotonic() + delay, f"resub{self.connection}", self)
+
+    def resubscribe(self) -> None:
+        filters, self.refused = self.refused, []
+        if filters and self.connected:
+            self.subscribe(filters)
 
     # -- what the node owes: retained publishes until their PUBACK ----------------------------
 
@@ -480,6 +510,7 @@ class SimFleet:
         self.resend_s = resend_s
         self.resent = 0  # owed publishes sent again
         self.acked = 0  # owed publishes acknowledged
+        self.refused = 0  # subscriptions the broker refused (each asked for again)
         self._selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, str, SimNode]] = []
         self._timer_seq = itertools.count()
@@ -591,6 +622,7 @@ class SimFleet:
             "owed_acked": self.acked,
             "owed_resent": self.resent,
             "owed_now": owed,
+            "subscriptions_refused": self.refused,
         }
 
     def schedule_reconnect(self, node: SimNode) -> None:
@@ -687,6 +719,9 @@ class SimFleet:
                     if not node.muted:
                         node.heartbeat()
                         self.heartbeats_sent += 1
+            elif what.startswith("resub"):
+                if what == f"resub{node.connection}" and not self.stopping:
+                    node.resubscribe()
             elif what == "resend":
                 if node.resend_due == due and not self.stopping:
                     node.resend(now)
