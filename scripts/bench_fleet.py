@@ -27,6 +27,7 @@ Everything started here is stopped in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import select
@@ -459,12 +460,177 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
     return result
 
 
-def run_nats_scale(nodes: int = 1000, heartbeat_s: float = 10.0) -> dict[str, Any]:
+# -- 1,000 nodes on the 3-node NATS cluster (issue 13) ----------------------------------------
+
+
+def _nats_floor(
+    brokers: list[str], count: int, size: int = 600, timeout: float = 60.0
+) -> dict[str, Any]:
+    """The NATS cluster's raw rate on this machine, timeboxed: one paho MQTT 3.1.1 publisher on
+    the first node, one subscriber on the last (so through a cluster route), ``count``
+    messages of ``size`` bytes at QoS 0 -> QoS 0 and QoS 1 -> QoS 1, messages/s received;
+    and QoS 1 retained publishes to distinct topics (what a node's status is), PUBACKs/s."""
+    out: dict[str, Any] = {"messages": count, "bytes": size}
+    for qos in (0, 1):
+        out[f"qos{qos}"] = _nats_flow(brokers[0], brokers[-1], qos, count, size, timeout)
+    out["retained_qos1"] = _nats_retained(brokers[0], count, size, timeout)
+    return out
+
+
+def _mqtt311(name: str, endpoint: str) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, _, port = endpoint.rpartition(":")
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{name}-{os.getpid()}-{time.monotonic_ns() % 100000}",
+        protocol=paho.MQTTv311,
+    )
+    client.max_inflight_messages_set(1000)
+    client.connect(host, int(port), keepalive=30)
+    client.loop_start()
+    return client
+
+
+def _nats_flow(
+    pub_at: str, sub_at: str, qos: int, count: int, size: int, timeout: float
+) -> dict[str, Any]:
+    import threading
+
+    got = 0
+    first = last = 0.0
+    done, subscribed = threading.Event(), threading.Event()
+    topic = f"floor/q{qos}/{os.getpid()}"
+
+    def on_message(c: Any, u: Any, m: Any) -> None:
+        nonlocal got, last
+        got += 1
+        last = time.monotonic()
+        if got >= count:
+            done.set()
+
+    sub = _mqtt311("floor-sub", sub_at)
+    sub.on_message = on_message
+    sub.on_subscribe = lambda c, u, mid, rcs, p: (
+        subscribed.set() if all(not r.is_failure for r in rcs) else None
+    )
+    sub.subscribe(topic, qos=qos)
+    ok = subscribed.wait(20)
+    pub = _mqtt311("floor-pub", pub_at)
+    time.sleep(0.5)  # the subscription's interest reaches the other node (NATS routes)
+    body = b"x" * size
+    first = time.monotonic()
+    try:
+        if ok:
+            for _ in range(count):
+                pub.publish(topic, body, qos=qos)
+            done.wait(timeout)
+    finally:
+        for client in (pub, sub):
+            client.disconnect()
+            client.loop_stop()
+    elapsed = (last or time.monotonic()) - first
+    return {"subscribed": ok, "received": got, "per_s": round(got / elapsed, 1) if got else 0.0}
+
+
+def _nats_retained(pub_at: str, count: int, size: int, timeout: float) -> dict[str, Any]:
+    import threading
+
+    acked = 0
+    last = 0.0
+    done = threading.Event()
+
+    def on_publish(c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
+        nonlocal acked, last
+        acked += 1
+        last = time.monotonic()
+        if acked >= count:
+            done.set()
+
+    pub = _mqtt311("floor-ret", pub_at)
+    pub.on_publish = on_publish
+    body = b"x" * size
+    first = time.monotonic()
+    try:
+        for i in range(count):
+            pub.publish(f"floor/retained/{i}", body, qos=1, retain=True)
+        done.wait(timeout)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+    elapsed = (last or time.monotonic()) - first
+    return {"acked": acked, "per_s": round(acked / elapsed, 1) if acked else 0.0}
+
+
+class _SimOutput:
+    """Reads fleet-sim's JSON lines (ready, stats every few seconds, stopped) in a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.proc = proc
+        self.ready = threading.Event()
+        self.lines: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, name="sim-output", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(line))
+                if "ready" in self.lines[-1]:
+                    self.ready.set()
+
+    def last(self, key: str) -> dict[str, Any] | None:
+        for line in reversed(self.lines):
+            if key in line:
+                return line
+        return None
+
+
+def _statuses_seen(cluster: Any) -> tuple[int, int]:
+    """(nodes whose status the controller has read, nodes it knows from anything)."""
+    controller = cluster.controller
+    with controller._cond:
+        records = list(controller.view.records.values())
+    return sum(1 for r in records if "status_ts" in r.node.metadata), len(records)
+
+
+def _nats_cpu(nats: Any) -> float:
+    return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in nats.procs if p is not None)
+
+
+def run_nats_scale(
+    nodes: int = 1000,
+    heartbeat_s: float = 10.0,
+    *,
+    floor_messages: int = 5000,
+    see_all_timeout: float = 180.0,
+    rollout_timeout: float = 180.0,
+    consumer_replicas: int | None = None,
+) -> dict[str, Any]:
     """``nodes`` simulated gateways (MQTT 3.1.1) spread over a 3-node NATS cluster started
-    here (the tests' ``NatsCluster``): connect, controller start over the broker list, a
-    rollout to all, heartbeat ingestion, ``edgectl nodes``."""
+    here (the tests' ``NatsCluster``), each phase timeboxed (a phase that runs out is
+    reported with what it reached, and the run goes on):
+
+    - the broker floor on the idle cluster, and again under the fleet at the end;
+    - the simulator connected (``fleet-sim --brokers ... --protocol 3.1.1``; it publishes a
+      retained status again until NATS PUBACKs it);
+    - the controller (``view_qos=0``, as docs/scaling.md recommends on NATS): its start, then
+      until it has read every node's status (polled; times to 50/90/99/100%);
+    - a rollout to every node (``deploy_to_all``, ``wait_for_rollout`` over all ids);
+    - heartbeat ingestion over 3 intervals against ``nodes / heartbeat_s``, controller, NATS
+      and simulator CPU;
+    - ``edgectl --json nodes`` (new process, a fresh replay of the retained statuses) x 3,
+      with how many nodes each listed.
+
+    ``consumer_replicas`` (NATS's ``mqtt { consumer_replicas }``; default: NATS's own, the
+    stream's 3 here): every QoS 1 subscription of every MQTT client is a JetStream consumer,
+    by default replicated with its own Raft group, and an agent has five. The work dir (NATS
+    logs) is kept when a phase fell short; its path is in the result."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import NatsCluster
+    from conftest import NATS_SERVER, NatsCluster
 
     from agent.cluster import EdgeCluster
     from agent.fleet import function_spec
@@ -472,11 +638,30 @@ def run_nats_scale(nodes: int = 1000, heartbeat_s: float = 10.0) -> dict[str, An
     _raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="bench-nats-"))
     nats = NatsCluster(work)
-    result: dict[str, Any] = {"nodes": nodes, "broker": "nats 3-node cluster"}
+    if consumer_replicas is not None:
+        for conf in nats.confs:
+            text = conf.read_text().replace(
+                "ack_wait:", f"consumer_replicas: {consumer_replicas}\n  ack_wait:"
+            )
+            conf.write_text(text)
+    result: dict[str, Any] = {
+        "nodes": nodes,
+        "broker": "nats 3-node cluster",
+        "consumer_replicas": consumer_replicas or "default",
+        "short": [],
+    }
+    short: list[str] = result["short"]
+    ids = [f"sim-{i:04d}" for i in range(nodes)]
     sim: subprocess.Popen[str] | None = None
     cluster: Any = None
+    me = psutil.Process()
     try:
         nats.start()
+        result["nats_version"] = subprocess.run(
+            [NATS_SERVER, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        result["floor_idle"] = _nats_floor(nats.brokers, floor_messages)
+
         t0 = time.monotonic()
         sim = subprocess.Popen(
             [
@@ -489,76 +674,142 @@ def run_nats_scale(nodes: int = 1000, heartbeat_s: float = 10.0) -> dict[str, An
                 "3.1.1",
                 "--heartbeat",
                 str(heartbeat_s),
+                "--stats-every",
+                "5",
             ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
         )
-        _readline(sim, 600)
-        result["connect_s"] = time.monotonic() - t0
+        out = _SimOutput(sim)
+        if not out.ready.wait(300):
+            short.append("the simulator did not connect every node in 300 s")
+            raise RuntimeError(f"fleet-sim not ready: {out.lines[-1:]}")
+        result["connect_s"] = round(time.monotonic() - t0, 2)
+
         t0 = time.monotonic()
         cluster = EdgeCluster.connect(
-            brokers=nats.brokers, protocol="3.1.1", heartbeat_interval_s=heartbeat_s, timeout=120
+            brokers=nats.brokers,
+            protocol="3.1.1",
+            heartbeat_interval_s=heartbeat_s,
+            timeout=120,
+            view_qos=0,
         )
-        result["controller_start_s"] = time.monotonic() - t0
-        result["nodes_seen"] = len(cluster.list_nodes())
+        result["controller_start_s"] = round(time.monotonic() - t0, 2)
+        result["statuses_at_start"] = _statuses_seen(cluster)[0]
+        marks: dict[str, float] = {}
+        deadline = time.monotonic() + see_all_timeout
+        while True:
+            seen, known = _statuses_seen(cluster)
+            for pct in (50, 90, 99, 100):
+                if f"{pct}%" not in marks and seen * 100 >= pct * nodes:
+                    marks[f"{pct}%"] = round(time.monotonic() - t0, 2)
+            if seen >= nodes or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        result["see_all"] = {
+            "statuses_seen": seen,
+            "nodes_known": known,
+            "seconds_from_controller_connect": marks,
+            "sim": out.last("stats"),
+        }
+        if seen < nodes:
+            short.append(f"the controller read {seen} of {nodes} statuses in {see_all_timeout}s")
+
         source = work / "thermo.py"
         source.write_text("def handler(e):\n    return e\n")
         spec = function_spec(source, id="thermo", version="n1")
         t0 = time.monotonic()
-        result["rollout_targeted"] = cluster.deploy_to_all(spec)
-        report = cluster.wait_for_rollout(spec, timeout=300)
-        result["rollout_s"] = time.monotonic() - t0
-        result["rollout_counts"] = dict(report.counts())
-        me = psutil.Process()
+        try:  # the spec publish waits 30 s for its PUBACK: report that, and go on
+            result["rollout_targeted"] = cluster.deploy_to_all(spec)
+        except Exception as exc:
+            short.append(f"rollout: {type(exc).__name__}: {exc}")
+        else:
+            report = cluster.wait_for_rollout(spec, ids, timeout=rollout_timeout)
+            result["rollout_s"] = round(time.monotonic() - t0, 2)
+            result["rollout_counts"] = dict(report.counts())
+            result["rollout_timed_out"] = report.timed_out
+            if report.counts().get("active", 0) < nodes:
+                short.append(f"rollout: {dict(report.counts())} after {result['rollout_s']}s")
+
         view = cluster.controller.view
-        hb0, cpu0, t0 = view.counts["heartbeat"], sum(me.cpu_times()[:2]), time.monotonic()
+        sim_ps = psutil.Process(sim.pid)
+        hb0, t0 = view.counts["heartbeat"], time.monotonic()
+        cpu0, nats0, sim0 = sum(me.cpu_times()[:2]), _nats_cpu(nats), sum(sim_ps.cpu_times()[:2])
         time.sleep(heartbeat_s * 3)  # measuring a window, not waiting for an event
         wall = time.monotonic() - t0
         result["ingest"] = {
-            "heartbeats_per_s": (view.counts["heartbeat"] - hb0) / wall,
+            "window_s": round(wall, 1),
+            "heartbeats_per_s": round((view.counts["heartbeat"] - hb0) / wall, 1),
             "expected_per_s": nodes / heartbeat_s,
-            "controller_cpu_percent": 100 * (sum(me.cpu_times()[:2]) - cpu0) / wall,
+            "controller_cpu_percent": round(100 * (sum(me.cpu_times()[:2]) - cpu0) / wall, 1),
+            "nats_cpu_percent_3_nodes": round(100 * (_nats_cpu(nats) - nats0) / wall, 1),
+            "sim_cpu_percent": round(100 * (sum(sim_ps.cpu_times()[:2]) - sim0) / wall, 1),
+            "controller_rss_mb": round(me.memory_info().rss / MB),
         }
+
         timings = []
         for _ in range(3):
             t0 = time.monotonic()
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent.ctl",
-                    "--broker",
-                    ",".join(nats.brokers),
-                    "--protocol",
-                    "3.1.1",
-                    "--json",
-                    "nodes",
-                ],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                check=False,
+            try:
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "agent.ctl",
+                        "--broker",
+                        ",".join(nats.brokers),
+                        "--protocol",
+                        "3.1.1",
+                        "--json",
+                        "nodes",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                    check=False,
+                    timeout=120,
+                )
+            except subprocess.TimeoutExpired:
+                timings.append({"s": None, "rc": "timeout", "nodes": None})
+                continue
+            listed = None
+            with contextlib.suppress(ValueError, TypeError):
+                listed = len(json.loads(done.stdout))
+            timings.append(
+                {"s": round(time.monotonic() - t0, 2), "rc": done.returncode, "nodes": listed}
             )
-            timings.append((time.monotonic() - t0, done.returncode))
         result["edgectl_nodes_json"] = timings
+        if any(t["nodes"] != nodes for t in timings):
+            short.append(f"edgectl --json nodes listed {[t['nodes'] for t in timings]}")
+        result["floor_loaded"] = _nats_floor(nats.brokers, floor_messages)
+        result["sim"] = out.last("stats")
+    except Exception as exc:  # a phase that broke: report how far it got
+        short.append(f"{type(exc).__name__}: {exc}")
     finally:
         if cluster is not None:
             cluster.close()
         if sim is not None and sim.poll() is None:
             sim.terminate()
-            sim.wait(30)
+            try:
+                sim.wait(30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait(5)
         nats.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if short:
+            result["work_dir_kept"] = str(work)  # the NATS logs: nats-<i>.log
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return result
 
 
 if __name__ == "__main__":
-    import json
-
-    if len(sys.argv) > 1 and sys.argv[1] == "nats":
+    if len(sys.argv) > 1 and sys.argv[1] == "nats":  # nats [nodes] [consumer replicas]
         wanted = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-        print(json.dumps(run_nats_scale(wanted), indent=2, default=str))
+        replicas = int(sys.argv[3]) if len(sys.argv) > 3 else None
+        result = run_nats_scale(wanted, consumer_replicas=replicas)
+        print(json.dumps(result, indent=2, default=str))
     else:
         wanted = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
         processes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
