@@ -635,6 +635,13 @@ class OutboxConfig:
         integer(1),
         "Most payload bytes held in the outbox (64 MiB; at least agent.max_payload_bytes).",
     )
+    delta_linger_ms: float = _key(
+        20.0,
+        number(),
+        "Milliseconds a state delta (sync/delta) waits before it is sent, while the next "
+        "state changes merge into it: a burst of them costs one message per linger. The "
+        "replies queued behind it do not wait. 0 sends each delta at once.",
+    )
 
 
 def key_files(value: Any) -> tuple[str, ...]:

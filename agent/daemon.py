@@ -149,7 +149,11 @@ class Agent:
         self._recovered = False
         #: Accepted invocations per function, fairly bounded and dispatched (issue 12).
         self._queue: FairQueue[_Invocation] = FairQueue(self._queue_limits)
-        self.outbox = OutboxPump(store, self._publish_item)
+        self.outbox = OutboxPump(
+            store,
+            self._publish_item,
+            delta_linger_s=config.outbox.delta_linger_ms / 1000.0,
+        )
         self.sync = StateSync(
             store,
             self.topics,
@@ -285,6 +289,7 @@ class Agent:
         while self._inflight and time.monotonic() < deadline:
             self._step(min(0.1, deadline - time.monotonic()))
         while self._connected and not self.outbox.idle() and time.monotonic() < deadline:
+            self.outbox.release_held()  # no delta lingers past the stop
             self.outbox.drain()
             self._step(min(0.1, deadline - time.monotonic()))
         if self.mqtt is not None:

@@ -32,6 +32,14 @@ reconnect, three times in a row, can dead-letter an innocent item too: the opera
 A refused item sent again goes out after items queued behind it: per-topic order holds for
 retained function states because a newer state supersedes (deletes) the refused one, and a
 retry of an item no longer queued is dropped.
+
+Delta linger (``delta_linger_s``): a state delta is not handed to MQTT as soon as it is
+queued but held back for that long, while the store goes on merging the next commits into
+it (``Store.outbox_hold``); the items queued behind it (replies) go out meanwhile. A burst of
+state-changing invocations then costs one ``sync/delta`` per linger instead of one per
+invocation. The held delta goes out when its time is up, or at once when another sync item
+(a newer delta, a snapshot) is due, so deltas and snapshots keep their order. It is in the
+outbox all along (durable); a restart sends it like any queued item.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ from collections.abc import Callable
 
 from agent.mqtt import backoff_delay
 from agent.store import Store
+from agent.store.core import OutboxItem
+from agent.store.sync import DELTA_KIND
+
+#: Outbox kinds of the state sync: kept in order among themselves around a held delta.
+SYNC_KINDS = frozenset({DELTA_KIND, "sync_snapshot"})
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +85,7 @@ class OutboxPump:
         rng: random.Random | None = None,
         poison_disconnects: int = 3,
         poison_window_s: float = 5.0,
+        delta_linger_s: float = 0.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -94,6 +108,8 @@ class OutboxPump:
         self._retry_at: dict[int, float] = {}  # item id -> monotonic time to send it again
         self._handed_at: dict[int, float] = {}  # item id -> when MQTT last got it to send
         self._strikes: dict[int, int] = {}  # item id -> disconnects right after handing it
+        self.delta_linger_s = delta_linger_s
+        self._held_until: float | None = None  # a delta is held back (the store knows which)
 
     @property
     def connected(self) -> bool:
@@ -123,6 +139,11 @@ class OutboxPump:
     def awaiting_retry(self) -> int:
         return len(self._retry_at)
 
+    @property
+    def holding(self) -> bool:
+        """A delta is held back (``delta_linger_s``)."""
+        return self._held_until is not None
+
     def idle(self) -> bool:
         """Nothing queued and nothing awaiting an acknowledgement or a retry."""
         return not self._mid_to_item and not self._retry_at and self.store.outbox_depth()[0] == 0
@@ -136,13 +157,32 @@ class OutboxPump:
         if room <= 0:
             return
         for item in self.store.outbox_peek(room, after_id=self._last_sent_id, claim=True):
-            mid = self.publish(item.topic, item.payload, item.qos, item.retain, item.correlation)
             self._last_sent_id = item.id
-            if item.qos == 0:
-                self.store.outbox_ack(item.id)
-            else:
-                self._mid_to_item[mid] = item.id
-                self._handed_at[item.id] = self._clock()
+            if item.kind in SYNC_KINDS and self._held_until is not None:
+                self.release_held()  # deltas and snapshots never overtake each other
+            if item.kind == DELTA_KIND and self.delta_linger_s > 0:
+                self.store.outbox_hold(item.id)
+                self._held_until = self._clock() + self.delta_linger_s
+                continue
+            self._send(item)
+
+    def _send(self, item: OutboxItem) -> None:
+        mid = self.publish(item.topic, item.payload, item.qos, item.retain, item.correlation)
+        if item.qos == 0:
+            self.store.outbox_ack(item.id)
+        else:
+            self._mid_to_item[mid] = item.id
+            self._handed_at[item.id] = self._clock()
+
+    def release_held(self) -> None:
+        """Send the held delta now, as it is after every merge (connected or not: offline,
+        paho keeps it for the next connection like any unacknowledged message)."""
+        if self._held_until is None:
+            return
+        self._held_until = None
+        item = self.store.outbox_release()
+        if item is not None:
+            self._send(item)
 
     def acknowledged(self, mid: int, reason_code: int = 0, reason: str = "Success") -> bool:
         """The broker answered ``mid``: drop, retry or dead-letter its item, then send more.
@@ -163,16 +203,22 @@ class OutboxPump:
         return True
 
     def next_retry_at(self) -> float | None:
-        """When the next refused item is due again (monotonic); None if none or offline."""
-        if not self.connected or not self._retry_at:
+        """When the next refused item is due again, or the held delta (monotonic); None if
+        neither, or offline."""
+        if not self.connected or not (self._retry_at or self._held_until is not None):
             return None
-        return min(self._retry_at.values())
+        return min([*self._retry_at.values(), *filter(None, [self._held_until])])
 
     def retry_due(self) -> None:
-        """Send again every refused item whose backoff has passed (only when connected)."""
-        if not self.connected or not self._retry_at:
+        """Send the held delta once its linger is over, and again every refused item whose
+        backoff has passed (only when connected)."""
+        if not self.connected:
             return
         now = self._clock()
+        if self._held_until is not None and self._held_until <= now:
+            self.release_held()
+        if not self._retry_at:
+            return
         for item_id, due in sorted(self._retry_at.items(), key=lambda kv: (kv[1], kv[0])):
             if due > now:
                 continue

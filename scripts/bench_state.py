@@ -194,11 +194,18 @@ class StateBench:
         return tallies
 
 
+#: ``[outbox] delta_linger_ms`` of the agent (the default unless the environment says):
+#: ``EDGE_BENCH_DELTA_LINGER_MS=0 scripts/bench state`` measures one delta per change.
+DELTA_LINGER_MS = float(os.environ.get("EDGE_BENCH_DELTA_LINGER_MS", "20"))
+
+
 def configure_agent(agent: AgentProcess) -> None:
     """bench_mqtt's AgentProcess writes its config in the constructor and takes no runtime
-    settings: add ``[runtime] max_workers`` to that file before ``start()``."""
+    settings: add ``[runtime] max_workers`` and ``[outbox] delta_linger_ms`` to that file
+    before ``start()``."""
     config = tomllib.loads(agent.config_path.read_text())
     config.setdefault("runtime", {})["max_workers"] = MAX_WORKERS
+    config.setdefault("outbox", {})["delta_linger_ms"] = DELTA_LINGER_MS
     agent.config_path.write_text(tomli_w.dumps(config))
 
 
@@ -409,7 +416,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"bench_mqtt's config (durability normal: SQLite WAL, synchronous=NORMAL) plus "
         f"runtime.max_workers {MAX_WORKERS}; every function's workers are warm before timing.",
         "Per ok invoke the counter commits its write set, its reply and a `sync/delta` in one "
-        "SQLite transaction and publishes the delta as well as the reply; the stateless "
+        "SQLite transaction (group commit) and publishes the reply; the delta waits "
+        f"`outbox.delta_linger_ms` = {DELTA_LINGER_MS:g} ms for the next changes to merge into "
+        "it (0: one delta message per change); the stateless "
         "handler commits only its reply (the dedupe row). The `context` row ships the "
         "snapshot to the worker but commits no state: the difference between it and the "
         "counter is the commit, the delta and the check.",

@@ -181,8 +181,9 @@ def test_handler_writes_reach_the_mirror(
     cloud: Cloud, agent_factory: AgentFactory, mirror: MirrorClient
 ) -> None:
     """Sets, nested values, increments and deletes arrive as contiguous deltas whose checksums
-    hold; a mirror that was there from version 0 never needs a snapshot."""
-    agent = agent_factory().start()
+    hold; a mirror that was there from version 0 never needs a snapshot. One delta per
+    change (no linger), so each one's boundaries can be checked."""
+    agent = agent_factory(outbox={"delta_linger_ms": 0}).start()
     wait_online(cloud)
     deploy_active(cloud, "kv")
 
@@ -214,7 +215,7 @@ def test_a_write_that_changes_nothing_sends_no_delta(
     cloud: Cloud, agent_factory: AgentFactory
 ) -> None:
     """Writing the value a key already has (or deleting a missing key) is not a new version."""
-    agent = agent_factory().start()
+    agent = agent_factory(outbox={"delta_linger_ms": 0}).start()  # one delta per change
     wait_online(cloud)
     deploy_active(cloud, "kv")
     invoke(cloud, "kv", {"set": {"a": [1, {"b": 2}]}})

@@ -504,3 +504,98 @@ def test_new_mirror_can_set_desired_after_the_retained_desired_was_cleared(
         assert reply["result"]["desired"] == {"mode": "night"}, reply
     finally:
         second.stop()
+
+
+# -- the delta linger (outbox.delta_linger_ms) ---------------------------------------------------
+
+
+class _Wire:
+    """What the pump hands to MQTT, in order, with a hand-driven clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sent: list[tuple[str, bytes]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, corr: Any) -> int:
+        self.sent.append((topic, payload))
+        return len(self.sent)
+
+    def topics(self) -> list[str]:
+        return [t.rsplit("/", 1)[-1] if t.startswith(T) else t for t, _ in self.sent]
+
+    def deltas(self) -> list[tuple[int, int]]:
+        found = [json.loads(p) for t, p in self.sent if t == f"{T}delta"]
+        return [(d["from_version"], d["to_version"]) for d in found]
+
+
+def lingering(store: Store, tmp_path: Path, linger_s: float) -> tuple[OutboxPump, StateSync, _Wire]:
+    wire = _Wire()
+    pump = OutboxPump(store, wire.publish, clock=wire.clock, delta_linger_s=linger_s)
+    pump.connected = True
+    sync = StateSync(store, protocol.Topics("edge", NODE), pump, tmp_path / "sync.hwm")
+    sync.boot()
+    return pump, sync, wire
+
+
+def test_delta_linger_merges_a_burst_while_the_replies_go_out(tmp_path: Path) -> None:
+    """Five state changes, each followed by its reply: every reply is handed to MQTT at
+    once, the five changes leave as ONE delta when the linger is over, and a mirror fed the
+    wire ends at the store's state."""
+    with Store(tmp_path / "state.db") as store:
+        pump, sync, wire = lingering(store, tmp_path, 0.02)
+        for n in range(1, 6):
+            sync.commit({"count": n, f"k{n}": n}, None)
+            store.outbox_put(f"replies/{n}", b"{}", kind="reply")
+            pump.drain()
+            wire.now += 0.001
+        assert wire.topics() == [f"replies/{n}" for n in range(1, 6)]
+        assert pump.holding and pump.next_retry_at() == pytest.approx(1000.02)
+        pump.retry_due()  # 5 ms early: still held
+        assert wire.deltas() == []
+        wire.now = 1000.02
+        pump.retry_due()
+        assert wire.deltas() == [(0, 5)] and not pump.holding
+        mirror = SyncMirror()
+        for topic, payload in wire.sent:
+            if topic.startswith(T):
+                assert mirror.on_message(topic, payload) == []
+        assert state_of(mirror) == tuple(store.sync_state())
+        assert store.sync_state()[0] == 5
+
+
+def test_a_held_delta_goes_out_before_a_snapshot_and_is_not_rewritten_after(
+    tmp_path: Path,
+) -> None:
+    """A snapshot request while a delta is held: the delta is handed over first (a mirror
+    must never see the snapshot overtaken by older changes), and the next change starts a
+    new delta instead of rewriting the one already sent."""
+    with Store(tmp_path / "state.db") as store:
+        pump, sync, wire = lingering(store, tmp_path, 0.02)
+        mirror = SyncMirror()
+        rid = requested(mirror.resync(NODE))
+        sync.commit({"a": 1}, None)
+        pump.drain()
+        assert wire.sent == [] and pump.holding
+        sync.on_request(protocol.encode_sync_request(rid))
+        pump.drain()
+        assert wire.topics() == ["delta", "snapshot"] and not pump.holding
+        sync.commit({"b": 2}, None)
+        pump.drain()
+        wire.now += 0.02
+        pump.retry_due()
+        assert wire.deltas() == [(0, 1), (1, 2)]
+        for topic, payload in wire.sent:
+            mirror.on_message(topic, payload)
+        assert state_of(mirror) == (2, {"a": 1, "b": 2}) == tuple(store.sync_state())
+
+
+def test_zero_linger_sends_every_delta_at_once(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        pump, sync, wire = lingering(store, tmp_path, 0.0)
+        for n in range(1, 4):
+            sync.commit({"count": n}, None)
+            pump.drain()
+        assert wire.deltas() == [(0, 1), (1, 2), (2, 3)] and not pump.holding

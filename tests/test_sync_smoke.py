@@ -50,11 +50,12 @@ def test_counter_handler_reports_deltas_and_snapshot(cloud: Cloud, agent_factory
 def test_mirror_follows_handler_writes_and_sets_desired(  # type: ignore[no-untyped-def]
     cloud: Cloud, broker, agent_factory
 ) -> None:
-    """The cloud mirror started late catches up by snapshot, then by deltas."""
+    """The cloud mirror started late catches up by snapshot, then by deltas (one delta per
+    change: without the linger, version 1's delta is gone before the mirror starts)."""
     from agent.mirror import MirrorClient
     from agent.mqtt import MqttSettings
 
-    agent: AgentProcess = agent_factory().start()
+    agent: AgentProcess = agent_factory(outbox={"delta_linger_ms": 0}).start()
     cloud.wait_message("edge/nodes/gw-test/status", lambda m: m["status"] == "online")
     cloud.deploy(None, source_spec("counter", COUNTER))
     cloud.wait_message(

@@ -287,6 +287,8 @@ class Store(SyncTables):
         self._sync_changes = ChangeVersions()
         # The highest outbox id handed to MQTT (outbox_peek(claim=True)): never rewritten.
         self._claimed_id = 0
+        # A delta the pump claimed and holds back (outbox_hold): still merged into. 0: none.
+        self._held_id = 0
 
     @property
     def path(self) -> Path:
@@ -776,18 +778,34 @@ class Store(SyncTables):
             self._depth = (count - 1, nbytes - int(row[0]))
         return True
 
+    def outbox_hold(self, item_id: int) -> None:
+        """The pump claimed delta ``item_id`` but holds it back for a while: state commits
+        may merge into it again until :meth:`outbox_release` (one held item at a time)."""
+        with self._lock:
+            self._held_id = item_id
+
+    def outbox_release(self) -> OutboxItem | None:
+        """End the hold: the held item as it is now (after every merge), which no commit
+        will touch again; None when nothing is held or it is gone (superseded, dead)."""
+        with self._lock:
+            item_id, self._held_id = self._held_id, 0
+            return self._outbox_get_locked(item_id) if item_id else None
+
     def outbox_get(self, item_id: int) -> OutboxItem | None:
         """Item ``item_id`` if it is still queued (not acknowledged, superseded or dead)."""
         with self._lock:
-            conn = self._connection()
-            try:
-                row = conn.execute(
-                    "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
-                    " FROM outbox WHERE id = ?",
-                    (item_id,),
-                ).fetchone()
-            except sqlite3.Error as exc:
-                raise StoreError(f"outbox_get failed on {self._path}: {exc}") from exc
+            return self._outbox_get_locked(item_id)
+
+    def _outbox_get_locked(self, item_id: int) -> OutboxItem | None:
+        conn = self._connection()
+        try:
+            row = conn.execute(
+                "SELECT id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+                " FROM outbox WHERE id = ?",
+                (item_id,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox_get failed on {self._path}: {exc}") from exc
         if row is None:
             return None
         i, topic, payload, qos, retain, kind, key, created_ts, corr = row

@@ -114,6 +114,7 @@ class SyncTables:
     _sync_cache: tuple[int, dict[str, Any]] | None
     _sync_changes: ChangeVersions
     _claimed_id: int
+    _held_id: int
     _depth: tuple[int, int]
     _max_bytes: int
 
@@ -327,7 +328,8 @@ class SyncTables:
         *,
         strict: bool = True,
     ) -> tuple[SyncCommit, tuple[int, int]]:
-        """Merge into the newest delta not yet handed to MQTT, or queue a new one.
+        """Merge into the newest delta not yet handed to MQTT (or held back by the pump:
+        ``outbox_hold``), or queue a new one.
 
         No merge across a snapshot queued after that delta (a mirror waiting for the
         snapshot drops deltas it holds, so the change must come after it), nor when the
@@ -338,7 +340,7 @@ class SyncTables:
             "SELECT id, payload FROM outbox WHERE kind = ? ORDER BY id DESC LIMIT 1",
             (DELTA_KIND,),
         ).fetchone()
-        if row is not None and row[0] > coalesce_after_id:
+        if row is not None and (row[0] > coalesce_after_id or row[0] == self._held_id):
             delta_id, old_payload = int(row[0]), bytes(row[1])
             snapshot_after = conn.execute(
                 "SELECT 1 FROM outbox WHERE kind = 'sync_snapshot' AND id > ? LIMIT 1",
