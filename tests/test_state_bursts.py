@@ -219,11 +219,6 @@ def worker_pids(agent: AgentProcess) -> list[int]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN BUG (seen once in CI, 1 of 40 invokes unanswered after every worker was "
-    "SIGKILLed mid-burst with the fair queue and ack-on-accept in place): under investigation",
-)
 def test_worker_killed_mid_burst_loses_no_ok_update(
     cloud: Cloud, agent_factory: AgentFactory, mirror: MirrorClient
 ) -> None:
