@@ -797,8 +797,10 @@ def run_nats_scale(
                 sim.kill()
                 sim.wait(5)
         nats.stop()
-        if short:
-            result["work_dir_kept"] = str(work)  # the NATS logs: nats-<i>.log
+        if short:  # keep the NATS logs (nats-<i>.log), not the JetStream stores (~0.5 GB)
+            for store in work.glob("nats-js-*"):
+                shutil.rmtree(store, ignore_errors=True)
+            result["work_dir_kept"] = str(work)
         else:
             shutil.rmtree(work, ignore_errors=True)
     return result
