@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,8 @@ class Requester:
         self.agent_replies = 0
         self._lock = threading.Lock()
         self._latest: dict[str, dict[str, Any]] = {}
+        #: Messages received per topic other than the replies (paho's thread writes it).
+        self.received: Counter[str] = Counter()
         self._changed = threading.Condition()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -365,6 +368,7 @@ class Requester:
                 callback(body)
             return
         with self._changed:
+            self.received[msg.topic] += 1
             self._latest[msg.topic] = body
             self._changed.notify_all()
 

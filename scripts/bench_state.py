@@ -105,6 +105,9 @@ FUNCTIONS: dict[str, tuple[str, int]] = {
 }
 #: Both counters write the one key ``count``: their ok results together must be 1..N.
 COUNTERS = frozenset({"counter1", "counter4"})
+#: Every ok invoke of these is one new version of the node's state (one change).
+WRITERS = COUNTERS | {"keyed4"}
+DELTA_TOPIC = f"{PREFIX}/nodes/{NODE}/sync/delta"
 
 
 # -- MQTT ------------------------------------------------------------------------------------
@@ -132,6 +135,8 @@ class StateBench:
         self.seq = 0
         #: Every ok result of the counters, warm-ups included (the lost-update check).
         self.counter_results: list[int] = []
+        #: Ok invokes that changed the state, warm-ups included: the state's version.
+        self.changes = 0
 
     def window(self, fid: str, total: int, window: int, tally: Tally | None = None) -> Tally:
         """``total`` invokes of ``fid``, at most ``window`` outstanding; first publish to last
@@ -156,6 +161,8 @@ class StateBench:
                     tally.ok += 1
                     if fid in COUNTERS:
                         self.counter_results.append(body["result"])
+                    if fid in WRITERS:
+                        self.changes += 1
                 elif (body.get("error") or {}).get("type") == "conflict":
                     tally.conflicts += 1
                 else:
@@ -251,7 +258,7 @@ def measure_mqtt(total: int) -> tuple[dict[str, Tally], list[int], int | None]:
         configure_agent(agent)
         agent.start()
         stack.callback(agent.stop)
-        requester = Requester(broker.port, [REPLY_TOPIC], [STATUS_TOPIC, STATE_TOPICS])
+        requester = Requester(broker.port, [REPLY_TOPIC], [STATUS_TOPIC, STATE_TOPICS, DELTA_TOPIC])
         stack.callback(requester.close)
         requester.connect()
         bench = StateBench(requester)
@@ -261,6 +268,17 @@ def measure_mqtt(total: int) -> tuple[dict[str, Tally], list[int], int | None]:
             tallies |= bench.alternate(("stateless4", "counter4", "keyed4"), total)
         except BenchError as exc:
             raise BenchError(f"{exc}\nagent log:\n{agent.log_tail()}") from None
+        # Every sync/delta up to the last change (the linger ends 20 ms after it).
+        last = requester.wait_topic(
+            DELTA_TOPIC,
+            lambda m: m["to_version"] >= bench.changes,
+            10,
+            f"no sync/delta reached version {bench.changes}",
+        )
+        if last["to_version"] != bench.changes:
+            raise BenchError(f"state at version {last['to_version']} after {bench.changes} changes")
+        # ok: sync/delta messages received; conflicts: the versions they covered.
+        tallies["deltas"] = Tally(ok=requester.received[DELTA_TOPIC], conflicts=bench.changes)
         requester.close()
         agent.stop()
         return tallies, bench.counter_results, agent.returncode
@@ -327,7 +345,19 @@ def mqtt_rows(tallies: dict[str, Tally], counter_results: list[int]) -> list[dic
         target="no lost or doubled update",
         passed=intact,
     )
-    return [stateless1, context1, counter1, stateless4, counter4, conflicts4, keyed4, lost]
+    deltas = tallies["deltas"]
+    per = deltas.ok / max(1, deltas.conflicts)
+    merged = info_row(
+        f"`sync/delta` messages per state change (`outbox.delta_linger_ms` {DELTA_LINGER_MS:g})",
+        key="deltas_per_change",
+        n=deltas.conflicts,
+    )
+    merged.update(
+        ratio=f"{per:.3f} ({deltas.ok:,} deltas for {deltas.conflicts:,} changes)",
+        deltas=deltas.ok,
+        changes=deltas.conflicts,
+    )
+    return [stateless1, context1, counter1, stateless4, counter4, conflicts4, keyed4, lost, merged]
 
 
 # -- local mode ------------------------------------------------------------------------------
