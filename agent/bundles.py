@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
+from agent import ids
 from agent.errors import DeploymentRejected
 
 __all__ = [
@@ -80,11 +81,8 @@ _CHUNK = 64 * 1024
 # Path limits well inside NAME_MAX (255) and PATH_MAX (4096) with the staging prefix.
 _MAX_COMPONENT_BYTES = 255
 _MAX_MEMBER_NAME_BYTES = 1024
-_MAX_VERSION_LEN = 64
 
-_FUNCTION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+# Function ids, versions and digests follow the wire contract's rules (agent.ids).
 _VERSION_DIR_RE = re.compile(r"(?P<version>.+)-(?P<sha12>[0-9a-f]{12})")
 _DRIVE_RE = re.compile(r"[A-Za-z]:")
 
@@ -113,35 +111,23 @@ _CORRUPT_ZIP_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _check_function_id(function_id: str) -> None:
-    if not _FUNCTION_ID_RE.fullmatch(function_id):
-        raise DeploymentRejected(
-            f"invalid function id {function_id!r}: expected ^[A-Za-z0-9][A-Za-z0-9_-]{{0,63}}$"
-        )
+    try:
+        ids.check_function_id(function_id)
+    except ValueError as exc:
+        raise DeploymentRejected(str(exc)) from None
 
 
 def _check_version(version: str) -> None:
-    """Versions become part of a path: refuse anything that could leave the function dir."""
-    problem = None
-    if not version:
-        problem = "is empty"
-    elif len(version) > _MAX_VERSION_LEN:
-        problem = f"is longer than {_MAX_VERSION_LEN} characters"
-    elif "\x00" in version:
-        problem = "contains NUL"
-    elif "/" in version or "\\" in version:
-        problem = "contains a path separator"
-    elif ".." in version:
-        problem = 'contains ".."'
-    elif version.startswith("."):
-        problem = 'starts with "."'
-    elif not _VERSION_RE.fullmatch(version):
-        problem = "may only use letters, digits and . _ + ~ - (starting with a letter or digit)"
-    if problem:
-        raise DeploymentRejected(f"invalid version {version!r}: {problem}")
+    """Versions become part of a path: the contract's rule keeps them inside the function dir
+    (no separator, NUL or leading ".", so never "." or "..")."""
+    try:
+        ids.check_version(version)
+    except ValueError as exc:
+        raise DeploymentRejected(str(exc)) from None
 
 
 def _normalise_sha256(sha256: str) -> str:
-    if not _SHA256_RE.fullmatch(sha256):
+    if not ids.is_valid_sha256(sha256):
         raise DeploymentRejected(f"invalid sha256 {sha256!r}: expected 64 hex digits")
     return sha256.lower()
 

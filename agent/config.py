@@ -21,7 +21,6 @@ import difflib
 import json
 import math
 import os
-import re
 import textwrap
 import tomllib
 import unicodedata
@@ -32,14 +31,14 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from agent import ids
 from agent.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
+# The id rule is agent.ids's (one table for every name rule); re-exported where it always was.
+from agent.ids import ID_PATTERN as ID_PATTERN
+from agent.ids import ID_RE as ID_RE
 
-#: Node and function ids (wire contract). Test with ``ID_RE.fullmatch`` or :func:`is_valid_id`,
-#: never ``ID_RE.match``: ``$`` also matches before a trailing newline.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-ID_RE = re.compile(ID_PATTERN)
+DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 
 #: The node id written into a freshly rendered default file.
 EXAMPLE_NODE_ID = "gw-01"
@@ -48,8 +47,8 @@ _MAX_MQTT_PAYLOAD = 268_435_455  # the largest remaining length an MQTT packet c
 
 
 def is_valid_id(value: object) -> bool:
-    """True when ``value`` is a string that is a valid node or function id."""
-    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+    """True when ``value`` is a string that is a valid node or function id (:mod:`agent.ids`)."""
+    return ids.is_valid_id(value)
 
 
 def effective_client_id(node_id: str, client_id: str = "") -> str:
@@ -158,11 +157,7 @@ def path(*, required: bool = False) -> Convert:
 def identifier(value: Any) -> str:
     """A node or function id (:data:`ID_PATTERN`)."""
     if not is_valid_id(value):
-        raise _Invalid(
-            "expected an id of 1-64 letters, digits, '_' or '-' starting with a letter or "
-            f"digit ({ID_PATTERN})",
-            value,
-        )
+        raise _Invalid(f"expected an id of {ids.ID_RULE} ({ID_PATTERN})", value)
     return str(value)
 
 
@@ -229,19 +224,10 @@ def protocol(value: Any) -> str:
 
 def topic_prefix(value: Any) -> str:
     """The first topic level(s): usable as a literal prefix of every topic the agent uses."""
-    if not isinstance(value, str) or not value:
-        raise _Invalid("expected a non-empty topic prefix", value)
-    if "+" in value or "#" in value:
-        raise _Invalid('must not contain the wildcards "+" or "#"', value)
-    if "\x00" in value:
-        raise _Invalid("must not contain NUL", value)
-    if value.startswith("/") or value.endswith("/"):
-        raise _Invalid('must not start or end with "/"', value)
-    if "//" in value:
-        raise _Invalid('must not contain an empty level ("//")', value)
-    if value.startswith("$"):
-        raise _Invalid('must not start with "$" (reserved for the broker)', value)
-    return value
+    problem = ids.prefix_problem(value)
+    if problem is not None:
+        raise _Invalid(problem, value)
+    return str(value)
 
 
 def split_broker(value: str, default_port: int = 1883) -> tuple[str, int]:
@@ -386,7 +372,7 @@ class MqttConfig:
     )
     topic_charset: str = _key(
         "any",
-        choice("any", "portable"),
+        choice(*ids.TOPIC_CHARSETS),
         '"any": topics may hold any character MQTT allows. "portable": no "." or spaces '
         "in topic_prefix nor in the reply addresses requests name (answered bad_request), "
         "for brokers that map topics to subjects (NATS closes the connection on a publish "
@@ -779,7 +765,7 @@ def _check_relations(cfg: Config) -> list[str]:
             (f"mqtt.reply_prefixes[{i}]", start) for i, start in enumerate(mqtt.reply_prefixes)
         ]
         for key, value in named:
-            if "." in value or any(ch.isspace() for ch in value):
+            if ids.topic_charset_problem(value, "portable") is not None:
                 bad(key, need, value)
     if mqtt.protocol == "3.1.1" and mqtt.password_file and not mqtt.username:
         # MQTT 3.1.1 forbids the password flag without the user name flag; 5 allows it.

@@ -14,8 +14,9 @@ contract) or ``TypeError`` (a reply result that is not JSON): both are bugs in t
 the agent never publishes a message that its own decoders would refuse.
 
 Must never: do I/O (no sockets, no paho, no files, no logging), import anything beyond the
-stdlib and the pure ``agent.errors`` / ``agent.models``, or read any clock but ``time.time()``
-(and that only for ``ts``). The worker may import this module.
+stdlib and the pure ``agent.errors`` / ``agent.ids`` / ``agent.models``, or read any clock but
+``time.time()`` (and that only for ``ts``). The worker may import this module. The rules for
+ids, versions, request ids and topic prefixes are ``agent.ids``'s (re-exported here).
 """
 
 from __future__ import annotations
@@ -30,22 +31,30 @@ from binascii import Error as BinasciiError
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, NoReturn, TypeGuard
+from typing import Any, Final, Literal, NoReturn
 
 from agent.errors import ERROR_TYPES, BadRequest, DeploymentRejected
+
+# The name rules live in agent.ids; re-exported here, where the callers always found them.
+from agent.ids import HEX64_RE as _HEX64_RE
+from agent.ids import ID_RE as ID_RE
+from agent.ids import KEY_ID_RE as KEY_ID_RE
+from agent.ids import MAX_REQUEST_ID_CHARS as MAX_REQUEST_ID_CHARS
+from agent.ids import MAX_TOPIC_BYTES as MAX_TOPIC_BYTES
+from agent.ids import TOPIC_CHARSETS as TOPIC_CHARSETS
+from agent.ids import VERSION_RE as VERSION_RE
+from agent.ids import is_valid_id as is_valid_id
+from agent.ids import is_valid_prefix as is_valid_prefix
+from agent.ids import is_valid_publish_topic as is_valid_publish_topic
+from agent.ids import is_valid_request_id as is_valid_request_id
+from agent.ids import topic_charset_problem as topic_charset_problem
 from agent.models import EdgeNodeStatus, canonical_json, state_checksum
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-#: Versions name a directory on disk (``<version>-<sha12>``): no ``/``, never ``.`` or ``..``.
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _TS_RE = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
 
-MAX_REQUEST_ID_CHARS: Final = 128
-MAX_TOPIC_BYTES: Final = 65535
 NODE_STATUSES: Final = frozenset(s.value for s in EdgeNodeStatus)
 FUNCTION_STATES: Final = frozenset({"active", "failed", "rejected", "removed"})
 CODE_FORMATS: Final = ("source", "zip")
@@ -74,53 +83,6 @@ _Err = type[Exception]
 
 
 # --------------------------------------------------------------------------- ids, topics, time
-
-
-def is_valid_id(s: object) -> TypeGuard[str]:
-    """True when ``s`` is a node or function id (``ID_RE``; a trailing newline does not pass)."""
-    return isinstance(s, str) and ID_RE.fullmatch(s) is not None
-
-
-def is_valid_request_id(s: object) -> TypeGuard[str]:
-    """True for 1 to 128 printable characters (no control characters, no lone surrogates)."""
-    return isinstance(s, str) and 0 < len(s) <= MAX_REQUEST_ID_CHARS and s.isprintable()
-
-
-def is_valid_publish_topic(topic: object) -> TypeGuard[str]:
-    """True when ``topic`` can be published to: non-empty UTF-8, no wildcard, NUL or ``$`` start."""
-    if not isinstance(topic, str) or not topic or topic.startswith("$"):
-        return False
-    if "+" in topic or "#" in topic or "\0" in topic:
-        return False
-    try:
-        return len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
-    except UnicodeEncodeError:  # a lone surrogate: not UTF-8, a broker would drop us
-        return False
-
-
-#: ``mqtt.topic_charset``: "any" (what MQTT allows) or "portable" (no ``.`` or whitespace,
-#: for brokers that map topics to subjects: NATS closes the connection on a ``.``).
-TOPIC_CHARSETS: Final = ("any", "portable")
-
-
-def topic_charset_problem(topic: str, charset: str) -> str | None:
-    """Why ``topic`` breaks ``charset``; None when it does not (always None for "any")."""
-    if charset != "portable":
-        return None
-    if "." in topic:
-        return 'contains ".", which mqtt.topic_charset "portable" forbids'
-    if any(ch.isspace() for ch in topic):
-        return 'contains spaces, which mqtt.topic_charset "portable" forbids'
-    return None
-
-
-def is_valid_prefix(prefix: object) -> TypeGuard[str]:
-    """True for a publishable topic with no empty level (``edge``, ``acme/edge``).
-
-    The same rule as ``agent.config.topic_prefix``, so a prefix the config accepts never
-    fails here at startup.
-    """
-    return is_valid_publish_topic(prefix) and "" not in prefix.split("/")
 
 
 def now_ts(t: float | None = None) -> str:
@@ -714,8 +676,6 @@ _SPEC_FIELDS: Final = frozenset(FunctionSpec.__dataclass_fields__) - {"extra"}
 #: Written only when set, so an older spec's JSON (and fingerprint) is what it always was.
 _OPTIONAL_SIGNING_FIELDS: Final = ("sequence", "target", "max_processes")
 FLEET_TARGET: Final = "fleet"
-#: ``signature.key_id``: the first 16 hex digits of the SHA-256 of the raw ed25519 public key.
-KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 #: ``code.url``: https (``file`` too, for tests and local mirrors: agent.fetch decides).
 _URL_RE = re.compile(r"^(https|file)://[^\s]{1,2048}$")

@@ -243,13 +243,16 @@ def test_malformed_sha256_is_rejected(tmp_path: Path, sha256: str) -> None:
 
 @pytest.mark.parametrize(
     "version",
-    ["", "../x", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 65, "1..2", "1 0", "1\n"],
+    ["", "../x", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 65, "1 0", "1\n", "1~2"],
 )
 def test_unsafe_version_is_rejected(tmp_path: Path, version: str) -> None:
+    """The wire contract's version rule (agent.ids): "~" is refused as decode_spec refuses it."""
     rejected(tmp_path, HANDLER, "invalid version", code_format="source", version=version)
 
 
-@pytest.mark.parametrize("version", ["1", "1.0.0", "2024-01-01", "1.0.0-rc.1+build.5", "x" * 64])
+@pytest.mark.parametrize(
+    "version", ["1", "1.0.0", "2024-01-01", "1.0.0-rc.1+build.5", "x" * 64, "1..2"]
+)
 def test_ordinary_versions_are_accepted(tmp_path: Path, version: str) -> None:
     path = install(tmp_path, HANDLER, code_format="source", version=version)
     assert path.name.startswith(f"{version}-")
