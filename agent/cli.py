@@ -23,7 +23,7 @@ from agent.config import (
 )
 from agent.daemon import Agent
 from agent.errors import AgentError, ConfigError, StoreError
-from agent.mqtt import MqttClient, MqttSettings, Will, max_packet_size
+from agent.mqtt import MqttClient, MqttSettings, Will
 from agent.pool import WorkerLimits, WorkerPool
 from agent.store import Store
 from agent.systemd import Notifier
@@ -43,30 +43,8 @@ def _load(path: str) -> Config:
 
 
 def mqtt_settings(config: Config) -> MqttSettings:
-    m = config.mqtt
-    return MqttSettings(
-        host=m.host,
-        port=m.port,
-        brokers=m.endpoints() if m.brokers else (),
-        client_id=m.client_id,
-        keepalive=m.keepalive,
-        protocol=m.protocol,
-        username=m.username,
-        password_file=m.password_file,
-        tls=m.tls,
-        ca_file=m.ca_file,
-        cert_file=m.cert_file,
-        key_file=m.key_file,
-        tls_insecure=m.tls_insecure,
-        reconnect_min_s=m.reconnect_min_s,
-        reconnect_max_s=m.reconnect_max_s,
-        session_expiry_s=m.session_expiry_s,
-        connect_timeout_s=m.connect_timeout_s,
-        # The broker never sends more (MQTT 5): a huge spec or invoke is not even buffered.
-        max_packet_size=max_packet_size(
-            max(config.agent.max_payload_bytes, config.agent.max_spec_bytes)
-        ),
-    )
+    """The agent's connection settings (:meth:`MqttSettings.from_config`)."""
+    return MqttSettings.from_config(config)
 
 
 def build_agent(

@@ -110,10 +110,12 @@ class EdgeCluster:
             brokers, host = host, "127.0.0.1"
         endpoints = tuple(_endpoint(entry) for entry in brokers)
 
-        settings = settings or MqttSettings(
-            host=host,
-            port=port,
+        settings = settings or MqttSettings.for_controller(
+            host,
+            port,
             brokers=endpoints,
+            one_shot=False,  # a long-running controller: the longer reconnect backoff
+            timeout_s=timeout,
             protocol=protocol,
             username=username,
             password=password,
@@ -122,11 +124,6 @@ class EdgeCluster:
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
-            clean_start=True,
-            session_expiry_s=0,
-            reconnect_min_s=0.2,
-            reconnect_max_s=5.0,
-            connect_timeout_s=min(timeout, 10.0),
         )
         if reply_qos is None:
             reply_qos = 0 if len(settings.endpoints()) > 1 else 1

@@ -101,10 +101,12 @@ def parse_brokers(values: Sequence[str] | str | None) -> tuple[tuple[str, int], 
 def settings_from(args: argparse.Namespace) -> MqttSettings:
     brokers = parse_brokers(args.broker)
     host, port = brokers[0]
-    return MqttSettings(
-        host=host,
-        port=port,
+    return MqttSettings.for_controller(
+        host,
+        port,
         brokers=brokers if len(brokers) > 1 else (),
+        one_shot=True,  # one command an operator waits on: short reconnect backoff
+        timeout_s=args.connect_timeout,
         protocol=args.protocol,
         username=args.username,
         password_file=args.password_file,
@@ -112,11 +114,6 @@ def settings_from(args: argparse.Namespace) -> MqttSettings:
         ca_file=args.ca_file,
         cert_file=args.cert_file,
         key_file=args.key_file,
-        clean_start=True,
-        session_expiry_s=0,
-        reconnect_min_s=0.2,
-        reconnect_max_s=2.0,
-        connect_timeout_s=min(args.connect_timeout, 10.0),
     )
 
 

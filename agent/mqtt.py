@@ -39,10 +39,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -51,6 +51,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,20 @@ class MqttError(AgentError):
     type = "mqtt_error"
 
 
+#: Reconnect backoff of the cloud side (:meth:`MqttSettings.for_controller`): from this...
+CONTROLLER_RECONNECT_MIN_S = 0.2
+#: ...up to this for a long-running controller (``EdgeCluster.connect``)...
+CONTROLLER_RECONNECT_MAX_S = 5.0
+#: ...and up to this for a one-shot command (``edgectl``), which an operator waits on.
+ONE_SHOT_RECONNECT_MAX_S = 2.0
+#: The longest a controller's CONNECT waits, whatever the overall timeout.
+CONTROLLER_CONNECT_TIMEOUT_MAX_S = 10.0
+
+
 @dataclass(frozen=True)
 class MqttSettings:
-    """Connection settings; the daemon builds them from ``[mqtt]``, the cloud side by hand."""
+    """Connection settings: :meth:`from_config` for the agent, :meth:`for_controller` for the
+    cloud side (both decide everything in one place); tests may build them directly."""
 
     host: str = "127.0.0.1"
     port: int = 1883
@@ -93,6 +107,86 @@ class MqttSettings:
     #: dropped it (NATS during a leader election): the connection is dropped, so paho sends
     #: it again (DUP) on the next connection, to the next node. 0 turns this off.
     puback_timeout_s: float = 20.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> MqttSettings:
+        """The agent's settings: ``[mqtt]`` as configured (a persistent session).
+
+        The Maximum Packet Size is the larger of ``agent.max_payload_bytes`` and
+        ``agent.max_spec_bytes`` plus header room: the broker never sends more (MQTT 5), so a
+        huge spec or invoke is not even buffered.
+        """
+        m = config.mqtt
+        return cls(
+            host=m.host,
+            port=m.port,
+            brokers=m.endpoints() if m.brokers else (),
+            client_id=m.client_id,
+            keepalive=m.keepalive,
+            protocol=m.protocol,
+            username=m.username,
+            password_file=m.password_file,
+            tls=m.tls,
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
+            tls_insecure=m.tls_insecure,
+            reconnect_min_s=m.reconnect_min_s,
+            reconnect_max_s=m.reconnect_max_s,
+            session_expiry_s=m.session_expiry_s,
+            connect_timeout_s=m.connect_timeout_s,
+            max_packet_size=max_packet_size(
+                max(config.agent.max_payload_bytes, config.agent.max_spec_bytes)
+            ),
+        )
+
+    @classmethod
+    def for_controller(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        brokers: Sequence[tuple[str, int]] = (),
+        one_shot: bool,
+        timeout_s: float = 10.0,
+        protocol: str = "5",
+        username: str = "",
+        password: str = "",
+        password_file: str = "",
+        tls: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+    ) -> MqttSettings:
+        """The cloud side's settings (a fleet controller: ``edgectl``, ``EdgeCluster``).
+
+        A clean session that the broker forgets at once (``clean_start``, expiry 0): the
+        controller re-reads the retained state on every connection and queues nothing while
+        away. Reconnects start after :data:`CONTROLLER_RECONNECT_MIN_S`; the cap depends on
+        ``one_shot``: an ``edgectl`` command (True) is one short-lived call an operator waits
+        on, so it tries again soon (:data:`ONE_SHOT_RECONNECT_MAX_S`); a long-running
+        controller (False, ``EdgeCluster.connect``) backs off further
+        (:data:`CONTROLLER_RECONNECT_MAX_S`). One CONNECT waits at most ``timeout_s``,
+        capped at :data:`CONTROLLER_CONNECT_TIMEOUT_MAX_S` so a broker list moves on.
+        """
+        return cls(
+            host=host,
+            port=port,
+            brokers=tuple(brokers),
+            protocol=protocol,
+            username=username,
+            password=password,
+            password_file=password_file,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            clean_start=True,
+            session_expiry_s=0,
+            reconnect_min_s=CONTROLLER_RECONNECT_MIN_S,
+            reconnect_max_s=ONE_SHOT_RECONNECT_MAX_S if one_shot else CONTROLLER_RECONNECT_MAX_S,
+            connect_timeout_s=min(timeout_s, CONTROLLER_CONNECT_TIMEOUT_MAX_S),
+        )
 
     def endpoints(self) -> tuple[tuple[str, int], ...]:
         return self.brokers or ((self.host, self.port),)

@@ -1,0 +1,61 @@
+"""MqttSettings.from_config / for_controller: the one place connection settings are decided."""
+
+from __future__ import annotations
+
+from agent import ctl
+from agent.config import parse_config
+from agent.mqtt import MqttSettings, max_packet_size
+
+
+def test_from_config_takes_every_mqtt_key() -> None:
+    config = parse_config(
+        {
+            "node": {"id": "gw-01"},
+            "mqtt": {
+                "brokers": ["10.0.0.1:1884", "[::1]:1885"],
+                "keepalive": 15,
+                "protocol": "3.1.1",
+                "username": "u",
+                "reconnect_min_s": 1.0,
+                "reconnect_max_s": 30.0,
+                "session_expiry_s": 600,
+                "connect_timeout_s": 7.0,
+            },
+        }
+    )
+    s = MqttSettings.from_config(config)
+    assert s.brokers == (("10.0.0.1", 1884), ("::1", 1885))
+    assert (s.client_id, s.keepalive, s.protocol, s.username) == (
+        "edge-agent-gw-01",
+        15,
+        "3.1.1",
+        "u",
+    )
+    assert (s.reconnect_min_s, s.reconnect_max_s) == (1.0, 30.0)
+    assert (s.session_expiry_s, s.connect_timeout_s, s.clean_start) == (600, 7.0, False)
+    want = max(config.agent.max_payload_bytes, config.agent.max_spec_bytes)
+    assert s.max_packet_size == max_packet_size(want)
+
+
+def test_from_config_without_a_broker_list_uses_host_and_port() -> None:
+    config = parse_config({"node": {"id": "gw-01"}, "mqtt": {"host": "b", "port": 8883}})
+    s = MqttSettings.from_config(config)
+    assert (s.host, s.port, s.brokers) == ("b", 8883, ())
+
+
+def test_controller_settings_differ_only_in_the_reconnect_cap() -> None:
+    one_shot = MqttSettings.for_controller("h", 1, one_shot=True, timeout_s=30.0)
+    long_running = MqttSettings.for_controller("h", 1, one_shot=False, timeout_s=3.0)
+    for s in (one_shot, long_running):
+        assert (s.clean_start, s.session_expiry_s, s.reconnect_min_s) == (True, 0, 0.2)
+    assert (one_shot.reconnect_max_s, long_running.reconnect_max_s) == (2.0, 5.0)
+    assert (one_shot.connect_timeout_s, long_running.connect_timeout_s) == (10.0, 3.0)
+
+
+def test_edgectl_settings() -> None:
+    args = ctl.build_parser().parse_args(["--broker", "a:1,b:2", "--connect-timeout", "4", "nodes"])
+    s = ctl.settings_from(args)
+    assert (s.host, s.port, s.brokers) == ("a", 1, (("a", 1), ("b", 2)))
+    assert (s.reconnect_max_s, s.connect_timeout_s, s.clean_start) == (2.0, 4.0, True)
+    single = ctl.settings_from(ctl.build_parser().parse_args(["--broker", "a:1", "nodes"]))
+    assert (single.host, single.port, single.brokers) == ("a", 1, ())
