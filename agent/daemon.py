@@ -1039,7 +1039,8 @@ class Agent:
         """
         if self._store_fault is not None:
             return  # the next recovery schedules the sweep again
-        if self.outbox.in_flight or self.outbox.awaiting_retry:
+        if self.outbox.in_flight or self.outbox.awaiting_retry or self.outbox.holding:
+            # (a held delta is at or below last_sent_id and was never sent: wait for it)
             self._timers["outbox_sweep"] = time.monotonic() + 1.0
             return
         self._timers.pop("outbox_sweep", None)

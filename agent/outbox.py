@@ -157,9 +157,9 @@ class OutboxPump:
         if room <= 0:
             return
         for item in self.store.outbox_peek(room, after_id=self._last_sent_id, claim=True):
-            self._last_sent_id = item.id
             if item.kind in SYNC_KINDS and self._held_until is not None:
                 self.release_held()  # deltas and snapshots never overtake each other
+            self._last_sent_id = item.id  # (after a release that may raise StoreError)
             if item.kind == DELTA_KIND and self.delta_linger_s > 0:
                 self.store.outbox_hold(item.id)
                 self._held_until = self._clock() + self.delta_linger_s
@@ -179,8 +179,8 @@ class OutboxPump:
         paho keeps it for the next connection like any unacknowledged message)."""
         if self._held_until is None:
             return
+        item = self.store.outbox_release()  # a StoreError leaves it held, to be sent later
         self._held_until = None
-        item = self.store.outbox_release()
         if item is not None:
             self._send(item)
 

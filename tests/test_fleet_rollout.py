@@ -4,6 +4,7 @@ restored, and nodes that join later converging on the retained fleet spec."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from agent.fleet import controller as controller_module
 from agent.fleet import function_spec
 from agent.fleet import rollout as ro
 from agent.models import EdgeNodeStatus
+from agent.trust import generate_keypair
 
 AgentFactory = Callable[..., AgentProcess]
 NODES = ("gw-a", "gw-b", "gw-c")
@@ -168,10 +170,13 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
     """A broker that acknowledges a canary's spec and loses its delivery (a NATS cluster
     electing leaders): the controller publishes the canary's spec again after REPUSH_S, so
     the rollout completes instead of rolling back after ``canary_timeout_s``. The node here
-    is a bare MQTT client that drops the first spec it is sent."""
+    is a bare MQTT client that drops the first spec it is sent. The controller signs: the
+    repeat must be the same bytes (signing again would be a new spec with a new sequence,
+    which restarts a deploy already in progress on a node that did get the first)."""
     monkeypatch.setattr(controller_module, "REPUSH_S", 0.5)
     node_id, base = "gw-deaf", "edge/nodes/gw-deaf"
     received: list[str] = []
+    payloads: list[bytes] = []
     node = paho.Client(CallbackAPIVersion.VERSION2, client_id=node_id)
 
     def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
@@ -179,6 +184,7 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
             return
         spec = protocol.decode_spec(msg.payload)
         received.append(msg.topic)
+        payloads.append(bytes(msg.payload))
         if len(received) == 1:
             return  # lost on the way
         state = protocol.encode_function_state(
@@ -195,7 +201,10 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
     node.loop_start()
     node.publish(f"{base}/status", status, qos=1, retain=True).wait_for_publish(10)
     try:
-        with connect(broker.port, heartbeat_interval_s=30.0) as cluster:
+        keys = tmp_path / "keys"
+        keys.mkdir()
+        generate_keypair(keys / "ctl")
+        with connect(broker.port, heartbeat_interval_s=30.0, sign_key=str(keys / "ctl")) as cluster:
             wait_status(cluster, node_id, EdgeNodeStatus.ONLINE, 10)
             spec = function_spec(versioned_module(tmp_path / "v1", "1"), id="ver", version="1")
             result = cluster.controller.staged_rollout(
@@ -203,6 +212,8 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
             )
             assert result.ok, result.to_dict()
             assert received[:2] == [f"{base}/functions/ver"] * 2, received
+            assert payloads[0] == payloads[1], "the repeat was signed again"
+            assert "signature" in json.loads(payloads[0])
             assert cluster.controller.stats["specs_repushed"] >= 1
     finally:
         node.loop_stop()

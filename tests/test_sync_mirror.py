@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import protocol
+from agent.daemon import Agent
+from agent.errors import StoreError
 from agent.mirror import MirrorClient, SyncMirror
 from agent.mqtt import MqttSettings
 from agent.outbox import OutboxPump
@@ -599,3 +602,50 @@ def test_zero_linger_sends_every_delta_at_once(tmp_path: Path) -> None:
             sync.commit({"count": n}, None)
             pump.drain()
         assert wire.deltas() == [(0, 1), (1, 2), (2, 3)] and not pump.holding
+
+
+def test_a_store_error_while_releasing_leaves_the_delta_held_and_nothing_stranded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read of the held delta fails once (a disk error): the delta stays held, and the
+    snapshot whose arrival asked for the release is not skipped; both go out, in order, once
+    the store reads again."""
+    with Store(tmp_path / "state.db") as store:
+        pump, sync, wire = lingering(store, tmp_path, 0.02)
+        mirror = SyncMirror()
+        rid = requested(mirror.resync(NODE))
+        sync.commit({"a": 1}, None)
+        pump.drain()
+        read = store._outbox_get_locked
+
+        def failing_once(item_id: int) -> Any:
+            monkeypatch.setattr(store, "_outbox_get_locked", read)
+            raise StoreError("disk I/O error (simulated)")
+
+        monkeypatch.setattr(store, "_outbox_get_locked", failing_once)
+        with pytest.raises(StoreError):
+            sync.on_request(protocol.encode_sync_request(rid))  # its drain meets the failure
+        assert pump.holding and wire.sent == []
+        pump.drain()
+        assert wire.topics() == ["delta", "snapshot"] and not pump.holding
+        for topic, payload in wire.sent:
+            mirror.on_message(topic, payload)
+        assert state_of(mirror) == (1, {"a": 1}) == tuple(store.sync_state())
+        assert store.outbox_depth()[0] == 2  # both handed over, awaiting their PUBACKs
+
+
+def test_the_outbox_sweep_waits_for_a_held_delta(tmp_path: Path) -> None:
+    """The sweep after a store fault deletes rows at or below the last id handed to MQTT
+    once nothing is in flight: a held delta is below it and was never sent, so it waits."""
+    with Store(tmp_path / "state.db") as store:
+        pump, sync, wire = lingering(store, tmp_path, 0.02)
+        sync.commit({"a": 1}, None)
+        pump.drain()
+        agent = SimpleNamespace(
+            _store_fault=None, outbox=pump, store=store, _timers={}, _update_status_line=list
+        )
+        Agent._sweep_outbox(agent)  # type: ignore[arg-type]
+        assert store.outbox_depth()[0] == 1 and "outbox_sweep" in agent._timers
+        wire.now += 0.02
+        pump.retry_due()
+        assert wire.deltas() == [(0, 1)]

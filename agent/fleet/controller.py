@@ -200,6 +200,8 @@ class FleetController:
         self._fence = b""
         self._synced = False
         self._last_failure: str | None = None
+        #: (node, function) -> the per-node spec bytes last published (for repeats).
+        self._node_spec_sent: dict[tuple[str, str], bytes] = {}
         self.stats: Counter[str] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -626,7 +628,19 @@ class FleetController:
         if self.signer is not None:
             target = protocol.FLEET_TARGET if node_id is None else node_id
             spec = self.signer.sign(spec, target=target, sequence=self.next_sequence(spec))
-        self.publish(self.spec_topic(spec.id, node_id), protocol.encode_spec(spec), retain=True)
+        payload = protocol.encode_spec(spec)
+        self.publish(self.spec_topic(spec.id, node_id), payload, retain=True)
+        if node_id is not None:
+            self._node_spec_sent[(node_id, spec.id)] = payload
+
+    def _republish_node_specs(self, function_id: str, node_ids: Iterable[str]) -> None:
+        """Publish again, byte for byte, the per-node spec last sent to each node: the same
+        signature and sequence, so an agent that got it takes it as the no-op a retained
+        replay is (signing again would make a new spec and restart a deploy in progress)."""
+        for node_id in node_ids:
+            payload = self._node_spec_sent.get((node_id, function_id))
+            if payload is not None:
+                self.publish(self.spec_topic(function_id, node_id), payload, retain=True)
 
     def next_sequence(self, spec: protocol.FunctionSpec) -> int:
         """A sequence above every one this controller used and every retained spec of the
@@ -750,7 +764,8 @@ class FleetController:
         :data:`REPUSH_S` after the start, then after twice that, and so on: it publishes their
         per-node spec again. A clustered broker may acknowledge a retained publish and still
         lose its live delivery to a subscriber (NATS while its streams elect leaders); the
-        agent takes an unchanged spec again as a no-op, so a repeat only fills the gap.
+        agent takes the same bytes again as a no-op (a staged rollout repeats exactly
+        what it published, signature included), so a repeat only fills the gap.
         """
         node_ids = self.targets(spec) if nodes is None else list(dict.fromkeys(nodes))
         started = time.monotonic()
@@ -831,7 +846,7 @@ class FleetController:
             canary_timeout_s,
             on_progress,
             phase="canary",
-            repush=lambda pending: self.deploy_nodes(spec, pending),
+            repush=lambda pending: self._republish_node_specs(fid, pending),
         )
         failed = [n for n, r in canary_report.results.items() if r.state != "active"]
         if len(failed) > max_failures:

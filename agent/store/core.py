@@ -788,8 +788,10 @@ class Store(SyncTables):
         """End the hold: the held item as it is now (after every merge), which no commit
         will touch again; None when nothing is held or it is gone (superseded, dead)."""
         with self._lock:
-            item_id, self._held_id = self._held_id, 0
-            return self._outbox_get_locked(item_id) if item_id else None
+            item_id = self._held_id
+            item = self._outbox_get_locked(item_id) if item_id else None  # StoreError: still held
+            self._held_id = 0
+            return item
 
     def outbox_get(self, item_id: int) -> OutboxItem | None:
         """Item ``item_id`` if it is still queued (not acknowledged, superseded or dead)."""
