@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import queue
 import signal
 import time
@@ -51,7 +52,7 @@ from agent.isolation import FunctionIdentities
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
-from agent.specindex import IndexFollower, rollcall_delay
+from agent.specindex import ROLLCALL_MIN_INTERVAL_S, IndexFollower, rollcall_delay
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
@@ -121,6 +122,7 @@ class Agent:
         #: Exact-topic spec subscriptions from the retained indexes (agent.specindex).
         mode = config.mqtt.retained_wildcards
         self.spec_index = IndexFollower(self.topics, mode) if mode != "yes" else None
+        self._rollcall_answered = -math.inf  # monotonic time of the last roll call answer
         self.mqtt: mqtt.MqttClient | None = None
         functions_dir = Path(config.agent.state_dir) / "functions"
         #: Each function's own uid and gid (runtime.function_uids), decided at boot.
@@ -465,8 +467,12 @@ class Agent:
         """A retained spec index (subscribe to the exact spec topics it lists, for brokers
         without retained wildcards) or a roll call (answer within its window)."""
         try:
-            if kind == "rollcall":
-                due = time.monotonic() + rollcall_delay(payload)
+            if kind == "rollcall":  # one answer covers every call pending; at most one per
+                # ROLLCALL_MIN_INTERVAL_S, so a flood of roll calls costs a bounded rate
+                due = max(
+                    time.monotonic() + rollcall_delay(payload),
+                    self._rollcall_answered + ROLLCALL_MIN_INTERVAL_S,
+                )
                 self._timers["rollcall"] = min(self._timers.get("rollcall", due), due)
                 return
             if self.spec_index is None or self.mqtt is None:
@@ -1097,6 +1103,7 @@ class Agent:
             self._retry_store()
         if self._timers.get("rollcall", now + 1) <= now:
             del self._timers["rollcall"]
+            self._rollcall_answered = now
             if self._connected:  # answered live: a controller cannot read retained ones
                 self._publish_status("online")
                 self._republish_states()
@@ -1215,6 +1222,7 @@ class Agent:
         restart_needed = [key for key, (a, b) in _changed_keys(new, running).items() if a != b]
         set_level(new.agent.log_level)
         self.store.set_limits(max_messages=new.outbox.max_messages, max_bytes=new.outbox.max_bytes)
+        self.outbox.delta_linger_s = new.outbox.delta_linger_ms / 1000.0
         self.pool.reconfigure(
             max_workers=new.runtime.max_workers,
             max_queue=new.runtime.max_queue,

@@ -76,6 +76,11 @@ TopicKind = Literal[
 RETAINED_WILDCARDS: Final = ("auto", "yes", "no")
 #: The longest answer window a roll call may ask for (seconds); longer ones are clamped.
 MAX_ROLLCALL_WINDOW_S: Final = 300.0
+#: Most function ids one spec index may list, and most bytes of an index message: an agent
+#: subscribes to one exact topic per id, so a hostile retained index must stay cheap to
+#: follow (90,000 listed ids once blocked an agent's loop for a minute).
+MAX_INDEX_FUNCTIONS: Final = 1000
+MAX_INDEX_BYTES: Final = 128 * 1024
 FleetTopicKind = Literal[
     "status", "heartbeat", "function_state", "sync_delta", "sync_snapshot", "replies", "unknown"
 ]
@@ -1329,6 +1334,10 @@ def decode_spec_index(payload: bytes) -> dict[str, str]:
     """The ``functions`` of a spec index (fid -> version); empty for a cleared topic."""
     if not payload:
         return {}
+    if len(payload) > MAX_INDEX_BYTES:
+        raise BadRequest(
+            f"spec index: {len(payload)} bytes, over the {MAX_INDEX_BYTES} an index may have"
+        )
     msg = _load_object(payload, "spec index", BadRequest)
     _check_spec_index(msg, BadRequest)
     return dict(msg["functions"])
@@ -1336,7 +1345,13 @@ def decode_spec_index(payload: bytes) -> dict[str, str]:
 
 def _check_spec_index(msg: Mapping[str, Any], err: _Err) -> None:
     f = _Fields(msg, "spec index", err)
-    _check_functions(f, "functions", f.obj("functions"))
+    functions = f.obj("functions")
+    if len(functions) > MAX_INDEX_FUNCTIONS:
+        raise err(
+            f"spec index: {len(functions)} functions, over the {MAX_INDEX_FUNCTIONS} an index "
+            "may list"
+        )
+    _check_functions(f, "functions", functions)
     f.ts()
 
 

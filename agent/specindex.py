@@ -101,4 +101,9 @@ def rollcall_delay(payload: bytes, rng: random.Random | None = None) -> float:
     return (rng or _rng).uniform(0.0, window)
 
 
+#: An agent answers at most one roll call per this many seconds (later ones wait until
+#: then): whoever can publish to ``<p>/fleet/rollcall`` cannot make it publish its status
+#: and function states more often than that, nor write its store more often.
+ROLLCALL_MIN_INTERVAL_S = 2.0
+
 _rng = random.Random()

@@ -27,7 +27,7 @@ from agent import ctl, protocol
 from agent.cluster import EdgeCluster
 from agent.errors import BadRequest
 from agent.fleet import FleetController
-from agent.specindex import IndexFollower, rollcall_delay
+from agent.specindex import ROLLCALL_MIN_INTERVAL_S, IndexFollower, rollcall_delay
 
 ECHO = "def handler(event, context=None):\n    return {'echo': event, 'fn': %r}\n"
 
@@ -361,3 +361,45 @@ def test_controller_api_rejects_an_unknown_mode() -> None:
 
     with pytest.raises(ValueError, match="retained_wildcards"):
         FleetController(MqttSettings(), retained_wildcards="maybe")
+
+
+# -- hostile input on the compatibility topics ------------------------------------------------
+
+
+def test_an_index_too_long_or_too_big_is_refused_before_anything_is_subscribed() -> None:
+    """A retained index listing 90,000 ids blocked an agent's loop for a minute (one exact
+    subscription per id): an index lists at most MAX_INDEX_FUNCTIONS ids in at most
+    MAX_INDEX_BYTES bytes, and the agent's follower changes nothing when refused."""
+    ts = protocol.now_ts()
+    many = {f"f{i}": "1" for i in range(protocol.MAX_INDEX_FUNCTIONS + 1)}
+    with pytest.raises(BadRequest, match="functions, over the 1000"):
+        protocol.decode_spec_index(json.dumps({"functions": many, "ts": ts}).encode())
+    with pytest.raises(ValueError, match="over the 1000"):
+        protocol.encode_spec_index(many)
+    big = json.dumps({"functions": {"f": "1"}, "ts": ts, "pad": "x" * protocol.MAX_INDEX_BYTES})
+    with pytest.raises(BadRequest, match="bytes, over the"):
+        protocol.decode_spec_index(big.encode())
+    at_most = {f"f{i}": "1" for i in range(protocol.MAX_INDEX_FUNCTIONS)}
+    assert len(protocol.decode_spec_index(protocol.encode_spec_index(at_most))) == 1000
+
+
+def test_a_roll_call_flood_is_answered_at_a_bounded_rate(cloud: Cloud, agent_factory: Any) -> None:
+    """Twenty roll calls with a zero window, then one more after the first answer: the agent
+    answers the flood once and the later call no sooner than ROLLCALL_MIN_INTERVAL_S after
+    it (each answer is its status and every function state, and store writes), not 21 times."""
+    agent_factory("gw-rc").start()
+    status = "edge/nodes/gw-rc/status"
+    cloud.wait_message(status, lambda m: m["status"] == "online", 20)
+    before = len(cloud.on(status))
+
+    def answers() -> int:
+        return len(cloud.on(status)) - before
+
+    for i in range(20):
+        cloud.publish("edge/fleet/rollcall", protocol.encode_rollcall(f"flood-{i}", 0.0))
+    wait_for(lambda: answers() >= 1, 10, "the agent never answered the roll calls")
+    first = time.monotonic()
+    cloud.publish("edge/fleet/rollcall", protocol.encode_rollcall("later", 0.0))
+    wait_for(lambda: answers() >= 2, 10, "the agent never answered the later roll call")
+    assert time.monotonic() - first >= ROLLCALL_MIN_INTERVAL_S - 0.5
+    assert answers() <= 3, f"{answers()} answers to 21 roll calls"
