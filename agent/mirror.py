@@ -40,6 +40,7 @@ from typing import Any
 
 from agent import mqtt, protocol
 from agent.errors import AgentError
+from agent.fence import ReplayFence
 from agent.models import SyncState, state_checksum
 from agent.sync import apply_delta
 
@@ -274,15 +275,14 @@ class MirrorClient:
         self, settings: mqtt.MqttSettings, prefix: str = "edge", nodes: list[str] | None = None
     ) -> None:
         self.mirror = SyncMirror(prefix, nodes)
-        # A message to itself, published after subscribing: when it comes back, the broker
-        # has delivered every retained message the subscriptions match (same connection,
-        # in order), so desired versions and statuses are known before start() returns.
-        self._fence_topic = f"{prefix}/mirror/{uuid.uuid4().hex[:16]}/fence"
+        # The retained-replay fence (agent.fence): when it comes back, desired versions and
+        # statuses are known, before start() returns.
+        self._fence = ReplayFence(f"{prefix}/mirror/{uuid.uuid4().hex[:16]}/fence")
         self._fenced = threading.Event()
         self.client = mqtt.MqttClient(
             settings,
             self._on_event,
-            subscriptions=[*self.mirror.subscriptions(), self._fence_topic],
+            subscriptions=[*self.mirror.subscriptions(), self._fence.topic],
             manual_ack=False,
         )
 
@@ -290,8 +290,9 @@ class MirrorClient:
         # Runs on paho's thread: the mirror is a quick, locked state machine, and its
         # answers are publishes (paho queues them): nothing here blocks.
         if isinstance(event, mqtt.Message):
-            if event.topic == self._fence_topic:
-                self._fenced.set()
+            if self._fence.on_message(event.topic, event.payload):
+                if self._fence.passed:
+                    self._fenced.set()
                 return
             for topic, payload, retain in self.mirror.on_message(event.topic, event.payload):
                 self.client.publish(topic, payload, qos=1, retain=retain)
@@ -301,7 +302,7 @@ class MirrorClient:
         self.client.start()
         if not self.client.wait_connected(timeout):
             raise AgentError(f"mirror could not connect within {timeout:g}s")
-        self.client.publish(self._fence_topic, b"fence", qos=1)
+        self.client.publish(self._fence.topic, self._fence.arm(), qos=1)
         if not self._fenced.wait(timeout):
             raise AgentError(f"mirror did not receive the retained messages within {timeout:g}s")
         return self

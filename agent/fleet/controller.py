@@ -17,7 +17,8 @@ Start-up is a barrier, not a guess: after the broker acknowledges the connection
 it our subscriptions, which paho sends first), the controller publishes a *fence* message to
 its own topic. The broker queues retained messages for a subscription before it routes a
 later publish on the same connection, so when the fence comes back every retained status,
-function state and spec has been ingested.
+function state and spec has been ingested (:class:`agent.fence.ReplayFence`, which the sync
+mirror uses too).
 
 Replies: invocations carry ``reply_to = <p>/controllers/<controller id>/replies`` and MQTT 5
 Correlation Data (the request id); the agent echoes the correlation data on the reply, and
@@ -54,6 +55,7 @@ from agent.errors import (
     FunctionTimeout,
     error_from_dict,
 )
+from agent.fence import ReplayFence
 from agent.fleet import rollout
 from agent.fleet.rollout import RolloutReport, StagedRollout
 from agent.fleet.view import FleetView
@@ -160,8 +162,9 @@ class FleetController:
         self.invoke_timeout_s = invoke_timeout_s
         base = f"{prefix}/controllers/{self.controller_id}"
         self.reply_topic = f"{base}/replies"
-        self._fence_topic = f"{base}/fence"
-        own = [self.reply_topic, self._fence_topic]
+        #: The retained-replay fence (agent.fence); wait_synced() waits for it to pass.
+        self._fence = ReplayFence(f"{base}/fence")
+        own = [self.reply_topic, self._fence.topic]
         #: Brokers without retained wildcards (docs/protocol.md): "yes", "no" or "auto"
         #: (probe at start); ``wildcard_replay`` says what start() found.
         if retained_wildcards not in protocol.RETAINED_WILDCARDS:
@@ -197,8 +200,6 @@ class FleetController:
         self._acks: dict[int, Published | None] = {}
         self._watchers: set[threading.Event] = set()
         self._request_ids = itertools.count(1)
-        self._fence = b""
-        self._synced = False
         self._last_failure: str | None = None
         #: (node, function) -> the per-node spec bytes last published (for repeats).
         self._node_spec_sent: dict[tuple[str, str], bytes] = {}
@@ -271,11 +272,10 @@ class FleetController:
             ]
         client = self._mqtt
         if topics and client is not None:
-            client.subscribe(topics, qos=self._subscription_qos[self._fence_topic])
+            client.subscribe(topics, qos=self._subscription_qos[self._fence.topic])
             with self._cond:
-                self._synced = False
-                self._fence = uuid.uuid4().hex.encode()
-                client.publish(self._fence_topic, self._fence, qos=1)
+                self._fence.reset()
+                client.publish(self._fence.topic, self._fence.arm(), qos=1)
             if not self.wait_synced(timeout):
                 raise BrokerUnreachable(
                     f"the {len(topics)} specs the indexes list did not arrive within {timeout:g}s"
@@ -301,7 +301,7 @@ class FleetController:
         self.publish(self._probe_topic, nonce, retain=True, timeout=timeout)
         wildcard = self._probe_topic.rsplit("/", 1)[0] + "/+"
         try:
-            client.subscribe([wildcard], qos=self._subscription_qos[self._fence_topic])
+            client.subscribe([wildcard], qos=self._subscription_qos[self._fence.topic])
             self.publish(self._probe_fence, nonce, timeout=max(0.1, deadline - time.monotonic()))
             with self._cond:
                 while self._probe_result is None and time.monotonic() < deadline:
@@ -332,7 +332,7 @@ class FleetController:
         """True once connected and every retained message up to now has been ingested."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self._synced:
+            while not self._fence.passed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -398,11 +398,10 @@ class FleetController:
                 self._acks[event.mid] = event
         elif isinstance(event, Connected):
             self._last_failure = None
-            self._fence = uuid.uuid4().hex.encode()
             assert self._mqtt is not None
-            self._mqtt.publish(self._fence_topic, self._fence, qos=1)
+            self._mqtt.publish(self._fence.topic, self._fence.arm(), qos=1)
         elif isinstance(event, ConnectFailed | Disconnected):
-            self._synced = False
+            self._fence.reset()
             self._last_failure = event.reason
             log.info("fleet controller: broker connection: %s", event.reason)
         return True
@@ -412,9 +411,7 @@ class FleetController:
         if msg.topic == self.reply_topic:
             self._handle_reply(msg)
             return False
-        if msg.topic == self._fence_topic:
-            if msg.payload == self._fence:
-                self._synced = True
+        if self._fence.on_message(msg.topic, msg.payload):
             return False
         if msg.topic in (self._probe_topic, self._probe_fence):
             if msg.payload == self._probe_nonce and self._probe_result is None:
