@@ -1,8 +1,9 @@
 """The worker side: a fresh interpreter that loads one function and runs its invocations.
 
 Started by :mod:`agent.pool` as ``python -I -c <bootstrap> <read fd> <write fd>`` in its own
-session. It talks to the agent only through the two pipe fds (framing in :mod:`agent.wire`);
-stdout is pointed at stderr so a handler's ``print`` can never corrupt the channel.
+session. It talks to the agent only through the two pipe fds (framing, messages and exit
+codes in :mod:`agent.pipe`); stdout is pointed at stderr so a handler's ``print`` can never
+corrupt the channel.
 
 Limits and identity are applied here *before* user code is loaded (rlimits only go down):
 with a ``uid`` in the load message the worker becomes that function's user, then drops every
@@ -28,19 +29,13 @@ import threading
 import time
 import traceback
 
-from agent import wire
+from agent import pipe
 from agent.context import InvocationContext
 
 TYPE_CHECKING = False  # typing and inspect cost ~50 ms of worker start-up: not at run time
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from typing import Any
-
-#: Named exit codes (billiard/gunicorn habit) the parent reads on reap.
-EX_MEMORY = 88  # exceeded memory_mb; the worker cannot be trusted to keep running
-EX_PROTOCOL = 89  # the parent sent something unreadable
-EX_LOAD_FAILED = 90  # the handler could not be loaded (reported before exiting)
-EX_ORPHANED = 91  # the agent was gone before the worker could tie its life to it
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -88,18 +83,18 @@ def _set_limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def apply_limits(header: dict[str, Any]) -> int:
+def apply_limits(header: pipe.LoadMsg) -> int:
     """Apply the load message's rlimits; returns the RLIMIT_DATA set (0 = none)."""
     _set_limit(resource.RLIMIT_CORE, 0)
-    for name, which in (
-        ("nofile", resource.RLIMIT_NOFILE),
-        ("fsize", resource.RLIMIT_FSIZE),
-        ("nproc", resource.RLIMIT_NPROC),  # per uid: sent only with the function's own uid
+    rlimits = header["rlimits"]
+    for value, which in (
+        (rlimits["nofile"], resource.RLIMIT_NOFILE),
+        (rlimits["fsize"], resource.RLIMIT_FSIZE),
+        (rlimits["nproc"], resource.RLIMIT_NPROC),  # per uid: only with the function's own uid
     ):
-        value = int(header.get("rlimits", {}).get(name, 0))
         if value > 0:
             _set_limit(which, value)
-    memory_bytes = int(header.get("memory_bytes", 0))
+    memory_bytes = int(header["memory_bytes"])
     if memory_bytes <= 0:
         return 0
     # RLIMIT_DATA counts private writable memory (heap, anonymous mmaps, thread stacks) but
@@ -214,39 +209,41 @@ class WorkerMain:
         self.parent = 0  # the agent's pid (main sets it)
         self.peak_seen_kb = 0
 
-    def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
-        wire.write_all(self.wfd, wire.encode_frame(header, blob))
+    def send(self, header: Mapping[str, object] | bytes, blob: bytes = b"") -> None:
+        pipe.write_all(self.wfd, pipe.encode_frame(header, blob))
 
     def run(self) -> int:
-        self.send({"op": "ready", "pid": os.getpid()})
-        reader = wire.FrameReader()
+        """Answer frames until told to stop; the exit code (see :mod:`agent.pipe`)."""
+        self.send(pipe.ready(os.getpid()))
+        reader = pipe.FrameReader()
+        header: Any  # a message of agent.pipe, told apart by its op
         while True:
             try:
                 header, blob = reader.read_blocking(self.rfd)
-            except wire.FrameError as exc:
-                return 0 if exc.eof else EX_PROTOCOL
+            except pipe.FrameError as exc:
+                return pipe.EX_OK if exc.eof else pipe.EX_PROTOCOL
             op = header.get("op")
-            if op == "invoke":
+            if op == pipe.INVOKE:
                 code = self.invoke(header, blob)
                 if code is not None:
                     return code
-            elif op == "load":
+            elif op == pipe.LOAD:
                 if not self.load(header, blob):
-                    return EX_LOAD_FAILED
-            elif op == "exit":
-                return 0
+                    return pipe.EX_LOAD_FAILED
+            elif op == pipe.EXIT:
+                return pipe.EX_OK
             else:
-                return EX_PROTOCOL
+                return pipe.EX_PROTOCOL
 
-    def load(self, header: dict[str, Any], blob: bytes) -> bool:
+    def load(self, header: pipe.LoadMsg, blob: bytes) -> bool:
         try:
             self.function_id = str(header["function_id"])
-            self.codec = str(header.get("codec", "pickle"))
-            self.memory_mb = int(header.get("memory_bytes", 0)) >> 20
-            self.max_result = int(header.get("max_result", 0))
-            self.max_result_source = str(header.get("max_result_source", ""))
-            os.environ.update({str(k): str(v) for k, v in header.get("environment", {}).items()})
-            for entry in header.get("sys_path", []):
+            self.codec = str(header["codec"])
+            self.memory_mb = int(header["memory_bytes"]) >> 20
+            self.max_result = int(header["max_result"])
+            self.max_result_source = str(header["max_result_source"])
+            os.environ.update({str(k): str(v) for k, v in header["environment"].items()})
+            for entry in header["sys_path"]:
                 if entry not in sys.path:
                     sys.path.append(entry)
             if header.get("cwd"):
@@ -255,11 +252,11 @@ class WorkerMain:
             # Thread stacks are private mappings that RLIMIT_DATA counts in full; at the
             # default (RLIMIT_STACK, 8 MiB) memory_mb 64 allowed 7 idle threads.
             threading.stack_size(_THREAD_STACK_BYTES)
-            uid, gid = header.get("uid"), header.get("gid")
+            uid, gid = header["uid"], header["gid"]
             become(None if uid is None else int(uid), None if gid is None else int(gid))
             die_with(self.parent)
             self.reserve = bytearray(_RESERVE_BYTES)
-            if header.get("kind") == "package":
+            if header["kind"] == "package":
                 self.handler = resolve_entrypoint(str(header["path"]), str(header["entrypoint"]))
             else:
                 self.handler = pickle.loads(blob)
@@ -270,26 +267,25 @@ class WorkerMain:
             kind = "memory_exceeded" if isinstance(exc, MemoryError) else "handler_error"
             self.reserve = None
             self.send(
-                {
-                    "op": "load_failed",
-                    "error": {
+                pipe.load_failed(
+                    {
                         "type": kind,
                         "message": f"failed to load handler: {type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc(limit=20),
-                    },
-                }
+                    }
+                )
             )
             return False
         with contextlib.suppress(OSError):
             self.statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         self.peak_seen_kb = read_status_kb(b"VmHWM")
-        self.send({"op": "loaded", "context": bool(self.context_mode), "rss_kb": self.peak_seen_kb})
+        self.send(pipe.loaded(bool(self.context_mode), self.peak_seen_kb))
         return True
 
-    def invoke(self, header: dict[str, Any], blob: bytes) -> int | None:
+    def invoke(self, header: pipe.InvokeMsg, blob: bytes) -> int | None:
         """Run one invocation and answer it; returns an exit code when the worker must die."""
-        if self.handler is None:
-            return EX_PROTOCOL
+        if self.handler is None:  # an invoke before a load
+            return pipe.EX_PROTOCOL
         context = None
         try:
             args, kwargs = pickle.loads(blob)
@@ -310,38 +306,35 @@ class WorkerMain:
         except MemoryError:
             self.reserve = None  # room to report
             self.send(
-                {
-                    "op": "result",
-                    "ok": False,
-                    "error": {
+                pipe.error_result(
+                    {
                         "type": "memory_exceeded",
                         "message": f"function {self.function_id} exceeded memory_mb="
                         f"{self.memory_mb} (MemoryError)",
                     },
-                    "rss_kb": self.peak_kb(),
-                }
+                    self.peak_kb(),
+                )
             )
-            return EX_MEMORY
+            return pipe.EX_MEMORY
         except BaseException as exc:  # handlers may raise SystemExit, KeyboardInterrupt, ...
-            reply, err = self.encode_error(exc)
-            reply["rss_kb"] = self.peak_kb()
-            self.send(reply, err)
+            error, err = self.encode_error(exc)
+            self.send(pipe.error_result(error, self.peak_kb()), err)
             return None
         if context is not None and context.state.writes:
             # The write set travels back with the result, with the keys the agent must find
             # unchanged since this invocation's snapshot to apply it (atomically).
             keys, read_all = context.state.check_set()
-            reply = {"op": "result", "ok": True, "rss_kb": self.peak_kb()}
+            reply = pipe.result(self.peak_kb())
             reply["changes"] = context.state.writes
             reply["checked"] = keys
             if read_all:
                 reply["read_all"] = True
             self.send(reply, out)
         else:
-            self.send(wire.result_header(self.peak_kb()), out)
+            self.send(pipe.result_header(self.peak_kb()), out)
         return None
 
-    def make_context(self, header: dict[str, Any]) -> InvocationContext:
+    def make_context(self, header: pipe.InvokeMsg) -> InvocationContext:
         """The handler's context; the agent sends state and desired only when they changed."""
         if "state" in header:
             self.state = (int(header["state_version"]), header["state"])
@@ -349,7 +342,7 @@ class WorkerMain:
             self.desired = (int(header["desired_version"]), header["desired"])
         return InvocationContext(
             function_id=self.function_id,
-            request_id=str(header.get("request_id", "")),
+            request_id=str(header["request_id"]),
             deadline=float(header.get("deadline", time.monotonic() + 3600)),
             state=self.state[1],
             state_version=self.state[0],
@@ -385,9 +378,10 @@ class WorkerMain:
         except Exception as exc:
             raise TypeError(f"handler result cannot be pickled: {exc}") from exc
 
-    def encode_error(self, exc: BaseException) -> tuple[dict[str, Any], bytes]:
+    def encode_error(self, exc: BaseException) -> tuple[pipe.ErrorInfo, bytes]:
+        """The ``error`` of a failed result, and its blob (the pickled exception, or b"")."""
         cls = type(exc)
-        error = {
+        error: pipe.ErrorInfo = {
             "type": "handler_error",
             "message": str(exc),
             "exc_module": cls.__module__,
@@ -400,7 +394,7 @@ class WorkerMain:
                 blob = _dumps(exc)
             except Exception:
                 blob = b""
-        return {"op": "result", "ok": False, "error": error}, blob
+        return error, blob
 
 
 def _dumps(value: Any) -> bytes:
@@ -425,7 +419,7 @@ def die_with(parent: int) -> None:
 
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent and os.getppid() != parent:  # it died before we armed it
-        os._exit(EX_ORPHANED)
+        os._exit(pipe.EX_ORPHANED)
 
 
 def main(argv: list[str] | None = None) -> None:

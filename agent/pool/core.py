@@ -30,9 +30,9 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from agent import wire
+from agent import pipe
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -45,6 +45,7 @@ from agent.errors import (
     WorkerCrashed,
 )
 from agent.pool.process import (
+    _DYING_WAIT_S,
     Worker,
     WorkerLimits,
     WorkerState,
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Room in a frame for its header next to the result.
 _FRAME_SLACK = 64 * 1024
+#: How long a worker that said ``load_failed`` gets to exit by itself (it does at once).
+_SELF_EXIT_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ class WorkerPool:
         cwd: str | None = None,
         limits: WorkerLimits | None = None,
         sys_path: list[str] | None = None,
-        max_frame: int = wire.MAX_FRAME,
+        max_frame: int = pipe.MAX_FRAME,
         max_frame_source: str = "",
         sample_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
@@ -357,6 +360,7 @@ class WorkerPool:
             worker = next((w for w in self._all if w.pid == session), None)
             if worker is not None:
                 worker.killed_for = error
+                worker.killed_by = "the memory sampler"
         log.warning("%s", error, extra={"function_id": item.function_id})
         # A busy worker's thread sees its pipe close, reaps it and reports ``killed_for``.
         kill_session(item.uid, session)
@@ -411,9 +415,9 @@ class WorkerPool:
                             worker, request_id, deadline, blob, context
                         )
                     else:
-                        worker.send(wire.invoke_header(request_id), blob)
-                except wire.FrameError:
-                    worker.kill()
+                        worker.send(pipe.invoke_header(request_id), blob)
+                except pipe.FrameError:
+                    worker.kill_closed()
                     if attempt == 1 and not cold:
                         log.info("warm worker %d of %s had died; retrying", worker.pid, function_id)
                         continue
@@ -439,10 +443,10 @@ class WorkerPool:
                     if on_result is not None:
                         on_result(result)
                     return result
-                error = header.get("error") or {}
+                error: Mapping[str, Any] = header.get("error") or {}
                 if error.get("type") == "memory_exceeded":
                     healthy = False
-                    worker.kill()
+                    worker.kill("the pool (it reported memory_exceeded and exits)")
                     raise MemoryLimitExceeded(str(error.get("message")))
                 raise self._handler_error(error, result_blob)
             finally:
@@ -475,7 +479,7 @@ class WorkerPool:
     ) -> int:
         """Send an invoke with the context as of now; the state version it carries."""
         ctx = (context() if callable(context) else context) or EMPTY_CONTEXT
-        header: dict[str, Any] = {"op": "invoke", "request_id": request_id, "deadline": deadline}
+        header = pipe.invoke(request_id, deadline)
         if worker.sent_state_version != ctx.state_version:
             header["state"] = dict(ctx.state)
             header["state_version"] = ctx.state_version
@@ -489,30 +493,40 @@ class WorkerPool:
 
     def _await_result(
         self, worker: Worker, config: FunctionConfig, deadline: float
-    ) -> tuple[dict[str, Any], bytes]:
+    ) -> tuple[pipe.ResultMsg, bytes]:
         """The worker's answer, or the error its death or the deadline means (worker killed)."""
         try:
-            return worker.recv(deadline)
+            header, blob = worker.recv(deadline)
         except _Deadline:
-            worker.kill()
+            worker.kill("the pool at the deadline")
             raise FunctionTimeout(
                 f"function {config.function_id} timed out after {config.timeout_s:g}s; "
                 f"its worker (pid {worker.pid}) was killed"
             ) from None
-        except wire.FrameError as exc:
-            worker.kill()
+        except pipe.FrameError as exc:
+            if exc.eof:
+                worker.kill_closed()
+            else:
+                worker.kill("the pool (it broke the pipe protocol)")
             if worker.killed_for is not None:
                 raise worker.killed_for from None
             if exc.eof:
                 raise worker.death_error(config.function_id) from None
-            if isinstance(exc, wire.FrameTooLarge):
+            if isinstance(exc, pipe.FrameTooLarge):
                 raise HandlerError(
                     f"function {config.function_id} sent a result of {exc.size} bytes, over "
                     f"the limit of {exc.limit}; its worker (pid {worker.pid}) was killed"
                 ) from None
             raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
+        if header.get("op") != pipe.RESULT:
+            worker.kill("the pool (it broke the pipe protocol)")
+            raise WorkerCrashed(
+                f"worker of {config.function_id} broke protocol: it sent {header.get('op')!r} "
+                f"instead of {pipe.RESULT!r}"
+            )
+        return cast("pipe.ResultMsg", header), blob
 
-    def _result_value(self, function_id: str, header: dict[str, Any], blob: bytes) -> Any:
+    def _result_value(self, function_id: str, header: pipe.ResultMsg, blob: bytes) -> Any:
         try:
             return json.loads(blob) if self.codec == "json" else _loads(blob)
         except Exception as exc:
@@ -669,38 +683,39 @@ class WorkerPool:
             worker.uid = config.uid
             worker.generation = slot.generation
             worker.memory_limit_kb = config.memory_mb * 1024
-            header: dict[str, Any] = {
-                "op": "load",
-                "function_id": config.function_id,
-                "codec": self.codec,
-                "kind": config.kind,
-                "path": config.path,
-                "entrypoint": config.entrypoint,
-                "environment": dict(config.environment),
-                "memory_bytes": config.memory_mb * 1024 * 1024,
-                "rlimits": {
+            header = pipe.load(
+                function_id=config.function_id,
+                codec=self.codec,
+                kind=config.kind,
+                path=config.path,
+                entrypoint=config.entrypoint,
+                environment=dict(config.environment),
+                memory_bytes=config.memory_mb * 1024 * 1024,
+                rlimits={
                     "nofile": self.limits.nofile,
                     "fsize": self.limits.fsize_bytes,
                     "nproc": config.max_processes if config.uid is not None else 0,
                 },
-                "sys_path": self.sys_path,
-                "uid": config.uid,
-                "gid": config.gid,
+                sys_path=self.sys_path,
+                uid=config.uid,
+                gid=config.gid,
                 # the worker refuses a bigger result itself; the reader is the backstop
-                "max_result": self.max_frame - _FRAME_SLACK,
-                "max_result_source": self.max_frame_source,
-            }
+                max_result=self.max_frame - _FRAME_SLACK,
+                max_result_source=self.max_frame_source,
+            )
             worker.send(header, config.handler_blob)
             reply, _ = worker.recv(deadline)
         except _Deadline:
-            self._discard(worker)
+            self._discard(worker, "the pool at the load deadline")
             error = FunctionTimeout(
                 f"function {config.function_id}: loading the handler took longer than "
                 f"{max(config.timeout_s, 10.0):g}s"
             )
             self._note_load_failure(slot, error)
             raise error from None
-        except wire.FrameError as exc:
+        except pipe.FrameError as exc:
+            if exc.eof:
+                worker.wait_exit(_DYING_WAIT_S)
             self._discard(worker)
             if exc.eof and worker is reserved:
                 # The pre-started interpreter died under us (killed from outside just
@@ -712,25 +727,37 @@ class WorkerPool:
             error = worker.death_error(config.function_id)
             self._note_load_failure(slot, error)
             raise error from None
-        if reply.get("op") != "loaded":
-            self._discard(worker)
-            details = reply.get("error") or {}
-            if details.get("type") == "memory_exceeded":
-                error = MemoryLimitExceeded(str(details.get("message")))
+        if reply.get("op") != pipe.LOADED:
+            if reply.get("op") == pipe.LOAD_FAILED:
+                # a worker's word is untrusted (daemon mode): .get, with defaults
+                details: Mapping[str, Any] = reply.get("error") or {}
+                # It exits EX_LOAD_FAILED right after saying so: reap that, not our SIGKILL.
+                worker.wait_exit(_SELF_EXIT_WAIT_S)
+                if details.get("type") == "memory_exceeded":
+                    error = MemoryLimitExceeded(str(details.get("message")))
+                else:
+                    error = HandlerError(str(details.get("message", "failed to load handler")))
+                    error.remote_traceback = str(details.get("traceback", ""))  # type: ignore[attr-defined]
             else:
-                error = HandlerError(str(details.get("message", "failed to load handler")))
-                error.remote_traceback = str(details.get("traceback", ""))  # type: ignore[attr-defined]
-            self._note_load_failure(slot, error)
+                error = WorkerCrashed(
+                    f"worker of {config.function_id} broke protocol: it sent "
+                    f"{reply.get('op')!r} instead of {pipe.LOADED!r}"
+                )
+            self._discard(worker, "the pool (its handler did not load)")
+            self._note_load_failure(slot, error, worker)
             raise error
-        worker.accepts_context = bool(reply.get("context"))
-        worker.baseline_rss_kb = int(reply.get("rss_kb", 0))
+        loaded = cast("pipe.LoadedMsg", reply)
+        worker.accepts_context = bool(loaded.get("context"))
+        worker.baseline_rss_kb = int(loaded.get("rss_kb", 0))
         worker.change_state(WorkerState.IDLE)
         with self._cond:
             slot.load_failures = 0
             slot.load_error = None
         return worker
 
-    def _note_load_failure(self, slot: _Slot, error: EdgeExecutionError) -> None:
+    def _note_load_failure(
+        self, slot: _Slot, error: EdgeExecutionError, worker: Worker | None = None
+    ) -> None:
         """Rate-limit reloading a handler that cannot load: no hot respawn loop."""
         with self._cond:
             slot.load_failures += 1
@@ -738,11 +765,12 @@ class WorkerPool:
             slot.load_retry_at = time.monotonic() + backoff
             slot.load_error = error
         log.warning(
-            "function %s failed to load (%d in a row, next try in %.1fs): %s",
+            "function %s failed to load (%d in a row, next try in %.1fs): %s%s",
             slot.config.function_id,
             slot.load_failures,
             backoff,
             error,
+            f"; its worker {worker.exit_reason}" if worker is not None else "",
             extra={"function_id": slot.config.function_id},
         )
 
@@ -781,12 +809,12 @@ class WorkerPool:
 
     def _await_ready(self, worker: Worker, deadline: float) -> None:
         header, _ = worker.recv(deadline)
-        if header.get("op") != "ready":
-            raise wire.FrameError(f"worker {worker.pid} said {header!r} instead of ready")
+        if header.get("op") != pipe.READY:
+            raise pipe.FrameError(f"worker {worker.pid} said {header!r} instead of ready")
         worker.change_state(WorkerState.GENERIC)
 
-    def _discard(self, worker: Worker) -> None:
-        worker.kill()
+    def _discard(self, worker: Worker, why: str = "the pool") -> None:
+        worker.kill(why)
         with self._cond:
             self._all.discard(worker)
             self._cond.notify_all()
@@ -820,15 +848,17 @@ class WorkerPool:
             try:
                 worker = self._spawn()
                 self._await_ready(worker, time.monotonic() + 30)
-            except (OSError, wire.FrameError, _Deadline, AgentError, RuntimeError) as exc:
+            except (OSError, pipe.FrameError, _Deadline, AgentError, RuntimeError) as exc:
+                died = ""
                 if worker is not None:
                     self._discard(worker)
+                    died = f"; it {worker.exit_reason}"
                 if self._is_closed():  # closing: its spawner thread ended and took the worker
                     return
                 if isinstance(exc, RuntimeError):
                     raise
                 failures += 1
-                log.error("could not pre-start a worker (%d): %s", failures, exc)
+                log.error("could not pre-start a worker (%d): %s%s", failures, exc, died)
                 if failures > 5:
                     return  # cold starts spawn on demand; the next one retries here
                 time.sleep(min(0.1 * 2**failures, 5.0))  # spawn backoff, not a sync wait

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import wire
+from agent import pipe
 from agent.errors import (
     EdgeExecutionError,
     MemoryLimitExceeded,
     WorkerCrashed,
 )
-from agent.worker import EX_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,8 @@ _READ_CHUNK = 1 << 16
 _SWEEP_PASSES = 50
 #: A dead worker whose peak RSS reached this share of its limit died of memory.
 _MEMORY_DEATH_SHARE = 0.9
+#: How long a worker whose pipe closed gets to finish exiting before the pool kills it.
+_DYING_WAIT_S = 0.1
 
 
 class WorkerState(enum.Enum):
@@ -106,13 +107,16 @@ class Worker:
         self.sent_state_version = -1
         self.sent_desired_version = -1
         self.exit_status: int | None = None
+        #: Who SIGKILLed it when the pool did so while it still ran ("" otherwise): says
+        #: whose SIGKILL its wait status shows (see ``pipe.exit_reason``).
+        self.killed_by = ""
         self.maxrss_kb = 0
         #: ru_maxrss survives exec: the agent's own peak at spawn time, seen in the worker's.
         self.inherited_maxrss_kb = _own_maxrss_kb()
         #: The worker's peak RSS once its handler was loaded (VmHWM, reported on load).
         self.baseline_rss_kb = 0
         self._kill_lock = threading.Lock()
-        self._reader = wire.FrameReader()
+        self._reader = pipe.FrameReader()
         self._poll = select.poll()
         self._poll.register(rfd, select.POLLIN)
         # Non-blocking: the answer is often there already when our write returns (the
@@ -121,18 +125,18 @@ class Worker:
 
     def limit_frames(self, max_frame: int) -> None:
         """Refuse (FrameTooLarge, nothing buffered) any frame over ``max_frame`` bytes."""
-        self._reader.max_frame = min(max_frame, wire.MAX_FRAME)
+        self._reader.max_frame = min(max_frame, pipe.MAX_FRAME)
 
     def change_state(self, new: WorkerState) -> None:
         if log.isEnabledFor(logging.DEBUG):  # twice per invocation: skip the call when off
             log.debug("worker %d: %s -> %s", self.pid, self.state.value, new.value)
         self.state = new
 
-    def send(self, header: dict[str, Any] | bytes, blob: bytes = b"") -> None:
+    def send(self, header: Mapping[str, object] | bytes, blob: bytes = b"") -> None:
         try:
-            wire.write_all(self.wfd, wire.encode_frame(header, blob))
+            pipe.write_all(self.wfd, pipe.encode_frame(header, blob))
         except OSError as exc:  # EPIPE: it died; the read that follows says how
-            raise wire.FrameError(f"worker {self.pid} pipe closed: {exc}", eof=True) from exc
+            raise pipe.FrameError(f"worker {self.pid} pipe closed: {exc}", eof=True) from exc
 
     def recv(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
         """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof)."""
@@ -149,7 +153,7 @@ class Worker:
                 self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
                 continue
             if not chunk:
-                raise wire.FrameError(f"worker {self.pid} closed its pipe", eof=True)
+                raise pipe.FrameError(f"worker {self.pid} closed its pipe", eof=True)
             self._reader.feed(chunk)
         return frame
 
@@ -162,32 +166,72 @@ class Worker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group, reap, close the pipes. Idempotent, thread-safe."""
+    def kill(self, why: str = "the pool") -> None:
+        """SIGKILL the whole process group, reap, close the pipes. Idempotent, thread-safe.
+
+        ``why`` names the killer in its exit reason when it was still running.
+        """
         with self._kill_lock:
             if self.state is WorkerState.DEAD:
                 return
-            self._kill_locked()
+            self._kill_locked(why)
 
-    def _kill_locked(self) -> None:
+    def _kill_locked(self, why: str) -> None:
         self.change_state(WorkerState.DEAD)
+        if not self.killed_by and not self._has_exited():
+            self.killed_by = why
         # The group outlives the leader while grandchildren remain, so killing the group
         # first and reaping second never signals a recycled pid.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         self._reap()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("worker %d of %s %s", self.pid, self.function_id or "-", self.exit_reason)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)  # stragglers forked during the reap
         for fd in (self.rfd, self.wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def kill_closed(self) -> None:
+        """``kill`` a worker whose pipe closed under us: it is exiting, so it gets
+        ``_DYING_WAIT_S`` to finish first, and its wait status (and reason) is its own, not
+        the pool's SIGKILL."""
+        self.wait_exit(_DYING_WAIT_S)
+        self.kill("the pool (its pipe had closed)")
+
+    def _has_exited(self) -> bool:
+        """Whether it is already dead (a zombie), without reaping it."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self.pid, flags) is not None
+        except ChildProcessError:
+            return True  # reaped already
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for it to exit by itself (after ``load_failed`` it
+        does at once), so that ``kill`` reaps its own exit code, not the pool's SIGKILL."""
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        while not self._has_exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        return True
+
+    @property
+    def exit_reason(self) -> str:
+        """How it ended, in words (after ``kill`` has reaped it): ``pipe.exit_reason``."""
+        return pipe.exit_reason(self.exit_status, self.killed_by)
+
     def _reap(self) -> None:
         while True:
             try:
                 _, status, rusage = os.wait4(self.pid, 0)
-            except ChildProcessError:
-                self.exit_status = self.proc.returncode
+            except ChildProcessError:  # Popen reaped it (poll): its returncode, as a status
+                code = self.proc.returncode
+                self.exit_status = None if code is None else -code if code < 0 else code << 8
                 return
             except InterruptedError:
                 continue
@@ -212,24 +256,21 @@ class Worker:
             and own_peak
             and grown_kb >= _MEMORY_DEATH_SHARE * self.memory_limit_kb
         )
+        reason = self.exit_reason
         if status is None:
-            return WorkerCrashed(f"worker of {function_id} vanished")
+            return WorkerCrashed(f"worker of {function_id} {reason}")
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             if near_limit:
                 return MemoryLimitExceeded(
                     f"function {function_id} exceeded its memory limit "
-                    f"(worker killed by {signal.Signals(sig).name} at {self.maxrss_kb} KiB RSS)"
+                    f"(worker {reason} at {self.maxrss_kb} KiB RSS)"
                 )
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            return WorkerCrashed(f"worker of {function_id} died from {name} ({sig})", signal=sig)
+            return WorkerCrashed(f"worker of {function_id} {reason}", signal=sig)
         code = os.WEXITSTATUS(status)
-        if code == EX_MEMORY:
+        if code == pipe.EX_MEMORY:
             return MemoryLimitExceeded(f"function {function_id} exceeded its memory limit")
-        return WorkerCrashed(f"worker of {function_id} exited with code {code}", exit_code=code)
+        return WorkerCrashed(f"worker of {function_id} {reason}", exit_code=code)
 
 
 def spawn(*, python: str, codec: str, user: str | None, cwd: str | None) -> Worker:
