@@ -314,8 +314,10 @@ def test_concurrent_write_sets_are_last_writer_wins_per_key() -> None:
 
     other = threading.Thread(target=second)
     other.start()
-    sync.apply_changes({"a": 1})
+    sync.context_input()  # the first invocation reads (and pauses while the second commits)
+    sync.apply_changes({"a": 1})  # then its write set lands
     other.join(5)
+    assert first_read.is_set() and second_done.is_set(), "the interleaving did not happen"
     state = sync.get_local_state()
     assert state is not None
     assert state.data == {"a": 1, "b": 1}, "the first write set reverted the second's key"
