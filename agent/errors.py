@@ -4,23 +4,45 @@ Classified by what the caller should do::
 
     AgentError                      base of everything the agent raises on purpose
     ├── ConfigError (ValueError)    fix the config file; the CLI exits 78 (EX_CONFIG)
-    ├── StoreError                  local state is unusable (disk full, corrupt db): fatal
+    ├── StoreError                  local state could not be read or written (disk full,
+    │   │                           corrupt db): the agent degrades and retries
+    │   ├── OutboxFull              (agent.store) the outbox is at its bound: backpressure,
+    │   │                           nothing written; the caller answers without it or
+    │   │                           retries later (not a fault of the store: see below)
+    │   └── StateTooLarge           (agent.store) a state document over its bound
     ├── DeploymentRejected          the spec or bundle is bad: report, keep the old version
     │                               wire type ``deployment_rejected``
+    ├── MqttError                   ``mqtt_error`` (agent.mqtt): a publish or subscribe
+    │                               could not be handed to paho (not connected, queue full)
+    ├── BrokerUnreachable           ``broker_unreachable`` (agent.fleet): the cloud side
+    │   │                           could not reach the broker, or it did not answer in time
+    │   └── PublishRefused          ``publish_refused``: the broker refused a publish
+    │                               (MQTT 5 PUBACK reason >= 0x80)
     └── EdgeExecutionError          one invocation failed; the agent keeps running
         ├── FunctionTimeout (TimeoutError)       ``timeout``: killed at the deadline
+        │   └── ReplyTimeout                     (agent.fleet) no reply from the node in time
         ├── MemoryLimitExceeded (MemoryError)    ``memory_exceeded``: hit its memory_mb
         ├── HandlerError                         ``handler_error``: the handler raised
         ├── WorkerCrashed                        ``worker_crashed``: the worker died
         ├── FunctionNotFound (ValueError)        ``function_not_found``
         ├── BadRequest (ValueError)              ``bad_request``: malformed input
+        │   └── InvokeDecodeError                (agent.protocol) an invocation that could
+        │                                        not be decoded, with what was salvaged
+        │                                        for the error reply
         ├── Overloaded                           ``overloaded``: queue full, retry later
         └── StateConflict                        ``conflict``: synced state changed under
                                                  it; nothing written, retry
 
+Every class is defined here except ``OutboxFull`` and ``StateTooLarge``, which live in
+``agent.store``; the others stay importable from where they are raised (``agent.mqtt``,
+``agent.fleet``, ``agent.protocol``). ``OutboxFull`` is ordinary backpressure, yet still a
+``StoreError`` subclass: a handler that catches ``StoreError`` catches it too, so every
+place where the difference matters catches ``OutboxFull`` first.
+
 Errors cross process boundaries and the wire as ``{"type": ..., "message": ...}``
 (:func:`error_to_dict` / :func:`error_from_dict`); the ``type`` strings are part of the
-fixed wire contract. This module is pure: the worker imports it.
+fixed wire contract. Only the classes in :data:`ERROR_TYPES` travel as themselves; any other
+becomes a ``handler_error`` on the wire. This module is pure: the worker imports it.
 """
 
 from __future__ import annotations
@@ -123,6 +145,54 @@ class StateConflict(EdgeExecutionError):
     def __init__(self, message: str, *, keys: list[str] | None = None) -> None:
         super().__init__(message)
         self.keys = list(keys or [])
+
+
+class InvokeDecodeError(BadRequest):
+    """An invocation that could not be decoded, with what was salvaged for the error reply.
+
+    Raised by ``agent.protocol.decode_invoke``; on the wire it is a ``bad_request``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        function_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.function_id = function_id
+        self.reply_to = reply_to
+
+
+class MqttError(AgentError):
+    """A publish or subscribe could not be handed to paho (not connected, queue full).
+
+    Raised by ``agent.mqtt.MqttClient``.
+    """
+
+    type = "mqtt_error"
+
+
+class BrokerUnreachable(AgentError):
+    """The broker could not be reached, refused us, or did not acknowledge in time.
+
+    Raised by the cloud side (``agent.fleet.FleetController``, ``EdgeCluster``, edgectl).
+    """
+
+    type = "broker_unreachable"
+
+
+class PublishRefused(BrokerUnreachable):
+    """The broker acknowledged a publish with a failure reason (MQTT 5 PUBACK >= 0x80)."""
+
+    type = "publish_refused"
+
+
+class ReplyTimeout(FunctionTimeout):
+    """No reply arrived from the node within the deadline (a ``FunctionTimeout`` too)."""
 
 
 #: Wire ``type`` -> exception class: the contract's eight names plus ``conflict``.

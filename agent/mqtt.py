@@ -50,18 +50,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import AgentError, ConfigError
+from agent.errors import ConfigError
+from agent.errors import MqttError as MqttError  # defined with the whole tree; raised here
 
 if TYPE_CHECKING:
     from agent.config import Config
 
 log = logging.getLogger(__name__)
-
-
-class MqttError(AgentError):
-    """A publish or subscribe could not be handed to paho (not connected, queue full)."""
-
-    type = "mqtt_error"
 
 
 #: Reconnect backoff of the cloud side (:meth:`MqttSettings.for_controller`): from this...

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, NoReturn
 
 from agent.errors import ERROR_TYPES, BadRequest, DeploymentRejected
+from agent.errors import InvokeDecodeError as InvokeDecodeError  # the tree is in agent.errors
 
 # The name rules live in agent.ids; re-exported here, where the callers always found them.
 from agent.ids import HEX64_RE as _HEX64_RE
@@ -881,23 +882,6 @@ def requires_met(spec: FunctionSpec, capabilities: Iterable[str]) -> bool:
 
 
 # --------------------------------------------------------------------------- invocations
-
-
-class InvokeDecodeError(BadRequest):
-    """An invocation that could not be decoded, with what was salvaged for the error reply."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        request_id: str | None = None,
-        function_id: str | None = None,
-        reply_to: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.function_id = function_id
-        self.reply_to = reply_to
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,13 @@ from agent.errors import (
     AgentError,
     BadRequest,
     DeploymentRejected,
-    FunctionTimeout,
     error_from_dict,
 )
+
+# Defined with the whole tree in agent.errors; raised here, and importable from here.
+from agent.errors import BrokerUnreachable as BrokerUnreachable
+from agent.errors import PublishRefused as PublishRefused
+from agent.errors import ReplyTimeout as ReplyTimeout
 from agent.fence import ReplayFence
 from agent.fleet import rollout
 from agent.fleet.rollout import RolloutReport, StagedRollout
@@ -90,22 +94,6 @@ REPLY_REASK_MAX_S = 20.0
 #: A canary without a result after this long gets its per-node spec again (then after
 #: twice that, and so on): see :meth:`FleetController.wait_rollout`.
 REPUSH_S = 10.0
-
-
-class BrokerUnreachable(AgentError):
-    """The broker could not be reached, refused us, or did not acknowledge in time."""
-
-    type = "broker_unreachable"
-
-
-class PublishRefused(BrokerUnreachable):
-    """The broker acknowledged a publish with a failure reason (MQTT 5 PUBACK >= 0x80)."""
-
-    type = "publish_refused"
-
-
-class ReplyTimeout(FunctionTimeout):
-    """No reply arrived from the node within the deadline (a ``FunctionTimeout`` too)."""
 
 
 @dataclass(frozen=True)
