@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import queue
 import signal
 import time
@@ -52,7 +51,7 @@ from agent.isolation import FunctionIdentities
 from agent.metrics import EdgeMetrics, InvocationRecord, system_metrics
 from agent.outbox import OutboxPump
 from agent.pool import InvokeResult, WorkerPool
-from agent.specindex import ROLLCALL_MIN_INTERVAL_S, IndexFollower, rollcall_delay
+from agent.specindex import AnswerBudget, IndexFollower, rollcall_delay
 from agent.statesync import StateSync
 from agent.store import OutboxFull, ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
@@ -122,7 +121,7 @@ class Agent:
         #: Exact-topic spec subscriptions from the retained indexes (agent.specindex).
         mode = config.mqtt.retained_wildcards
         self.spec_index = IndexFollower(self.topics, mode) if mode != "yes" else None
-        self._rollcall_answered = -math.inf  # monotonic time of the last roll call answer
+        self._rollcall_budget = AnswerBudget()  # a flood of roll calls: a bounded rate
         self.mqtt: mqtt.MqttClient | None = None
         functions_dir = Path(config.agent.state_dir) / "functions"
         #: Each function's own uid and gid (runtime.function_uids), decided at boot.
@@ -467,12 +466,8 @@ class Agent:
         """A retained spec index (subscribe to the exact spec topics it lists, for brokers
         without retained wildcards) or a roll call (answer within its window)."""
         try:
-            if kind == "rollcall":  # one answer covers every call pending; at most one per
-                # ROLLCALL_MIN_INTERVAL_S, so a flood of roll calls costs a bounded rate
-                due = max(
-                    time.monotonic() + rollcall_delay(payload),
-                    self._rollcall_answered + ROLLCALL_MIN_INTERVAL_S,
-                )
+            if kind == "rollcall":  # one answer covers every call pending, within budget
+                due = self._rollcall_budget.due(time.monotonic(), rollcall_delay(payload))
                 self._timers["rollcall"] = min(self._timers.get("rollcall", due), due)
                 return
             if self.spec_index is None or self.mqtt is None:
@@ -1103,7 +1098,7 @@ class Agent:
             self._retry_store()
         if self._timers.get("rollcall", now + 1) <= now:
             del self._timers["rollcall"]
-            self._rollcall_answered = now
+            self._rollcall_budget.spend(now)
             if self._connected:  # answered live: a controller cannot read retained ones
                 self._publish_status("online")
                 self._republish_states()

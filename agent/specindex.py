@@ -28,6 +28,7 @@ Must never: do I/O, log, or read a clock. The daemon calls it from its loop and 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -101,9 +102,41 @@ def rollcall_delay(payload: bytes, rng: random.Random | None = None) -> float:
     return (rng or _rng).uniform(0.0, window)
 
 
-#: An agent answers at most one roll call per this many seconds (later ones wait until
-#: then): whoever can publish to ``<p>/fleet/rollcall`` cannot make it publish its status
-#: and function states more often than that, nor write its store more often.
+#: Roll-call answers: a burst of ``ROLLCALL_BURST`` at once (a few edgectl commands in a
+#: row each get theirs), then one per ``ROLLCALL_MIN_INTERVAL_S``: whoever can publish to
+#: ``<p>/fleet/rollcall`` cannot make an agent publish its status and function states, nor
+#: write its store, more often than that.
 ROLLCALL_MIN_INTERVAL_S = 2.0
+ROLLCALL_BURST = 3
+
+
+class AnswerBudget:
+    """A token bucket for roll-call answers (pure: the caller passes the monotonic time)."""
+
+    def __init__(
+        self, burst: int = ROLLCALL_BURST, interval_s: float = ROLLCALL_MIN_INTERVAL_S
+    ) -> None:
+        self.burst = burst
+        self.interval_s = interval_s
+        self._tokens = float(burst)
+        self._at = -math.inf
+
+    def _refill(self, now: float) -> None:
+        if self._at != -math.inf:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) / self.interval_s)
+        self._at = now
+
+    def due(self, now: float, delay: float) -> float:
+        """When to answer a roll call that arrived at ``now`` asking for ``delay``: then,
+        or later, once the bucket holds an answer."""
+        self._refill(now)
+        wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) * self.interval_s
+        return now + max(delay, wait)
+
+    def spend(self, now: float) -> None:
+        """An answer went out at ``now``."""
+        self._refill(now)
+        self._tokens = max(0.0, self._tokens - 1)
+
 
 _rng = random.Random()

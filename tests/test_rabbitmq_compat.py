@@ -27,7 +27,13 @@ from agent import ctl, protocol
 from agent.cluster import EdgeCluster
 from agent.errors import BadRequest
 from agent.fleet import FleetController
-from agent.specindex import ROLLCALL_MIN_INTERVAL_S, IndexFollower, rollcall_delay
+from agent.specindex import (
+    ROLLCALL_BURST,
+    ROLLCALL_MIN_INTERVAL_S,
+    AnswerBudget,
+    IndexFollower,
+    rollcall_delay,
+)
 
 ECHO = "def handler(event, context=None):\n    return {'echo': event, 'fn': %r}\n"
 
@@ -383,10 +389,22 @@ def test_an_index_too_long_or_too_big_is_refused_before_anything_is_subscribed()
     assert len(protocol.decode_spec_index(protocol.encode_spec_index(at_most))) == 1000
 
 
+def test_the_answer_budget_allows_a_burst_then_one_per_interval() -> None:
+    budget = AnswerBudget(burst=3, interval_s=2.0)
+    for _ in range(3):  # a few commands in a row: each answered at its own delay
+        assert budget.due(100.0, 0.5) == 100.5
+        budget.spend(100.5)
+    assert budget.due(100.5, 0.0) == pytest.approx(102.5)  # then one per interval
+    budget.spend(102.5)
+    assert budget.due(102.5, 0.1) == pytest.approx(104.5)
+    assert budget.due(200.0, 0.1) == 200.1  # refilled after a quiet while
+
+
 def test_a_roll_call_flood_is_answered_at_a_bounded_rate(cloud: Cloud, agent_factory: Any) -> None:
-    """Twenty roll calls with a zero window, then one more after the first answer: the agent
-    answers the flood once and the later call no sooner than ROLLCALL_MIN_INTERVAL_S after
-    it (each answer is its status and every function state, and store writes), not 21 times."""
+    """Twenty roll calls with a zero window at once: one answer (they share it). Then calls
+    one after another, each sent once the previous was answered: the burst allowance goes,
+    then the answers come ROLLCALL_MIN_INTERVAL_S apart, not as fast as the calls (each
+    answer is the status, every function state, and store writes)."""
     agent_factory("gw-rc").start()
     status = "edge/nodes/gw-rc/status"
     cloud.wait_message(status, lambda m: m["status"] == "online", 20)
@@ -395,11 +413,14 @@ def test_a_roll_call_flood_is_answered_at_a_bounded_rate(cloud: Cloud, agent_fac
     def answers() -> int:
         return len(cloud.on(status)) - before
 
+    started = time.monotonic()
     for i in range(20):
         cloud.publish("edge/fleet/rollcall", protocol.encode_rollcall(f"flood-{i}", 0.0))
     wait_for(lambda: answers() >= 1, 10, "the agent never answered the roll calls")
-    first = time.monotonic()
-    cloud.publish("edge/fleet/rollcall", protocol.encode_rollcall("later", 0.0))
-    wait_for(lambda: answers() >= 2, 10, "the agent never answered the later roll call")
-    assert time.monotonic() - first >= ROLLCALL_MIN_INTERVAL_S - 0.5
-    assert answers() <= 3, f"{answers()} answers to 21 roll calls"
+    for n in range(2, 2 + ROLLCALL_BURST + 1):  # each call once the one before is answered
+        cloud.publish("edge/fleet/rollcall", protocol.encode_rollcall(f"next-{n}", 0.0))
+        wait_for(lambda n=n: answers() >= n, 10, f"roll call {n} was never answered")
+    elapsed = time.monotonic() - started
+    allowed = ROLLCALL_BURST + 1 + elapsed / ROLLCALL_MIN_INTERVAL_S
+    assert answers() <= allowed, f"{answers()} answers in {elapsed:.1f}s to 24 roll calls"
+    assert elapsed >= ROLLCALL_MIN_INTERVAL_S - 0.5, "no answer ever waited for the budget"
