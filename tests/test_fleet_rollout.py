@@ -5,6 +5,7 @@ restored, and nodes that join later converging on the retained fleet spec."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,6 +216,58 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
             assert payloads[0] == payloads[1], "the repeat was signed again"
             assert "signature" in json.loads(payloads[0])
             assert cluster.controller.stats["specs_repushed"] >= 1
+    finally:
+        node.loop_stop()
+        node.disconnect()
+
+
+def test_a_target_that_drops_offline_mid_rollout_is_waited_for(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A node online when the rollout starts goes offline in its middle (its broker node
+    died: a NATS failover outlasted three heartbeats in CI) and comes back with the spec
+    active: the wait reports it active, not ``offline`` the moment it dropped."""
+    node_id, base = "gw-blip", "edge/nodes/gw-blip"
+    node = paho.Client(CallbackAPIVersion.VERSION2, client_id=node_id)
+
+    def status(value: str) -> bytes:
+        return protocol.encode_status(
+            node_id, value, agent_version="sim", name=node_id, location="", capabilities=[]
+        )
+
+    def come_back(spec: protocol.FunctionSpec) -> None:
+        wait_for(
+            lambda: (
+                (n := cluster.get_node(node_id)) is not None and n.status is EdgeNodeStatus.OFFLINE
+            ),
+            10,
+            "the controller never saw the node offline",
+        )
+        node.publish(f"{base}/status", status("online"), qos=1, retain=True)
+        state = protocol.encode_function_state(
+            spec.id, spec.version, spec.code.sha256, "active", None
+        )
+        node.publish(f"{base}/functions/{spec.id}/state", state, qos=1, retain=True)
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if msg.payload:
+            client.publish(f"{base}/status", status("offline"), qos=1, retain=True)
+            spec = protocol.decode_spec(msg.payload)
+            threading.Thread(target=come_back, args=(spec,), daemon=True).start()
+
+    node.on_message = on_message
+    node.connect("127.0.0.1", broker.port)
+    node.loop_start()
+    node.subscribe(f"{base}/functions/+", 1)
+    node.publish(f"{base}/status", status("online"), qos=1, retain=True).wait_for_publish(10)
+    try:
+        with connect(broker.port, heartbeat_interval_s=30.0) as cluster:
+            wait_status(cluster, node_id, EdgeNodeStatus.ONLINE, 10)
+            spec = function_spec(versioned_module(tmp_path / "v1", "1"), id="ver", version="1")
+            cluster.controller.deploy_nodes(spec, [node_id])
+            report = cluster.controller.wait_rollout(spec, [node_id], timeout=20)
+            assert report.results[node_id].state == "active", report.to_dict()
+            assert not report.timed_out
     finally:
         node.loop_stop()
         node.disconnect()

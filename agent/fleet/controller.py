@@ -745,6 +745,13 @@ class FleetController:
         for ``spec`` (active, rejected, failed, offline), or the deadline; the report says
         which (``timed_out`` and ``pending`` nodes when the deadline won).
 
+        ``offline`` is final at once only for a node this controller has never heard of.
+        A known node that is offline is waited for until the deadline: it may be behind a
+        broker failover (a NATS node's death cost its clients up to 20 s in CI, more than
+        three heartbeats of 5 s), and it takes the retained spec when it is back. (The
+        targets of ``deploy_to_all`` and of a staged rollout leave out nodes already
+        offline when they are chosen.)
+
         ``repush(nodes)`` is called with the nodes still ``pending`` (online, no result)
         :data:`REPUSH_S` after the start, then after twice that, and so on: it publishes their
         per-node spec again. A clustered broker may acknowledge a retained publish and still
@@ -757,6 +764,7 @@ class FleetController:
         deadline = started + timeout
         repush_wait = REPUSH_S
         repush_at = started + repush_wait
+        reachable: set[str] | None = None
         changed = threading.Event()
         last: dict[str, rollout.NodeResult] | None = None
         with self._cond:
@@ -772,12 +780,19 @@ class FleetController:
                         self._clock(),
                         elapsed_s=time.monotonic() - started,
                     )
-                finished = current.done or time.monotonic() >= deadline
+                if reachable is None:  # nodes the controller knows: they may come back
+                    with self._cond:
+                        reachable = {n for n in node_ids if n in self.view.records}
+                settled = all(
+                    r.state in rollout.FINAL and not (r.state == "offline" and n in reachable)
+                    for n, r in current.results.items()
+                )
+                finished = settled or time.monotonic() >= deadline
                 if on_progress is not None and (finished or current.results != last):
                     on_progress(phase, current)
                 last = current.results
                 if finished:
-                    return replace(current, timed_out=not current.done)
+                    return replace(current, timed_out=not settled)
                 if repush is not None and time.monotonic() >= repush_at:
                     pending = sorted(n for n, r in current.results.items() if r.state == "pending")
                     if pending:
