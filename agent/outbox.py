@@ -207,7 +207,8 @@ class OutboxPump:
         neither, or offline."""
         if not self.connected or not (self._retry_at or self._held_until is not None):
             return None
-        return min([*self._retry_at.values(), *filter(None, [self._held_until])])
+        held = [] if self._held_until is None else [self._held_until]
+        return min([*self._retry_at.values(), *held])
 
     def retry_due(self) -> None:
         """Send the held delta once its linger is over, and again every refused item whose
