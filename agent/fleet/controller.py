@@ -189,8 +189,6 @@ class FleetController:
         self._watchers: set[threading.Event] = set()
         self._request_ids = itertools.count(1)
         self._last_failure: str | None = None
-        #: (node, function) -> the per-node spec bytes last published (for repeats).
-        self._node_spec_sent: dict[tuple[str, str], bytes] = {}
         self.stats: Counter[str] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -613,18 +611,17 @@ class FleetController:
         if self.signer is not None:
             target = protocol.FLEET_TARGET if node_id is None else node_id
             spec = self.signer.sign(spec, target=target, sequence=self.next_sequence(spec))
-        payload = protocol.encode_spec(spec)
-        self.publish(self.spec_topic(spec.id, node_id), payload, retain=True)
-        if node_id is not None:
-            self._node_spec_sent[(node_id, spec.id)] = payload
+        self.publish(self.spec_topic(spec.id, node_id), protocol.encode_spec(spec), retain=True)
 
     def _republish_node_specs(self, function_id: str, node_ids: Iterable[str]) -> None:
-        """Publish again, byte for byte, the per-node spec last sent to each node: the same
-        signature and sequence, so an agent that got it takes it as the no-op a retained
-        replay is (signing again would make a new spec and restart a deploy in progress)."""
+        """Publish again, byte for byte, each node's retained per-node spec as the view holds
+        it: the same signature and sequence, so an agent that got it takes it as the no-op a
+        retained replay is (signing again would make a new spec and restart a deploy in
+        progress)."""
         for node_id in node_ids:
-            payload = self._node_spec_sent.get((node_id, function_id))
-            if payload is not None:
+            with self._cond:
+                payload = self.view.node_specs.get((node_id, function_id))
+            if payload:
                 self.publish(self.spec_topic(function_id, node_id), payload, retain=True)
 
     def next_sequence(self, spec: protocol.FunctionSpec) -> int:
@@ -764,7 +761,8 @@ class FleetController:
         deadline = started + timeout
         repush_wait = REPUSH_S
         repush_at = started + repush_wait
-        reachable: set[str] | None = None
+        with self._cond:  # offline is final at once only for nodes the controller never saw
+            reachable = {n for n in node_ids if n in self.view.records}
         changed = threading.Event()
         last: dict[str, rollout.NodeResult] | None = None
         with self._cond:
@@ -780,9 +778,6 @@ class FleetController:
                         self._clock(),
                         elapsed_s=time.monotonic() - started,
                     )
-                if reachable is None:  # nodes the controller knows: they may come back
-                    with self._cond:
-                        reachable = {n for n in node_ids if n in self.view.records}
                 settled = all(
                     r.state in rollout.FINAL and not (r.state == "offline" and n in reachable)
                     for n, r in current.results.items()
