@@ -1,6 +1,6 @@
 """edge-agent: the IoT gateway agent and the seed's Python API.
 
-Names are imported lazily so that ``python -m agent.worker`` (a fresh interpreter per
+Names are imported lazily so that ``python -m agent.exec.worker`` (a fresh interpreter per
 function worker) pays only for what the worker needs.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-# Not `from typing import ...`: typing costs each worker ~30 ms of start-up (agent/pool/).
+# Not `from typing import ...`: typing costs each worker ~30 ms of start-up (agent/exec/pool/).
 TYPE_CHECKING = False
 
 __version__ = "0.1.0"
@@ -30,11 +30,11 @@ _EXPORTS = {
     "DeploymentRejected": "agent.errors",
     "ConfigError": "agent.errors",
     "AgentError": "agent.errors",
-    "EdgeRuntime": "agent.runtime",
-    "EdgeSynchronizer": "agent.sync",
-    "EdgeMetrics": "agent.metrics",
-    "InvocationRecord": "agent.metrics",
-    "EdgeCluster": "agent.cluster",
+    "EdgeRuntime": "agent.local.runtime",
+    "EdgeSynchronizer": "agent.local.synchronizer",
+    "EdgeMetrics": "agent.exec.metrics",
+    "InvocationRecord": "agent.exec.metrics",
+    "EdgeCluster": "agent.local.cluster",
 }
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
 if TYPE_CHECKING:
     from typing import Any
 
-    from agent.cluster import EdgeCluster
     from agent.errors import (
         AgentError,
         BadRequest,
@@ -78,10 +77,11 @@ if TYPE_CHECKING:
         Overloaded,
         WorkerCrashed,
     )
-    from agent.metrics import EdgeMetrics, InvocationRecord
+    from agent.exec.metrics import EdgeMetrics, InvocationRecord
+    from agent.local.cluster import EdgeCluster
+    from agent.local.runtime import EdgeRuntime
+    from agent.local.synchronizer import EdgeSynchronizer
     from agent.models import EdgeFunction, EdgeNode, EdgeNodeStatus, PackagedHandler, SyncState
-    from agent.runtime import EdgeRuntime
-    from agent.sync import EdgeSynchronizer
 
 
 def __getattr__(name: str) -> Any:

@@ -31,12 +31,13 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
-from agent import ids
-from agent.errors import ConfigError
+from agent.contract import ids
 
-# The id rule is agent.ids's (one table for every name rule); re-exported where it always was.
-from agent.ids import ID_PATTERN as ID_PATTERN
-from agent.ids import ID_RE as ID_RE
+# The id rule is agent.contract.ids's (one table for every name rule); re-exported where it
+# always was.
+from agent.contract.ids import ID_PATTERN as ID_PATTERN
+from agent.contract.ids import ID_RE as ID_RE
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 
@@ -47,7 +48,7 @@ _MAX_MQTT_PAYLOAD = 268_435_455  # the largest remaining length an MQTT packet c
 
 
 def is_valid_id(value: object) -> bool:
-    """True when ``value`` is a string that is a valid node or function id (:mod:`agent.ids`)."""
+    """True when ``value`` is a string that is a valid node or function id (``contract.ids``)."""
     return ids.is_valid_id(value)
 
 

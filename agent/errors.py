@@ -14,19 +14,19 @@ Classified by what the caller should do::
     │                               wire type ``deployment_rejected``
     ├── MqttError                   ``mqtt_error`` (agent.mqtt): a publish or subscribe
     │                               could not be handed to paho (not connected, queue full)
-    ├── BrokerUnreachable           ``broker_unreachable`` (agent.fleet): the cloud side
+    ├── BrokerUnreachable           ``broker_unreachable`` (agent.cloud): the cloud side
     │   │                           could not reach the broker, or it did not answer in time
     │   └── PublishRefused          ``publish_refused``: the broker refused a publish
     │                               (MQTT 5 PUBACK reason >= 0x80)
     └── EdgeExecutionError          one invocation failed; the agent keeps running
         ├── FunctionTimeout (TimeoutError)       ``timeout``: killed at the deadline
-        │   └── ReplyTimeout                     (agent.fleet) no reply from the node in time
+        │   └── ReplyTimeout                     (agent.cloud) no reply from the node in time
         ├── MemoryLimitExceeded (MemoryError)    ``memory_exceeded``: hit its memory_mb
         ├── HandlerError                         ``handler_error``: the handler raised
         ├── WorkerCrashed                        ``worker_crashed``: the worker died
         ├── FunctionNotFound (ValueError)        ``function_not_found``
         ├── BadRequest (ValueError)              ``bad_request``: malformed input
-        │   └── InvokeDecodeError                (agent.protocol) an invocation that could
+        │   └── InvokeDecodeError                (agent.contract.protocol) an invocation that could
         │                                        not be decoded, with what was salvaged
         │                                        for the error reply
         ├── Overloaded                           ``overloaded``: queue full, retry later
@@ -35,7 +35,7 @@ Classified by what the caller should do::
 
 Every class is defined here except ``OutboxFull`` and ``StateTooLarge``, which live in
 ``agent.store``; the others stay importable from where they are raised (``agent.mqtt``,
-``agent.fleet``, ``agent.protocol``). ``OutboxFull`` is ordinary backpressure, yet still a
+``agent.cloud``, ``agent.contract.protocol``). ``OutboxFull`` is ordinary backpressure, yet still a
 ``StoreError`` subclass: a handler that catches ``StoreError`` catches it too, so every
 place where the difference matters catches ``OutboxFull`` first.
 
@@ -150,7 +150,7 @@ class StateConflict(EdgeExecutionError):
 class InvokeDecodeError(BadRequest):
     """An invocation that could not be decoded, with what was salvaged for the error reply.
 
-    Raised by ``agent.protocol.decode_invoke``; on the wire it is a ``bad_request``.
+    Raised by ``agent.contract.protocol.decode_invoke``; on the wire it is a ``bad_request``.
     """
 
     def __init__(
@@ -179,7 +179,7 @@ class MqttError(AgentError):
 class BrokerUnreachable(AgentError):
     """The broker could not be reached, refused us, or did not acknowledge in time.
 
-    Raised by the cloud side (``agent.fleet.FleetController``, ``EdgeCluster``, edgectl).
+    Raised by the cloud side (``agent.cloud.FleetController``, ``EdgeCluster``, edgectl).
     """
 
     type = "broker_unreachable"

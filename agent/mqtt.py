@@ -493,7 +493,7 @@ class MqttClient:
         """Drop an unacknowledged outgoing message, so no reconnect sends it again.
 
         For a message after which the broker closes the connection (a poison message, see
-        ``agent.outbox``). paho keeps no public handle on its resend queue; it recounts its
+        ``agent.edge.outbox``). paho keeps no public handle on its resend queue; it recounts its
         in-flight window from that queue on every reconnect.
         """
         client = self._client

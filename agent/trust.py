@@ -4,14 +4,14 @@ Owns the only use of ``cryptography`` in the project and the trust rules the age
 a function spec before anything else touches it:
 
 - a spec's ``signature{key_id, sig}`` is an ed25519 signature over
-  :func:`agent.protocol.signing_bytes` (canonical JSON of every other field);
+  :func:`agent.contract.protocol.signing_bytes` (canonical JSON of every other field);
 - the key must be one of the agent's ``[trust] keys`` (public keys in PEM files the agent
   cannot write), looked up by ``key_id`` (first 16 hex digits of the SHA-256 of the raw
   32-byte public key);
 - ``target`` must be ``"fleet"`` on the fleet topic and this node's id on its own topic, so
   a spec signed for one node cannot be replayed elsewhere;
 - ``sequence`` must be present; that it only goes up is checked by the caller, which owns
-  the store (:mod:`agent.deployments`).
+  the store (:mod:`agent.edge.deploy_reconcile`).
 
 With no keys configured the policy is ``unsigned``: every spec is accepted as before, and
 the agent says so in its status. ``require_signed = false`` with keys is a migration mode:
@@ -40,8 +40,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent import protocol
 from agent.config import Config
+from agent.contract import protocol
 from agent.errors import ConfigError, DeploymentRejected
 
 log = logging.getLogger(__name__)

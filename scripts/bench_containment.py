@@ -1,6 +1,6 @@
 """The containment section of ``scripts/bench``: what the tree-memory sampler costs.
 
-The sampler (agent/pool/sampler.py) scans /proc every 0.25 s for the processes of every
+The sampler (agent/exec/pool/sampler.py) scans /proc every 0.25 s for the processes of every
 function uid it watches. Measured here, in this process, as root:
 
 - the CPU of one scan with 8 busy processes under one function uid (Debian's python3
@@ -24,9 +24,9 @@ from bench_mqtt import info_row
 from bench_runtime import identity, latency_row, new_runtime, time_calls
 
 from agent import EdgeFunction
-from agent.pool.sampler import DEFAULT_INTERVAL_S, TreeSampler
+from agent.exec.pool.sampler import DEFAULT_INTERVAL_S, TreeSampler
 
-TITLE = "Containment: the tree-memory sampler (agent/pool/sampler.py)"
+TITLE = "Containment: the tree-memory sampler (agent/exec/pool/sampler.py)"
 
 UID = 61990  # the end of the default function range: no test uses it
 SPIN = "while True: pass"

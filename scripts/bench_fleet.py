@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-TITLE = "Fleet controller (agent/fleet) against 1,000 simulated gateways (scripts/fleet_sim.py)"
+TITLE = "Fleet controller (agent/cloud) against 1,000 simulated gateways (scripts/fleet_sim.py)"
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -123,8 +123,8 @@ def _sim_heartbeats(cluster: Any) -> int:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from agent.cluster import EdgeCluster
-    from agent.fleet import function_spec
+    from agent.cloud import function_spec
+    from agent.local.cluster import EdgeCluster
 
     nofile = _raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
@@ -201,7 +201,7 @@ def run(quick: bool) -> dict[str, Any]:
         for _ in range(samples):
             t0 = time.monotonic()
             done = subprocess.run(
-                [sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{port}", "nodes"],
+                [sys.executable, "-m", "agent.cloud.ctl", "--broker", f"127.0.0.1:{port}", "nodes"],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -344,8 +344,8 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
     """``nodes`` simulated gateways in ``sims`` fleet-sim processes on one mosquitto (its
     file limit raised): connect, controller start, a rollout to all, heartbeat ingestion at
     ``nodes / heartbeat_s`` per second, ``edgectl nodes``, and the broker's raw rate."""
-    from agent.cluster import EdgeCluster
-    from agent.fleet import function_spec
+    from agent.cloud import function_spec
+    from agent.local.cluster import EdgeCluster
 
     nofile = _raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -436,7 +436,7 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
         for args in (["--json", "nodes"], ["nodes"]):
             t0 = time.monotonic()
             done = subprocess.run(
-                [sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{port}", *args],
+                [sys.executable, "-m", "agent.cloud.ctl", "--broker", f"127.0.0.1:{port}", *args],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -632,8 +632,8 @@ def run_nats_scale(
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import NATS_SERVER, NatsCluster
 
-    from agent.cluster import EdgeCluster
-    from agent.fleet import function_spec
+    from agent.cloud import function_spec
+    from agent.local.cluster import EdgeCluster
 
     _raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="bench-nats-"))
@@ -756,7 +756,7 @@ def run_nats_scale(
                     [
                         sys.executable,
                         "-m",
-                        "agent.ctl",
+                        "agent.cloud.ctl",
                         "--broker",
                         ",".join(nats.brokers),
                         "--protocol",

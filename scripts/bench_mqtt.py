@@ -55,9 +55,9 @@ import tomli_w
 from bench_runtime import latency_row_us as latency_row
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.metrics import percentile
+from agent.exec.metrics import percentile
 
-TITLE = "MQTT daemon end to end (agent/daemon.py, agent/mqtt.py) against a paho floor"
+TITLE = "MQTT daemon end to end (agent/edge/loop.py, agent/mqtt.py) against a paho floor"
 
 #: Targets from the benchmark issue.
 INVOKE_OVER_FLOOR_MAX_MS = 1.0
@@ -883,13 +883,16 @@ STAGES = (
 
 def agent_with_timers(out_path: str, config_path: str) -> int:
     """Runs *inside* the agent process (``phases``): the daemon with timestamps on its invoke
-    path, written to ``out_path`` as JSON at exit. Wraps internals of agent.daemon, store and
+    path, written to ``out_path`` as JSON at exit. Wraps internals of agent.edge.loop, store and
     mqtt, so it may need updating when they change."""
     import atexit
     import statistics
 
-    from agent import daemon, mqtt, pool, protocol, store
-    from agent.cli import main
+    from agent import mqtt, store
+    from agent.contract import protocol
+    from agent.edge import loop as daemon
+    from agent.edge.cli import main
+    from agent.exec import pool
 
     clock = time.perf_counter_ns
     marks: dict[str, list[int]] = {}

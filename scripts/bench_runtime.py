@@ -30,9 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime
-from agent.metrics import percentile
+from agent.exec.metrics import percentile
 
-TITLE = "Function runtime (agent/pool/, agent/worker.py)"
+TITLE = "Function runtime (agent/exec/pool/, agent/exec/worker.py)"
 
 #: Targets from the runtime issue.
 WARM_FLOOR_RATIO_MAX = 3.0
@@ -356,8 +356,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 def phases(count: int = 5000) -> dict[str, float]:
     """Median us of each step of a warm invocation, the pool's own steps replayed with timers.
 
-    Uses pool internals (``_acquire``, ``_release``, ``Worker._poll``, ``agent.wire``); the
-    invoke frame is built the way the pool builds it (``wire.invoke_header`` when present).
+    Uses pool internals (``_acquire``, ``_release``, ``Worker._poll``, ``agent.exec.pipe``); the
+    invoke frame is built the way the pool builds it (``pipe.invoke_header``).
     ``os.write`` and ``poll`` together are the round trip: the worker's whole share of the
     invocation happens there (on a busy CPU the woken worker preempts the writer, so it may
     show up under either).
@@ -366,9 +366,9 @@ def phases(count: int = 5000) -> dict[str, float]:
     import statistics
     import uuid
 
-    from agent import wire
-    from agent.metrics import InvocationRecord
-    from agent.pool import InvokeResult, WorkerState
+    from agent.exec import pipe as wire
+    from agent.exec.metrics import InvocationRecord
+    from agent.exec.pool import InvokeResult, WorkerState
 
     names = [
         "uuid4 request id",

@@ -3,7 +3,7 @@
 Handler state (``context.state``) is read as of when an invocation starts in its worker; its
 write set commits (one SQLite transaction with the reply and the ``sync/delta``) while it
 still holds the worker, and with ``concurrency > 1`` an optimistic check fails an invocation
-whose keys changed since its snapshot with error type ``conflict`` (agent/statecheck.py).
+whose keys changed since its snapshot with error type ``conflict`` (agent/contract/statecheck.py).
 
 Over a real mosquitto and a real agent, started with bench_mqtt's ``Broker`` and
 ``AgentProcess`` (``runtime.max_workers`` raised to 20 so that every function below keeps
@@ -71,7 +71,10 @@ from bench_runtime import latency_row_us, new_runtime, time_calls
 
 from agent import EdgeFunction, EdgeSynchronizer
 
-TITLE = "Handler state consistency (agent/context.py, agent/statecheck.py): cost of the state path"
+TITLE = (
+    "Handler state consistency (agent/exec/context.py, agent/contract/statecheck.py): "
+    "cost of the state path"
+)
 
 #: Target from issue 8, item 5: the state path costs at most 15% of stateless throughput.
 STATE_OVER_STATELESS_MIN = 0.85

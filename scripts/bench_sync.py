@@ -53,14 +53,15 @@ from bench_mqtt import (
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import protocol
-from agent.mirror import MirrorClient, SyncMirror
+from agent.cloud.mirror import MirrorClient, SyncMirror
+from agent.contract import protocol
 from agent.models import state_checksum
 from agent.mqtt import MqttSettings
 from agent.store import Store
 
 TITLE = (
-    "State sync (agent/store/sync.py, agent/statesync.py, agent/mirror.py): wire bytes, convergence"
+    "State sync (agent/store/sync.py, agent/edge/statesync.py, agent/cloud/mirror.py): "
+    "wire bytes, convergence"
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -437,7 +438,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         + ".",
         f"Bytes: {CHANGES:,} deterministic sensor readings ({{value, unit, seq}}) to {KEYS} keys, "
-        "committed through Store.sync_commit and encoded by agent.protocol.encode_sync_delta; "
+        "committed through Store.sync_commit and encoded by "
+        "agent.contract.protocol.encode_sync_delta; "
         "the full-copy row is the seed's json.dumps({type, version, data}) per change. "
         "A SyncMirror fed each row's deltas rebuilt the final state (checksum "
         f"{sizes['final_checksum'][:12]}...).",

@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import protocol
+from agent.contract import protocol
 from agent.trust import Signer, generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent

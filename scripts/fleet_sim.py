@@ -6,7 +6,7 @@ Every simulated node speaks the wire contract the way ``edge-agent`` does, throu
 agent's own protocol code: ``Topics`` (subscriptions, ``classify``, ``reply_topic``), the
 status / heartbeat / function state / reply encoders, ``decode_spec``,
 ``spec_fingerprint`` (a re-delivered spec is a no-op), ``requires_met``, ``code_bytes`` and
-``agent.bundles.sha256_hex`` (the digest is checked before anything else), and
+``agent.exec.bundles.sha256_hex`` (the digest is checked before anything else), and
 ``decode_invoke`` (a bad request gets a ``bad_request`` reply). It has a Last Will (the
 retained ``offline`` status), publishes ``online`` on connect and heartbeats every
 ``--heartbeat`` seconds (with an ``interval_s`` extra so controllers know its rhythm).
@@ -69,10 +69,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent import __version__, protocol  # noqa: E402
-from agent.bundles import sha256_hex  # noqa: E402
-from agent.daemon import STATUS_REFRESH_HEARTBEATS as STATUS_REFRESH  # noqa: E402
+from agent import __version__  # noqa: E402
+from agent.contract import protocol  # noqa: E402
+from agent.edge.loop import STATUS_REFRESH_HEARTBEATS as STATUS_REFRESH  # noqa: E402
 from agent.errors import AgentError, DeploymentRejected, error_to_dict  # noqa: E402
+from agent.exec.bundles import sha256_hex  # noqa: E402
 
 MAX_PAYLOAD = 262144
 RESEND_MAX_S = 30.0

@@ -765,7 +765,7 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
 def mirror(broker: Mosquitto) -> Iterator[Any]:
     """A cloud mirror of node gw-test's synced state, on its own connection straight to the
     broker (never through a proxy)."""
-    from agent.mirror import MirrorClient
+    from agent.cloud.mirror import MirrorClient
     from agent.mqtt import MqttSettings
 
     client = MirrorClient(

@@ -11,7 +11,7 @@ from typing import Any
 
 from conftest import REPO, wait_for
 
-from agent.cluster import EdgeCluster
+from agent.local.cluster import EdgeCluster
 from agent.models import EdgeNode, EdgeNodeStatus
 
 sys.path.insert(0, str(REPO / "scripts"))

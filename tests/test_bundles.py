@@ -1,4 +1,4 @@
-"""Tests for agent.bundles: verified, safe, atomic installation of function code."""
+"""Tests for agent.exec.bundles: verified, safe, atomic installation of function code."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import bundles
-from agent.bundles import (
+from agent.errors import DeploymentRejected
+from agent.exec import bundles
+from agent.exec.bundles import (
     MAX_BUNDLE_BYTES,
     MAX_BUNDLE_FILES,
     cleanup_staging,
@@ -28,7 +29,6 @@ from agent.bundles import (
     sha256_hex,
     version_dir,
 )
-from agent.errors import DeploymentRejected
 
 HANDLER = b"def main(event):\n    return event\n"
 MiB = 1024 * 1024
@@ -246,7 +246,7 @@ def test_malformed_sha256_is_rejected(tmp_path: Path, sha256: str) -> None:
     ["", "../x", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 65, "1 0", "1\n", "1~2"],
 )
 def test_unsafe_version_is_rejected(tmp_path: Path, version: str) -> None:
-    """The wire contract's version rule (agent.ids): "~" is refused as decode_spec refuses it."""
+    """The contract's version rule (contract.ids): "~" is refused as decode_spec refuses it."""
     rejected(tmp_path, HANDLER, "invalid version", code_format="source", version=version)
 
 

@@ -14,8 +14,8 @@ from conftest import AgentProcess, Mosquitto, NatsCluster, wait_for
 from test_cluster_failover import connect as connect_nats
 from test_cluster_failover import deploy as deploy_nats
 
-from agent.cluster import EdgeCluster
-from agent.fleet import function_spec
+from agent.cloud import function_spec
+from agent.local.cluster import EdgeCluster
 
 COUNTING = """\
 import time

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import AgentProcess, Mosquitto, NatsCluster, free_port, wait_for
 
-from agent import ctl
+from agent.cloud import ctl
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str, float]:

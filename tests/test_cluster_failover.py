@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, NatsCluster, wait_for
 
-from agent import protocol
-from agent.cluster import EdgeCluster
-from agent.fleet import FleetController, RemoteResult, function_spec
+from agent.cloud import FleetController, RemoteResult, function_spec
+from agent.contract import protocol
+from agent.local.cluster import EdgeCluster
 from agent.models import EdgeNodeStatus
 
 pytestmark = [pytest.mark.cluster_broker, pytest.mark.slow]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, wait_for
 
-from agent import ctl, protocol
-from agent.fleet import FleetView
+from agent.cloud import FleetView, ctl
+from agent.contract import protocol
 from agent.models import EdgeNodeStatus
 
 

@@ -14,8 +14,7 @@ import pytest
 from conftest import AgentProcess, NatsCluster, wait_for
 from test_cluster_failover import connect, start_agent, wait_online
 
-from agent import ctl
-from agent.fleet import RolloutReport, function_spec
+from agent.cloud import RolloutReport, ctl, function_spec
 from agent.models import EdgeNodeStatus
 
 pytestmark = [pytest.mark.cluster_broker, pytest.mark.slow]

@@ -1,5 +1,5 @@
 """Code too big for a spec comes by reference: ``code {format, url, sha256, size}``, fetched
-by the deployer (agent/fetch.py) with size and SHA-256 checked while it streams, kept so a
+by the deployer (agent/edge/fetch.py) with size and SHA-256 checked while it streams, kept so a
 restart restores it without the network. Real agent, real broker, file:// URLs."""
 
 from __future__ import annotations

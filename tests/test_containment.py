@@ -180,7 +180,7 @@ def test_agent_kill9_takes_its_workers_and_a_restart_sweeps_escapees(
     workers = [
         p
         for p in psutil.Process(agent.proc.pid).children()
-        if "agent.worker" in " ".join(p.cmdline())
+        if "agent.exec.worker" in " ".join(p.cmdline())
     ]
     assert workers
     escapee = read_pid(where / "beat.pid")

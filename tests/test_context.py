@@ -1,4 +1,4 @@
-"""The handler's ``context`` (agent/context.py, the worker's side of it) and local mode:
+"""The handler's ``context`` (agent/exec/context.py, the worker's side of it) and local mode:
 ``EdgeRuntime`` running ``handler(..., context)`` with state kept by ``EdgeSynchronizer``."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime, EdgeSynchronizer
-from agent.context import InvocationContext, StateView
 from agent.errors import EdgeExecutionError, FunctionTimeout, HandlerError
-from agent.pool import ContextInput
+from agent.exec.context import InvocationContext, StateView
+from agent.exec.pool import ContextInput
+from agent.exec.worker import WorkerMain, context_mode
 from agent.store import Store
-from agent.worker import WorkerMain, context_mode
 
 # -- StateView ----------------------------------------------------------------------------------
 

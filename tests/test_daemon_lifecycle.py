@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 from conftest import AgentProcess, Cloud, Mosquitto, port_open, run_cli, source_spec, wait_for
 
-from agent import protocol
+from agent.contract import protocol
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"

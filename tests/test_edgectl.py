@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, AgentProcess, Mosquitto, free_port, wait_for
 from fleetutil import SimFleet, sim_fleet
 
-from agent import ctl
+from agent.cloud import ctl
 
 AgentFactory = Callable[..., AgentProcess]
 
@@ -254,7 +254,7 @@ def test_state_and_desired_with_a_real_agent(
 
 
 def test_console_script_and_module_entry_points() -> None:
-    """`edgectl` is installed by pyproject's [project.scripts]; `python -m agent.ctl` works."""
+    """`edgectl` is installed by pyproject's [project.scripts]; `-m agent.cloud.ctl` works."""
     script = Path(sys.executable).with_name("edgectl")
     assert script.exists(), "edgectl console script missing: run `uv sync`"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=REPO)
@@ -262,7 +262,7 @@ def test_console_script_and_module_entry_points() -> None:
     for command in ("nodes", "deploy", "undeploy", "invoke", "state", "desired"):
         assert command in done.stdout
     done = subprocess.run(
-        [sys.executable, "-m", "agent.ctl", "deploy", "--help"],
+        [sys.executable, "-m", "agent.cloud.ctl", "deploy", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from agent import errors, mqtt, protocol
-from agent.fleet import BrokerUnreachable, PublishRefused, ReplyTimeout, controller
+from agent import errors, mqtt
+from agent.cloud import BrokerUnreachable, PublishRefused, ReplyTimeout, controller
+from agent.contract import protocol
 
 
 def test_moved_classes_are_the_same_objects_at_their_old_paths() -> None:

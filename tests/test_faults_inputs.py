@@ -4,7 +4,7 @@ Before issue 12 a refused 100 MB retained spec took the agent's peak RSS to 861 
 1.8 GB, again on every reconnect), and invokes of 50 and 200 MB peaked at 189 and 647 MB
 before their ``bad_request``. Now the agent announces an MQTT 5 Maximum Packet Size, so the
 broker does not send them at all, and a spec is size-checked before it is parsed. Code too
-big for a spec comes by reference (``code {url, sha256, size}``, agent.fetch).
+big for a spec comes by reference (``code {url, sha256, size}``, agent.edge.fetch).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import fetch, protocol
+from agent.contract import protocol
+from agent.edge import fetch
 from agent.errors import DeploymentRejected
 from tests.conftest import AgentProcess, Cloud, source_spec
 
@@ -97,7 +98,7 @@ def test_spec_over_max_spec_bytes_is_rejected_before_parsing(
     assert "by reference" in state["error"]["message"], state
 
 
-# -- code by reference: agent.fetch ----------------------------------------------------------
+# -- code by reference: agent.edge.fetch ----------------------------------------------------------
 
 
 CODE = b"def handler(payload):\n    return payload\n" * 1000

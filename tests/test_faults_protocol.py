@@ -12,7 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from agent import ctl
+from agent.cloud import ctl
 from tests.conftest import (
     AgentProcess,
     Cloud,

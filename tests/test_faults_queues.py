@@ -17,9 +17,9 @@ from typing import Any
 import cloudpickle
 import pytest
 
+from agent.edge.invoke_queue import FairQueue, Limits
 from agent.errors import Overloaded
-from agent.invoke_queue import FairQueue, Limits
-from agent.pool import FunctionConfig, WorkerPool
+from agent.exec.pool import FunctionConfig, WorkerPool
 from tests.conftest import AgentProcess, Cloud, TcpProxy, cli_status, source_spec, wait_for
 
 SLOW = "import time\n\ndef handler(payload):\n    time.sleep(0.02)\n    return payload\n"

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
 
-from agent import protocol
+from agent.contract import protocol
 from agent.store import Store
 from agent.trust import Signer, generate_keypair
 

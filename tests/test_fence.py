@@ -1,8 +1,8 @@
-"""agent.fence.ReplayFence: the retained-replay barrier, without a broker."""
+"""agent.contract.fence.ReplayFence: the retained-replay barrier, without a broker."""
 
 from __future__ import annotations
 
-from agent.fence import ReplayFence
+from agent.contract.fence import ReplayFence
 
 
 def test_passes_only_when_the_armed_token_comes_back() -> None:

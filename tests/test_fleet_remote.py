@@ -12,9 +12,9 @@ import pytest
 from conftest import AgentProcess, Mosquitto, free_port, wait_for
 from fleetutil import connect, sim_fleet, wait_status
 
+from agent.cloud import BrokerUnreachable, RemoteRuntime, ReplyTimeout, function_spec
+from agent.cloud import controller as controller_module
 from agent.errors import FunctionNotFound, FunctionTimeout, HandlerError
-from agent.fleet import BrokerUnreachable, RemoteRuntime, ReplyTimeout, function_spec
-from agent.fleet import controller as controller_module
 from agent.models import EdgeNode, EdgeNodeStatus
 from agent.mqtt import Message
 

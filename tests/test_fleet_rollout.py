@@ -15,11 +15,11 @@ from conftest import AgentProcess, Mosquitto, wait_for
 from fleetutil import connect, sim_fleet, versioned_module, wait_status
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import protocol
-from agent.cluster import EdgeCluster
-from agent.fleet import controller as controller_module
-from agent.fleet import function_spec
-from agent.fleet import rollout as ro
+from agent.cloud import controller as controller_module
+from agent.cloud import function_spec
+from agent.cloud import rollout as ro
+from agent.contract import protocol
+from agent.local.cluster import EdgeCluster
 from agent.models import EdgeNodeStatus
 from agent.trust import generate_keypair
 

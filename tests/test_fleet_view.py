@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent import protocol
+from agent.cloud import FleetView, canary_count, function_spec, spec_from_function
+from agent.cloud import rollout as ro
+from agent.contract import protocol
 from agent.errors import DeploymentRejected
-from agent.fleet import FleetView, canary_count, function_spec, spec_from_function
-from agent.fleet import rollout as ro
 from agent.models import EdgeFunction, EdgeNodeStatus
 
 P = "edge"

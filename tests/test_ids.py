@@ -1,10 +1,12 @@
-"""agent.ids: the one rule table for ids, versions, request ids and topic prefixes."""
+"""agent.contract.ids: the one rule table for ids, versions, request ids and topic prefixes."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent import bundles, config, ids, protocol
+from agent import config
+from agent.contract import ids, protocol
+from agent.exec import bundles
 
 
 @pytest.mark.parametrize("value", ["a", "A", "0", "gw-01", "f_1", "a" * 64, "x-_9"])

@@ -25,8 +25,8 @@ from conftest import (
     source_spec,
 )
 
+from agent.edge.isolation import FunctionIdentities
 from agent.errors import DeploymentRejected
-from agent.isolation import FunctionIdentities
 from agent.store import Store
 
 NODE = "gw-test"

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from agent import EdgeMetrics, InvocationRecord
-from agent.metrics import DEFAULT_HISTORY, DEFAULT_WINDOW, percentile, system_metrics
+from agent.exec.metrics import DEFAULT_HISTORY, DEFAULT_WINDOW, percentile, system_metrics
 
 
 def record(

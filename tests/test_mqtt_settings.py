@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent import ctl
+from agent.cloud import ctl
 from agent.config import parse_config
 from agent.mqtt import MqttSettings, max_packet_size
 

@@ -1,4 +1,4 @@
-"""The pipe's vocabulary (agent.pipe) and the parent reading every worker exit code: real
+"""The pipe's vocabulary (agent.exec.pipe) and the parent reading every worker exit code: real
 workers made to exit with each code, and the reason the caller or the log gets for it."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import cloudpickle
 import pytest
 from procutil import in_thread, leak_check, wait_for
 
-from agent import pipe, wire
 from agent.errors import FunctionTimeout, HandlerError, MemoryLimitExceeded, WorkerCrashed
-from agent.pool import FunctionConfig, Worker, WorkerPool
-from agent.pool import process as pool_process
-from agent.pool.sampler import Watched
+from agent.exec import pipe
+from agent.exec.pool import FunctionConfig, Worker, WorkerPool
+from agent.exec.pool import process as pool_process
+from agent.exec.pool.sampler import Watched
 
 DEADLINE_S = 10.0
 
@@ -63,13 +63,12 @@ def test_exit_codes_are_distinct_and_named() -> None:
         assert getattr(pipe, name) == code
 
 
-def test_wire_still_exports_the_framing() -> None:
-    """``agent.wire`` keeps working for what imported it (the bench compares revisions)."""
-    frame = wire.encode_frame(wire.invoke_header("r-1"), b"blob")
-    head_len, _ = wire.parse_prefix(frame)
-    header, blob = wire.decode_body(memoryview(frame)[wire.PREFIX_SIZE :], head_len)
+def test_hot_path_invoke_decodes_to_the_invoke_message() -> None:
+    """The pool's hot-path invoke header (no JSON) reads back as the plain invoke message."""
+    frame = pipe.encode_frame(pipe.invoke_header("r-1"), b"blob")
+    head_len, _ = pipe.parse_prefix(frame)
+    header, blob = pipe.decode_body(memoryview(frame)[pipe.PREFIX_SIZE :], head_len)
     assert header == {"op": pipe.INVOKE, "request_id": "r-1"} and blob == b"blob"
-    assert wire.FrameError is pipe.FrameError
 
 
 def test_hot_path_result_decodes_to_the_result_message() -> None:
@@ -293,7 +292,7 @@ def test_pool_logs_ex_load_failed(
 ) -> None:
     """A handler that cannot load is still handler_error for the caller; the log line says
     the worker then exited EX_LOAD_FAILED, as it should (read, not SIGKILLed first)."""
-    caplog.set_level(logging.WARNING, logger="agent.pool.core")
+    caplog.set_level(logging.WARNING, logger="agent.exec.pool.core")
     with pytest.raises(HandlerError, match="not today") as info:
         pool.check_load(_config(tmp_path, "broken:handler"))
     assert info.value.type == "handler_error"
@@ -304,7 +303,7 @@ def test_pool_logs_ex_load_failed(
 def test_pool_names_its_own_sigkill_at_the_deadline(
     pool: WorkerPool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="agent.pool.process")
+    caplog.set_level(logging.DEBUG, logger="agent.exec.pool.process")
     pool.register(_config(tmp_path, "exits:sleep", timeout_s=0.5))
     pid = pool.invoke("f", (0,)).worker_pid
     with pytest.raises(FunctionTimeout):
@@ -330,7 +329,7 @@ def test_pool_names_the_memory_sampler_as_the_killer(
 ) -> None:
     """The sampler's kill (its code path, called directly) is memory_exceeded for the
     caller, and the reaped worker's reason names the sampler."""
-    caplog.set_level(logging.DEBUG, logger="agent.pool.process")
+    caplog.set_level(logging.DEBUG, logger="agent.exec.pool.process")
     pool.register(_config(tmp_path, "exits:sleep"))
     pid = pool.invoke("f", (0,)).worker_pid
     pending = in_thread(lambda: pool.invoke("f", (30,)))

@@ -24,7 +24,7 @@ from procutil import (
 )
 
 from agent import EdgeFunction, EdgeRuntime, FunctionNotFound, HandlerError, Overloaded
-from agent.pool import FunctionConfig, WorkerPool
+from agent.exec.pool import FunctionConfig, WorkerPool
 
 
 @pytest.fixture

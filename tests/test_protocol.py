@@ -1,4 +1,4 @@
-"""Tests of agent.protocol: topics, every encoder/decoder, every rejection, and docs/protocol.md."""
+"""Tests of agent.contract.protocol: topics, every encoder/decoder, every rejection, the docs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import protocol as p
+from agent.contract import protocol as p
 from agent.errors import (
     ERROR_TYPES,
     BadRequest,
@@ -1039,14 +1039,16 @@ def test_sync_encoders_reject() -> None:
 
 def test_module_is_pure() -> None:
     code = (
-        "import sys, agent.protocol; "
+        "import sys, agent.contract.protocol; "
         "bad = {'paho', 'socket', 'sqlite3', 'subprocess', 'threading'} & set(sys.modules); "
         "sys.exit(', '.join(sorted(bad)) or 0)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
-    assert result.returncode == 0, f"agent.protocol imported {result.stderr or result.stdout}"
+    assert result.returncode == 0, (
+        f"agent.contract.protocol imported {result.stderr or result.stdout}"
+    )
 
 
 # --------------------------------------------------------------------------- docs/protocol.md

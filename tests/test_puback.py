@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, cli_status, run_cli, source_spec, wait_for
 
-from agent.outbox import PERMANENT_REFUSALS, OutboxPump
+from agent.edge.outbox import PERMANENT_REFUSALS, OutboxPump
 from agent.store import MIGRATIONS, Store
 
 # -- the pump, with a real store -------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_reply_refused_by_broker_acl_is_a_dead_letter_and_degrades_the_node(
         )  # fmt: skip
         assert beat["status"] == "degraded" and beat["degraded"], beat
         agent.wait_log(
-            f"WARNING agent.outbox: the broker refused the reply message to {denied}: "
+            f"WARNING agent.edge.outbox: the broker refused the reply message to {denied}: "
             "Not authorized (0x87)"
         )
 

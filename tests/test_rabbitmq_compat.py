@@ -23,17 +23,17 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, RabbitMQ, source_spec, wait_for
 
-from agent import ctl, protocol
-from agent.cluster import EdgeCluster
-from agent.errors import BadRequest
-from agent.fleet import FleetController
-from agent.specindex import (
+from agent.cloud import FleetController, ctl
+from agent.contract import protocol
+from agent.contract.specindex import (
     ROLLCALL_BURST,
     ROLLCALL_MIN_INTERVAL_S,
     AnswerBudget,
     IndexFollower,
     rollcall_delay,
 )
+from agent.errors import BadRequest
+from agent.local.cluster import EdgeCluster
 
 ECHO = "def handler(event, context=None):\n    return {'echo': event, 'fn': %r}\n"
 

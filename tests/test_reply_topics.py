@@ -25,8 +25,8 @@ import pytest
 from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 from fleetutil import connect, wait_status
 
-from agent import protocol
 from agent.config import ConfigError, load_config
+from agent.contract import protocol
 from agent.models import EdgeNodeStatus
 
 NODE = "gw-rt"  # mqtt.reply_prefixes empty: the contract rule alone

@@ -54,7 +54,7 @@ from agent import (
     PackagedHandler,
     WorkerCrashed,
 )
-from agent.pool import BASE_ENV, WorkerLimits, WorkerPool
+from agent.exec.pool import BASE_ENV, WorkerLimits, WorkerPool
 
 #: Crash tests use a generous memory_mb so that a crash is never mistaken for a memory death
 #: by the RSS heuristic (see test_crash_is_not_memory_when_parent_rss_was_high).
@@ -802,7 +802,7 @@ def _interpreter_for(user: str) -> str | None:
     runuser = shutil.which("runuser")
     if os.geteuid() != 0 or runuser is None:
         return None
-    probe = f"import sys; sys.path.append({str(REPO_ROOT)!r}); import agent.worker"
+    probe = f"import sys; sys.path.append({str(REPO_ROOT)!r}); import agent.exec.worker"
     for python in (sys.executable, "/usr/bin/python3"):
         ok = subprocess.run(
             [runuser, "-u", user, "--", python, "-I", "-c", probe],

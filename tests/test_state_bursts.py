@@ -32,8 +32,8 @@ import pytest
 from conftest import REPO, AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 
 from agent import EdgeCluster
+from agent.cloud.mirror import MirrorClient
 from agent.errors import StateConflict
-from agent.mirror import MirrorClient
 from agent.store import Store
 
 NODE = "gw-test"
@@ -215,7 +215,7 @@ def worker_pids(agent: AgentProcess) -> list[int]:
     return [
         p.pid
         for p in psutil.Process(agent.proc.pid).children(recursive=True)
-        if "agent.worker" in " ".join(p.cmdline())
+        if "agent.exec.worker" in " ".join(p.cmdline())
     ]
 
 
@@ -329,7 +329,7 @@ def test_conflict_raises_state_conflict_remotely_and_edgectl_exits_1(
     event, mark, gate = hold_slow_invoke(tmp_path, "ctl")
     ctl = subprocess.Popen(
         [
-            *(sys.executable, "-m", "agent.ctl", "--broker", f"127.0.0.1:{broker.port}"),
+            *(sys.executable, "-m", "agent.cloud.ctl", "--broker", f"127.0.0.1:{broker.port}"),
             *("invoke", NODE, "slow", "--payload", json.dumps(event), "--timeout", "20"),
         ],
         cwd=REPO,

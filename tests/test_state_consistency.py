@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from procutil import run_threads
 
 from agent import EdgeFunction, EdgeNode, EdgeRuntime, EdgeSynchronizer
+from agent.contract.statecheck import WHOLE_DOCUMENT, ChangeVersions
+from agent.edge.statesync import StateSync
 from agent.errors import Overloaded, StateConflict, StoreError, error_from_dict, error_to_dict
-from agent.statecheck import WHOLE_DOCUMENT, ChangeVersions
-from agent.statesync import StateSync
 from agent.store import Store
 
 # -- the check itself -------------------------------------------------------------------------
@@ -279,8 +279,8 @@ class FailingStore(Store):
 
 @pytest.fixture
 def statesync(tmp_path: Path) -> Iterator[tuple[StateSync, FailingStore]]:
-    from agent import protocol
-    from agent.outbox import OutboxPump
+    from agent.contract import protocol
+    from agent.edge.outbox import OutboxPump
 
     with FailingStore(tmp_path / "state.db") as store:
         sync = StateSync(

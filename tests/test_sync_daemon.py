@@ -20,7 +20,7 @@ from typing import Any
 
 from conftest import AgentProcess, Cloud, Mosquitto, TcpProxy, source_spec, wait_for
 
-from agent.mirror import MirrorClient
+from agent.cloud.mirror import MirrorClient
 from agent.store import Store
 
 NODE = "gw-test"

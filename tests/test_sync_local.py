@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import EdgeSynchronizer, SyncState
+from agent.local.synchronizer import apply_delta, compute_delta
 from agent.models import state_checksum
-from agent.sync import apply_delta, compute_delta
 
 
 def wire_checksum(data: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
-"""The cloud mirror (agent/mirror.py): fed by hand, fed by the agent's own store code under
+"""The cloud mirror (agent/cloud/mirror.py): fed by hand, fed by the agent's own store code under
 hypothesis, and once through a real broker and agent.
 
-The pure tests call ``SyncMirror.on_message`` with payloads made by ``agent.protocol``'s
+The pure tests call ``SyncMirror.on_message`` with payloads made by ``agent.contract.protocol``'s
 encoders; what the mirror asks to publish comes back as its return value, so a test sees
 every ``sync/request`` it would send.
 """
@@ -23,13 +23,13 @@ from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import protocol
-from agent.daemon import Agent
+from agent.cloud.mirror import MirrorClient, SyncMirror
+from agent.contract import protocol
+from agent.edge.loop import Agent
+from agent.edge.outbox import OutboxPump
+from agent.edge.statesync import StateSync
 from agent.errors import StoreError
-from agent.mirror import MirrorClient, SyncMirror
 from agent.mqtt import MqttSettings
-from agent.outbox import OutboxPump
-from agent.statesync import StateSync
 from agent.store import Store
 
 NODE = "n1"
@@ -201,7 +201,7 @@ def test_bad_message_is_logged_and_changes_nothing(
 ) -> None:
     mirror = mirror_at(3)
     mirror.on_message(f"{T}desired", protocol.encode_sync_desired(2, {"mode": "off"}))
-    with caplog.at_level(logging.WARNING, logger="agent.mirror"):
+    with caplog.at_level(logging.WARNING, logger="agent.cloud.mirror"):
         assert mirror.on_message(f"{T}{kind}", payload) == []
     assert "mirror: ignoring bad message" in caplog.text
     assert state_of(mirror) == (3, {"count": 3, "even": False})

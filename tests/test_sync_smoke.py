@@ -52,7 +52,7 @@ def test_mirror_follows_handler_writes_and_sets_desired(  # type: ignore[no-unty
 ) -> None:
     """The cloud mirror started late catches up by snapshot, then by deltas (one delta per
     change: without the linger, version 1's delta is gone before the mirror starts)."""
-    from agent.mirror import MirrorClient
+    from agent.cloud.mirror import MirrorClient
     from agent.mqtt import MqttSettings
 
     agent: AgentProcess = agent_factory(outbox={"delta_linger_ms": 0}).start()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent import protocol
+from agent.contract import protocol
 from agent.store import OutboxFull, ReplyRecord, Store, SyncCommit
 
 TOPIC = "edge/nodes/n1/sync/delta"

@@ -1,4 +1,4 @@
-"""agent.systemd (notify, watchdog, logging) and the packaging/systemd files."""
+"""agent.edge.systemd (notify, watchdog, logging) and the packaging/systemd files."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent import systemd as sd
-from agent.systemd import Notifier, PlainFormatter, set_level, setup_logging
+from agent.edge import systemd as sd
+from agent.edge.systemd import Notifier, PlainFormatter, set_level, setup_logging
 
 try:
     from systemd import journal as sd_journal
@@ -151,7 +151,7 @@ def test_without_notify_socket_every_method_is_a_silent_noop(
     use_libsystemd: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="agent.systemd")
+    caplog.set_level(logging.DEBUG, logger="agent.edge.systemd")
     for notifier in (
         Notifier.from_env(use_libsystemd=use_libsystemd),
         Notifier.from_env({}, use_libsystemd=use_libsystemd),
@@ -177,7 +177,7 @@ def test_send_failure_is_logged_once_at_debug_and_never_raises(
 ) -> None:
     """A vanished notify socket must not crash the agent or flood the log every ping."""
     monkeypatch.setenv("NOTIFY_SOCKET", address)
-    caplog.set_level(logging.DEBUG, logger="agent.systemd")
+    caplog.set_level(logging.DEBUG, logger="agent.edge.systemd")
     notifier = Notifier.from_env(use_libsystemd=use_libsystemd)
     for _ in range(3):
         notifier.ready()
@@ -282,7 +282,7 @@ def test_setup_logging_picks_journald_when_journal_stream_matches(
     handler = setup_logging("info", environ=environ, stream=stderr_file)
     assert is_journal_handler(handler)
     # No journald on this machine: journal.send drops the message silently.
-    logging.getLogger("agent.daemon").info("hello journal")
+    logging.getLogger("agent.edge.loop").info("hello journal")
     assert capsys.readouterr().err == ""
 
 
@@ -301,7 +301,7 @@ def test_journald_gets_known_extra_keys_as_upper_case_fields(
 
     handler.send = capture  # type: ignore[attr-defined]
 
-    logging.getLogger("agent.daemon").info(
+    logging.getLogger("agent.edge.loop").info(
         "invoked %s",
         "f1",
         extra={"function_id": "f1", "request_id": "r1", "node_id": "gw-1", "topic": "edge/x"},
@@ -316,7 +316,7 @@ def test_journald_gets_known_extra_keys_as_upper_case_fields(
     assert fields["TOPIC"] == "edge/x"
     assert fields["SYSLOG_IDENTIFIER"] == "edge-agent"
     assert fields["PRIORITY"] == "6"
-    assert fields["LOGGER"] == "agent.daemon"
+    assert fields["LOGGER"] == "agent.edge.loop"
 
 
 def test_forced_choice_overrides_detection(stderr_file: io.TextIOWrapper) -> None:
@@ -331,7 +331,7 @@ def test_forced_choice_overrides_detection(stderr_file: io.TextIOWrapper) -> Non
 def test_plain_text_line_format_and_extra_fields() -> None:
     stream = io.StringIO()
     setup_logging("debug", environ={}, stream=stream)
-    logging.getLogger("agent.daemon").info(
+    logging.getLogger("agent.edge.loop").info(
         "invocation done in %d ms",
         12,
         extra={"request_id": "r1", "function_id": "f1", "unrelated": "not shown"},
@@ -350,9 +350,9 @@ def test_plain_text_line_format_and_extra_fields() -> None:
 
 
 def test_plain_timestamp_is_utc_with_milliseconds() -> None:
-    record = logging.makeLogRecord({"name": "agent.daemon", "levelname": "INFO", "msg": "m"})
+    record = logging.makeLogRecord({"name": "agent.edge.loop", "levelname": "INFO", "msg": "m"})
     record.created, record.msecs = 1795754532.1234, 123.4
-    assert PlainFormatter().format(record) == "2026-11-27T04:42:12.123Z INFO agent.daemon: m"
+    assert PlainFormatter().format(record) == "2026-11-27T04:42:12.123Z INFO agent.edge.loop: m"
 
 
 def test_plain_text_includes_traceback() -> None:
@@ -361,9 +361,9 @@ def test_plain_text_includes_traceback() -> None:
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        logging.getLogger("agent.daemon").exception("failed", extra={"function_id": "f1"})
+        logging.getLogger("agent.edge.loop").exception("failed", extra={"function_id": "f1"})
     first, *rest = stream.getvalue().splitlines()
-    assert first.endswith("ERROR agent.daemon: failed [function_id=f1]")
+    assert first.endswith("ERROR agent.edge.loop: failed [function_id=f1]")
     assert rest[0] == "Traceback (most recent call last):"
     assert rest[-1] == "RuntimeError: boom"
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import Mosquitto, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import ctl
+from agent.cloud import ctl
 
 USERS = {"gw-1": "pw-gw-1", "gw-2": "pw-gw-2", "ctl": "pw-ctl"}
 

@@ -19,9 +19,10 @@ from conftest import AgentProcess, Mosquitto, wait_for
 from fleetutil import connect, versioned_module
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import bundles, ctl, protocol
+from agent.cloud import ctl, function_spec
+from agent.contract import protocol
 from agent.errors import DeploymentRejected
-from agent.fleet import function_spec
+from agent.exec import bundles
 
 AgentFactory = Callable[..., AgentProcess]
 

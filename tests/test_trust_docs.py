@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import protocol
+from agent.contract import protocol
 from agent.errors import DeploymentRejected
 from agent.trust import TrustPolicy
 

@@ -19,7 +19,7 @@ import pytest
 import tomli_w
 from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
 
-from agent import protocol
+from agent.contract import protocol
 from agent.trust import Signer, generate_keypair
 
 AgentFactory = Callable[..., AgentProcess]

@@ -67,8 +67,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from agent.contract.statecheck import ChangeVersions
 from agent.errors import StoreError
-from agent.statecheck import ChangeVersions
 from agent.store.sync import SYNC_SCHEMA, ReplyRecord, SyncTables
 
 __all__ = [

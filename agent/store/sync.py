@@ -18,7 +18,7 @@ commit from another thread never merges into a delta that is already on its way.
 
 Optimistic check: a commit may name the version its invocation read (``base_version``) and
 the keys it read or wrote; if any changed since, :class:`~agent.errors.StateConflict` is
-raised and nothing is written (:mod:`agent.statecheck`).
+raised and nothing is written (:mod:`agent.contract.statecheck`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.contract.statecheck import ChangeVersions, conflict_message
 from agent.errors import StateConflict, StoreError
 from agent.models import canonical_json
-from agent.statecheck import ChangeVersions, conflict_message
 
 #: The schema this mixin needs (appended to the store's MIGRATIONS as version 2).
 SYNC_SCHEMA = """
