@@ -1,0 +1,176 @@
+"""Invocations on the wire: the request (``<p>/nodes/<node>/invoke``) and its reply.
+
+Owns :class:`InvokeRequest` and the JSON of requests and replies. :func:`decode_invoke`
+raises ``InvokeDecodeError`` carrying the request_id / function_id / reply_to it could
+salvage, so the error reply can still be sent; :func:`encode_reply` raises ``TypeError`` when
+a handler's result is not JSON (the daemon answers ``handler_error`` then). Where a reply may
+go is :func:`agent.contract.topics.reply_address_problem`'s.
+
+Must never: do I/O, or import anything beyond the stdlib, ``agent.errors`` and
+``agent.contract``'s pure modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from agent.contract.fields import (
+    ErrorType,
+    Fields,
+    dumps,
+    load_object,
+    merge_extra,
+    now_ts,
+    request_id_field,
+    require_id,
+    shallow_copy,
+    show,
+)
+from agent.contract.ids import (
+    ID_RE,
+    MAX_REQUEST_ID_CHARS,
+    is_valid_id,
+    is_valid_publish_topic,
+    is_valid_request_id,
+)
+from agent.errors import BadRequest, InvokeDecodeError
+
+
+@dataclass(frozen=True)
+class InvokeRequest:
+    """One invocation request: ``payload`` is any JSON value, passed to the handler."""
+
+    request_id: str
+    function_id: str
+    payload: Any
+    reply_to: str | None = None
+
+
+def decode_invoke(payload: bytes, max_bytes: int) -> InvokeRequest:
+    """Parse an invocation; InvokeDecodeError carries the valid fields of a half-valid one."""
+    if len(payload) > max_bytes:
+        raise InvokeDecodeError(
+            f"invoke: payload is {len(payload)} bytes, over the {max_bytes} limit"
+        )
+    obj = load_object(payload, "invoke", InvokeDecodeError)
+    raw_rid, raw_fid, raw_reply_to = (obj.get(k) for k in ("request_id", "function_id", "reply_to"))
+    # Salvage every valid field first: the error reply needs whichever of them exist.
+    request_id = raw_rid if is_valid_request_id(raw_rid) else None
+    function_id = raw_fid if is_valid_id(raw_fid) else None
+    reply_to = raw_reply_to if is_valid_publish_topic(raw_reply_to) else None
+
+    def fail(key: str, problem: str) -> NoReturn:
+        raise InvokeDecodeError(
+            f"invoke: {key}: {problem}",
+            request_id=request_id,
+            function_id=function_id,
+            reply_to=reply_to,
+        )
+
+    if request_id is None:
+        fail(
+            "request_id",
+            f"expected 1 to {MAX_REQUEST_ID_CHARS} printable characters, "
+            f"got {show(raw_rid) if 'request_id' in obj else 'nothing'}",
+        )
+    if function_id is None:
+        fail(
+            "function_id",
+            f"expected an id matching {ID_RE.pattern}, "
+            f"got {show(raw_fid) if 'function_id' in obj else 'nothing'}",
+        )
+    if "payload" not in obj:
+        fail("payload", "required field missing (null is a valid payload)")
+    if raw_reply_to is not None and reply_to is None:
+        fail(
+            "reply_to",
+            f"expected a topic to publish to (no +, #, NUL or leading $), got {show(raw_reply_to)}",
+        )
+    return InvokeRequest(request_id, function_id, obj["payload"], reply_to)
+
+
+def encode_invoke(
+    request_id: str, function_id: str, payload: Any, reply_to: str | None = None
+) -> bytes:
+    """The cloud side's invocation message."""
+    msg: dict[str, Any] = {"request_id": request_id, "function_id": function_id, "payload": payload}
+    if reply_to is not None:
+        msg["reply_to"] = reply_to
+    encoded = dumps(msg)
+    try:
+        decode_invoke(encoded, len(encoded))
+    except InvokeDecodeError as exc:
+        raise ValueError(str(exc)) from exc
+    return encoded
+
+
+def _check_reply(msg: Mapping[str, Any], err: ErrorType) -> None:
+    f = Fields(msg, "reply", err)
+    ok = f.boolean("ok")
+    if ok:
+        request_id_field(f)
+        f.id("function_id")
+        f.raw("result")
+    else:
+        kind = f.error()["type"]
+        if f.raw("request_id") is not None:
+            request_id_field(f)
+        elif kind != BadRequest.type:
+            f.fail("request_id", "null is only allowed in bad_request replies")
+        if f.raw("function_id") is not None:
+            f.id("function_id")
+    f.number("duration_ms")
+    f.boolean("cold_start")
+    f.ts()
+
+
+def encode_reply(
+    request_id: str | None,
+    function_id: str | None,
+    *,
+    ok: bool,
+    result: Any = None,
+    error: Mapping[str, Any] | None = None,
+    duration_ms: float,
+    cold_start: bool,
+    node_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A reply; TypeError when ``result`` is not JSON (the daemon answers handler_error then).
+
+    ``request_id``/``function_id`` may be None only in a ``bad_request`` reply to a request
+    whose fields could not be salvaged.
+    """
+    if ok == (error is not None):
+        raise ValueError("encode_reply: pass error exactly when ok is False")
+    msg: dict[str, Any] = {"request_id": request_id, "function_id": function_id, "ok": ok}
+    if ok:
+        msg["result"] = result
+    else:
+        msg["error"] = shallow_copy(error)
+    msg.update(duration_ms=duration_ms, cold_start=cold_start, ts=now_ts())
+    if node_id is not None:
+        msg["node_id"] = require_id("reply node_id", node_id)
+    _check_reply(merge_extra(msg, extra), ValueError)
+    try:
+        return dumps(msg)
+    except (TypeError, ValueError, RecursionError) as exc:
+        try:
+            dumps({"result": result})
+        except (TypeError, ValueError, RecursionError):
+            raise TypeError(
+                f"reply to {request_id!r}: the result of {function_id!r} "
+                f"is not JSON-serialisable: {exc}"
+            ) from exc
+        raise TypeError(
+            f"reply to {request_id!r}: extra or error is not JSON-serialisable: {exc}"
+        ) from exc
+
+
+def decode_reply(payload: bytes) -> dict[str, Any]:
+    """A validated reply (cloud side)."""
+    msg = load_object(payload, "reply", BadRequest)
+    _check_reply(msg, BadRequest)
+    return msg
