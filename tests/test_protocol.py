@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import functools
@@ -1037,18 +1038,69 @@ def test_sync_encoders_reject() -> None:
 # --------------------------------------------------------------------------- purity
 
 
-def test_module_is_pure() -> None:
+CONTRACT_DIR = Path(__file__).resolve().parent.parent / "agent" / "contract"
+#: Every module of the wire contract, the package itself included.
+CONTRACT_MODULES = sorted(
+    "agent.contract" if path.stem == "__init__" else f"agent.contract.{path.stem}"
+    for path in CONTRACT_DIR.glob("*.py")
+)
+#: What the contract may import besides the standard library.
+CONTRACT_MAY_IMPORT = ("agent", "agent.errors", "agent.models")
+
+
+def _allowed_import(name: str) -> bool:
+    return (
+        name.split(".")[0] in sys.stdlib_module_names
+        or name in CONTRACT_MAY_IMPORT
+        or name == "agent.contract"
+        or name.startswith("agent.contract.")
+    )
+
+
+def test_every_contract_module_is_listed() -> None:
+    assert {"agent.contract.protocol", "agent.contract.ids", "agent.contract.sync"} <= set(
+        CONTRACT_MODULES
+    ), CONTRACT_MODULES
+
+
+@pytest.mark.parametrize("module", CONTRACT_MODULES)
+def test_module_is_pure(module: str) -> None:
+    """Imported alone, a contract module loads no paho, socket, sqlite3, subprocess or
+    threading, and nothing beyond the stdlib, agent.errors, agent.models and agent.contract."""
     code = (
-        "import sys, agent.contract.protocol; "
+        f"import sys; before = set(sys.modules); import {module}; "
         "bad = {'paho', 'socket', 'sqlite3', 'subprocess', 'threading'} & set(sys.modules); "
+        "new = sorted(set(sys.modules) - before); "
+        "print('\\n'.join(new)); "
         "sys.exit(', '.join(sorted(bad)) or 0)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
-    assert result.returncode == 0, (
-        f"agent.contract.protocol imported {result.stderr or result.stdout}"
-    )
+    assert result.returncode == 0, f"{module} imported {result.stderr or result.stdout}"
+    loaded = result.stdout.split()
+    assert module in loaded, f"{module} was already loaded at start-up: {loaded}"
+    outside = [name for name in loaded if not _allowed_import(name)]
+    assert outside == [], f"{module} pulled in {outside}"
+
+
+@pytest.mark.parametrize("module", CONTRACT_MODULES)
+def test_module_imports_only_the_contracts_dependencies(module: str) -> None:
+    """Every import statement of a contract module, under TYPE_CHECKING too, names the
+    stdlib, agent.errors, agent.models or agent.contract."""
+    stem = "__init__" if module == "agent.contract" else module.rpartition(".")[2]
+    tree = ast.parse((CONTRACT_DIR / f"{stem}.py").read_text(encoding="utf-8"))
+    named: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            named += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{module}: relative import at line {node.lineno}"
+            base = node.module or ""
+            # `from agent import errors` names agent.errors, not the package.
+            named += [f"{base}.{a.name}" if base == "agent" else base for a in node.names]
+    outside = [name for name in named if not _allowed_import(name)]
+    assert outside == [], f"{module} imports {outside}"
 
 
 # --------------------------------------------------------------------------- docs/protocol.md

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import EdgeSynchronizer, SyncState
-from agent.local.synchronizer import apply_delta, compute_delta
+from agent.contract.sync import apply_delta, compute_delta
 from agent.models import state_checksum
 
 

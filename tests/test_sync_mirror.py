@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -649,3 +651,23 @@ def test_the_outbox_sweep_waits_for_a_held_delta(tmp_path: Path) -> None:
         wire.now += 0.02
         pump.retry_due()
         assert wire.deltas() == [(0, 1)]
+
+
+# -- the cloud side stays off the edge's storage -------------------------------------------------
+
+
+def test_importing_the_mirror_loads_no_sqlite_and_no_edge_storage() -> None:
+    """The mirror replays deltas with the contract's pure apply_delta: importing it in a
+    fresh interpreter loads no sqlite3, nor agent.store / agent.local / agent.edge."""
+    code = (
+        "import sys, agent.cloud.mirror; "
+        "bad = sorted(m for m in sys.modules if m in ('sqlite3', '_sqlite3') "
+        "or m.split('.')[:2] in (['agent', 'store'], ['agent', 'local'], ['agent', 'edge'])); "
+        "sys.exit(', '.join(bad) or 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, (
+        f"importing agent.cloud.mirror loaded {result.stderr or result.stdout}"
+    )

@@ -41,8 +41,8 @@ from typing import Any
 from agent import mqtt
 from agent.contract import protocol
 from agent.contract.fence import ReplayFence
+from agent.contract.sync import apply_delta
 from agent.errors import AgentError
-from agent.local.synchronizer import apply_delta
 from agent.models import SyncState, state_checksum
 
 log = logging.getLogger(__name__)

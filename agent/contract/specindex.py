@@ -32,7 +32,9 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from agent.contract import protocol
+from agent.contract.indexes import decode_spec_index
+from agent.contract.telemetry import decode_rollcall
+from agent.contract.topics import Topics
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class IndexChange:
 class IndexFollower:
     """The agent's bookkeeping from retained indexes to exact spec subscriptions."""
 
-    def __init__(self, topics: protocol.Topics, mode: str = "auto") -> None:
+    def __init__(self, topics: Topics, mode: str = "auto") -> None:
         if mode not in ("auto", "no"):
             raise ValueError(f"retained_wildcards: an index follower is for auto or no: {mode!r}")
         self.topics = topics
@@ -74,7 +76,7 @@ class IndexFollower:
     def on_index(self, scope: str, payload: bytes) -> IndexChange:
         """Apply the retained index of ``scope`` ("fleet" or "node"); BadRequest when it does
         not decode (nothing changes then)."""
-        ids = set(protocol.decode_spec_index(payload))
+        ids = set(decode_spec_index(payload))
         before, self.listed[scope] = self.listed[scope], ids
         subscribe = []
         for fid in sorted(ids):
@@ -96,9 +98,9 @@ class IndexFollower:
 
 def rollcall_delay(payload: bytes, rng: random.Random | None = None) -> float:
     """Seconds to wait before answering a roll call: uniform over its window (at most
-    ``protocol.MAX_ROLLCALL_WINDOW_S``), so 10,000 answers spread over it instead of
+    ``telemetry.MAX_ROLLCALL_WINDOW_S``), so 10,000 answers spread over it instead of
     arriving at once. BadRequest when the message does not decode."""
-    _, window = protocol.decode_rollcall(payload)
+    _, window = decode_rollcall(payload)
     return (rng or _rng).uniform(0.0, window)
 
 
