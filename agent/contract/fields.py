@@ -56,6 +56,7 @@ def parse_ts(s: str) -> datetime:
 
 
 def require_prefix(prefix: str) -> None:
+    """ValueError unless ``prefix`` is a topic prefix (for constructors and encoders)."""
     if not is_valid_prefix(prefix):
         raise ValueError(
             f"topic prefix: expected non-empty levels without +, # or NUL, got {show(prefix)}"
@@ -63,6 +64,7 @@ def require_prefix(prefix: str) -> None:
 
 
 def require_id(kind: str, value: str) -> str:
+    """``value``, or ValueError naming ``kind`` when it is not an id."""
     if not is_valid_id(value):
         raise ValueError(f"{kind}: expected an id matching {ID_RE.pattern}, got {show(value)}")
     return value
@@ -228,6 +230,7 @@ class Fields:
 
 
 def request_id_field(f: Fields, key: str = "request_id") -> str:
+    """The request id at ``key`` (1 to 128 printable characters)."""
     value = f.raw(key)
     if not is_valid_request_id(value):
         f.bad(key, f"1 to {MAX_REQUEST_ID_CHARS} printable characters", value)
@@ -235,6 +238,7 @@ def request_id_field(f: Fields, key: str = "request_id") -> str:
 
 
 def string_list(f: Fields, key: str, values: list[Any]) -> list[str]:
+    """``values`` (the list at ``key``) when every item is a non-empty string."""
     for i, item in enumerate(values):
         if not isinstance(item, str) or not item:
             f.bad(f"{key}[{i}]", "a non-empty string", item)
@@ -246,6 +250,8 @@ def encode_message(
     extra: Mapping[str, Any] | None,
     check: Callable[[Mapping[str, Any], ErrorType], None],
 ) -> bytes:
+    """``msg`` with ``extra`` merged in, checked by ``check`` (ValueError), as JSON bytes;
+    TypeError when a value is not JSON."""
     check(merge_extra(msg, extra), ValueError)
     try:
         return dumps(msg)
@@ -256,6 +262,7 @@ def encode_message(
 def decode_message(
     payload: bytes, what: str, check: Callable[[Mapping[str, Any], ErrorType], None]
 ) -> dict[str, Any]:
+    """The JSON object of ``payload`` once ``check`` passed it; BadRequest otherwise."""
     msg = load_object(payload, what, BadRequest)
     check(msg, BadRequest)
     return msg

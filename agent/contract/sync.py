@@ -4,9 +4,9 @@ delta algebra both ends use to build and replay them.
 Owns the JSON of ``<p>/nodes/<node>/sync/{delta,snapshot,desired,request}`` (decoders raise
 ``BadRequest``, encoders ``ValueError``; a snapshot's and a desired state's checksum must
 match their data), and :func:`compute_delta` / :func:`apply_delta`: a delta's ``changes`` map
-changed top-level keys to their new value and deleted ones to ``None``. The edge
-(:mod:`agent.local.synchronizer`, :mod:`agent.store`) computes deltas with them and the cloud
-(:mod:`agent.cloud.mirror`) replays them, so neither side has to import the other's storage.
+changed top-level keys to their new value and deleted ones to ``None``. The seed's
+synchronizer (:mod:`agent.local.synchronizer`) computes deltas with them and the cloud
+(:mod:`agent.cloud.mirror`) replays them, so the cloud never imports the edge's storage.
 
 Must never: do I/O, or import anything beyond the stdlib, ``agent.errors``, ``agent.models``
 and ``agent.contract``'s pure modules (the cloud mirror imports this; it must not pull in
