@@ -6,10 +6,10 @@ Classified by what the caller should do::
     ├── ConfigError (ValueError)    fix the config file; the CLI exits 78 (EX_CONFIG)
     ├── StoreError                  local state could not be read or written (disk full,
     │   │                           corrupt db): the agent degrades and retries
-    │   ├── OutboxFull              (agent.store) the outbox is at its bound: backpressure,
-    │   │                           nothing written; the caller answers without it or
-    │   │                           retries later (not a fault of the store: see below)
     │   └── StateTooLarge           (agent.store) a state document over its bound
+    ├── OutboxFull                  (agent.store) backpressure, not a fault: the outbox is
+    │                               at its bound, nothing written; answer without it or
+    │                               retry later (new invocations get ``overloaded``)
     ├── DeploymentRejected          the spec or bundle is bad: report, keep the old version
     │                               wire type ``deployment_rejected``
     ├── MqttError                   ``mqtt_error`` (agent.mqtt): a publish or subscribe
@@ -33,11 +33,12 @@ Classified by what the caller should do::
         └── StateConflict                        ``conflict``: synced state changed under
                                                  it; nothing written, retry
 
-Every class is defined here except ``OutboxFull`` and ``StateTooLarge``, which live in
-``agent.store``; the others stay importable from where they are raised (``agent.mqtt``,
-``agent.cloud``, ``agent.contract.protocol``). ``OutboxFull`` is ordinary backpressure, yet still a
-``StoreError`` subclass: a handler that catches ``StoreError`` catches it too, so every
-place where the difference matters catches ``OutboxFull`` first.
+Every class is defined here except ``StateTooLarge``, which lives in ``agent.store``; the
+others stay importable from where they are raised (``agent.store``, ``agent.mqtt``,
+``agent.cloud``, ``agent.contract.protocol``). ``OutboxFull`` is ordinary backpressure, so it
+is not a ``StoreError``: ``except StoreError`` means a fault of the store (the agent
+degrades), and a full outbox is caught by name where it can happen (the store raises it only
+from the calls that queue a message: ``outbox_put``, ``record_reply``, ``sync_commit``).
 
 Errors cross process boundaries and the wire as ``{"type": ..., "message": ...}``
 (:func:`error_to_dict` / :func:`error_from_dict`); the ``type`` strings are part of the
@@ -66,6 +67,21 @@ class StoreError(AgentError):
     """The local state database could not be read or written."""
 
     type = "store_error"
+
+
+class OutboxFull(AgentError):
+    """The outbox is at its message or byte bound; nothing was added and nothing dropped.
+
+    Backpressure, not a fault of the store (so not a StoreError): refuse new work with
+    ``overloaded``, or answer without the outbox, and retry once the broker drained it.
+    ``depth`` is the (messages, payload bytes) queued when it was refused.
+    """
+
+    type = "outbox_full"
+
+    def __init__(self, message: str, *, depth: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.depth = depth
 
 
 class DeploymentRejected(AgentError):

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import agent.store.core as store_module
-from agent.errors import StoreError
-from agent.store import DedupeEntry, DeploymentRow, OutboxFull, Store
+import agent.store.db as store_module
+from agent import errors
+from agent.errors import AgentError, StoreError
+from agent.store import DedupeEntry, DeploymentRow, OutboxFull, OutboxItem, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_open_creates_private_dir_and_wal_database(db_path: Path) -> None:
 @pytest.mark.parametrize(("durability", "level"), [("normal", 1), ("full", 2)])
 def test_durability_sets_synchronous(db_path: Path, durability: str, level: int) -> None:
     with Store(db_path, durability=durability) as s:
-        conn = s._conn  # peeking at the pragma is the point of this test
+        conn = s.db.conn  # peeking at the pragma is the point of this test
         assert conn is not None
         assert conn.execute("PRAGMA synchronous").fetchone() == (level,)
         assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
@@ -244,7 +245,7 @@ def test_outbox_item_fields_round_trip(store: Store) -> None:
         ts=123.25,
     )
     [item] = store.outbox_peek(1)
-    assert item == store_module.OutboxItem(
+    assert item == OutboxItem(
         item_id,
         "edge/nodes/n1/functions/f1/state",
         b"\x00\xffbinary",
@@ -297,7 +298,9 @@ def test_outbox_full_on_count_drops_nothing(db_path: Path) -> None:
         with pytest.raises(OutboxFull, match="3 messages, 3 bytes queued") as info:
             s.outbox_put("t", b"y", kind="test")
         assert info.value.depth == (3, 3)
-        assert isinstance(info.value, StoreError)
+        # Backpressure, not a fault of the store: `except StoreError` must not catch it.
+        assert isinstance(info.value, AgentError) and not isinstance(info.value, StoreError)
+        assert OutboxFull is errors.OutboxFull
         assert [i.id for i in s.outbox_peek(10)] == ids
         assert s.outbox_depth() == (3, 3)
         assert s.outbox_ack(ids[0])

@@ -1,4 +1,4 @@
-"""The synced-state tables of the store (agent/store/sync.py) on real SQLite files: commits,
+"""The synced-state tables of the store (agent/store/state.py) on real SQLite files: commits,
 delta coalescing in the outbox, replies in the same transaction, bounds, restarts."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ forward); another makes persisting single-file. Everything else runs on the loop
 
 - Reported state is edge-owned: only handlers change it (``context.state``), and each change
   goes out as a ``sync/delta`` through the outbox, coalesced while offline (see
-  :mod:`agent.store.sync`).
+  :mod:`agent.store.state`).
 - Desired state is cloud-owned: the retained ``sync/desired`` is applied when its version
   is newer than the one applied; handlers read it as ``context.desired``. The two are never
   merged (the rule AWS device shadows use between device and cloud).
@@ -45,18 +45,11 @@ from typing import Any
 from agent.contract import protocol
 from agent.contract.statecheck import WHOLE_DOCUMENT, ChangeVersions, conflict_message
 from agent.edge.outbox import OutboxPump
-from agent.errors import AgentError, Overloaded, StateConflict, StoreError
+from agent.errors import AgentError, OutboxFull, Overloaded, StateConflict, StoreError
 from agent.exec.pool import ContextInput
 from agent.models import canonical_json, state_checksum
-from agent.store import (
-    OutboxFull,
-    ReplyRecord,
-    StateTooLarge,
-    Store,
-    SyncJob,
-    effective_changes,
-)
-from agent.store.sync import SNAPSHOT_OVERHEAD
+from agent.store import ReplyRecord, StateTooLarge, Store, SyncJob, effective_changes
+from agent.store.state import SNAPSHOT_OVERHEAD
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ here, then acknowledges it; the record goes when the reply is in the outbox (or 
 table), and an agent that starts finds what a crash left here and runs it again, so every
 accepted request is still answered (at least once, as before).
 
-Uses the :class:`~agent.store.core.Store`'s connection, lock and transactions; its table is
-created on first use (``CREATE TABLE IF NOT EXISTS``), outside core's migrations, so an
-older agent simply ignores it. Must never be used from more than the daemon's loop thread.
+Uses the :class:`~agent.store.core.Store`'s database (:mod:`agent.store.db`: connection,
+lock and transactions); its table is created on first use (``CREATE TABLE IF NOT EXISTS``),
+outside the db's migrations, so an older agent simply ignores it. Must never be used from
+more than the daemon's loop thread.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ class AcceptedInvokes:
 
     def _ensure(self) -> None:
         if not self._ready:
-            self._store._write("accepted_invokes schema", _SCHEMA, ())
+            self._store.db.write("accepted_invokes schema", _SCHEMA, ())
             self._ready = True
 
     def put(self, record: AcceptedInvoke) -> None:
         """Record (or replace) an accepted request; durable when this returns."""
         self._ensure()
-        self._store._write(
+        self._store.db.write(
             "accepted_invokes put",
             "INSERT OR REPLACE INTO accepted_invokes VALUES (?, ?, ?, ?, ?)",
             (
@@ -72,7 +73,7 @@ class AcceptedInvokes:
         """Forget a request once its reply is queued; True when it was recorded."""
         self._ensure()
         return (
-            self._store._write(
+            self._store.db.write(
                 "accepted_invokes done",
                 "DELETE FROM accepted_invokes WHERE request_id = ?",
                 (request_id,),
@@ -83,7 +84,7 @@ class AcceptedInvokes:
     def pending(self) -> list[AcceptedInvoke]:
         """What a previous run accepted and did not answer, oldest first."""
         self._ensure()
-        rows = self._store._read(
+        rows = self._store.db.read(
             "accepted_invokes pending",
             "SELECT request_id, payload, response_topic, correlation, ts "
             "FROM accepted_invokes ORDER BY ts",
