@@ -38,7 +38,6 @@ import random
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from agent.mqtt.events import (
     MqttEvent,
     Published,
 )
+from agent.mqtt.pubacks import PubackWatchdog
 from agent.mqtt.settings import MqttSettings, Will, list_backoff_delay
 
 # Named for the package, as before the split: operators filter the journal on "agent.mqtt".
@@ -109,10 +109,8 @@ class MqttClient:
         self._qos = dict(subscription_qos or {})
         #: SUBSCRIBE packet id -> its filters, until the SUBACK says which were granted.
         self._subscribing: dict[int, list[str]] = {}
-        #: QoS 1 publishes not yet acknowledged: mid -> when sent (monotonic).
-        self._unacked: dict[int, float] = {}
-        self._unacked_lock = threading.Lock()
-        self._watchdog_stop = threading.Event()
+        #: QoS 1 publishes not yet acknowledged, and when they left.
+        self._pubacks = PubackWatchdog()
         self._manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._client: paho.Client | None = None
@@ -197,8 +195,7 @@ class MqttClient:
         self._client = client
         client.loop_start()
         if len(s.endpoints()) > 1 and s.puback_timeout_s > 0:
-            self._watchdog_stop.clear()
-            threading.Thread(target=self._watch_pubacks, name="mqtt-puback", daemon=True).start()
+            self._pubacks.start(s.puback_timeout_s, self._connected.is_set, self._puback_overdue)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
@@ -206,7 +203,7 @@ class MqttClient:
         if client is None:
             return
         self._client = None
-        self._watchdog_stop.set()
+        self._pubacks.stop()
         client.disconnect()
         client.loop_stop()
         self._connected.clear()
@@ -249,8 +246,7 @@ class MqttClient:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if qos > 0:
-            with self._unacked_lock:
-                self._unacked.setdefault(int(info.mid), time.monotonic())
+            self._pubacks.sent(int(info.mid))
         return int(info.mid)
 
     def ack(self, msg: Message) -> None:
@@ -279,8 +275,7 @@ class MqttClient:
         client = self._client
         if client is None:
             return False
-        with self._unacked_lock:
-            self._unacked.pop(mid, None)
+        self._pubacks.done(mid)
         with client._out_message_mutex:
             return client._out_messages.pop(mid, None) is not None
 
@@ -343,9 +338,7 @@ class MqttClient:
         self._refused = False
         self._attempt = 0
         self._connection += 1
-        with self._unacked_lock:  # paho resends what is unacknowledged: the clock restarts
-            now = time.monotonic()
-            self._unacked = dict.fromkeys(self._unacked, now)
+        self._pubacks.restart()  # paho resends what is unacknowledged: the clock restarts
         self._set_next_delay(client)
         if self._subscriptions:
             self._send_subscribe(client, list(self._subscriptions))
@@ -457,34 +450,22 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         code = int(getattr(reason, "value", 0) or 0)
-        with self._unacked_lock:
-            self._unacked.pop(mid, None)
+        self._pubacks.done(mid)
         self._sink(Published(mid, code, str(reason) if code else "Success"))
 
-    def _watch_pubacks(self) -> None:
-        """Watchdog thread (broker lists only): drop a connection on which a QoS 1 publish
-        has waited ``puback_timeout_s`` for its PUBACK. MQTT resends unacknowledged
-        publishes only on a new connection, and a clustered broker's node may drop one for
-        good (NATS: "unable to store ... timeout" while it elects a stream leader); the agent's
-        outbox and the controller would then wait forever on a live connection."""
-        limit = self.settings.puback_timeout_s
-        while not self._watchdog_stop.wait(1.0):
-            now = time.monotonic()
-            with self._unacked_lock:
-                oldest = min(self._unacked.values(), default=now)
-                stale = self.connected and now - oldest > limit
-                if stale:  # a fresh start for each: paho resends them on the next connection
-                    self._unacked = dict.fromkeys(self._unacked, now + limit)
-            if stale:
-                host, port = self.broker
-                log.warning(
-                    "no PUBACK from %s:%d for %.0fs: dropping the connection so the "
-                    "unacknowledged messages go again",
-                    host,
-                    port,
-                    now - oldest,
-                )
-                self.kill_network()
+    def _puback_overdue(self, waited: float) -> None:
+        """Watchdog thread (broker lists only, :mod:`agent.mqtt.pubacks`): a QoS 1 publish
+        has waited ``puback_timeout_s`` for its PUBACK on a live connection: drop it, so the
+        unacknowledged publishes go again on the next one, to the next node."""
+        host, port = self.broker
+        log.warning(
+            "no PUBACK from %s:%d for %.0fs: dropping the connection so the "
+            "unacknowledged messages go again",
+            host,
+            port,
+            waited,
+        )
+        self.kill_network()
 
     # -- helpers ----------------------------------------------------------------------------
 
