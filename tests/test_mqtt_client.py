@@ -1,6 +1,6 @@
 """agent.mqtt.MqttClient against a real mosquitto: connect, subscribe, publish, manual acks,
-the Last Will, reconnects, MQTT 3.1.1; and the reconnect backoff and the PUBACK watchdog's
-clock as pure code."""
+the Last Will, reconnects, MQTT 3.1.1; and the reconnect backoff, the PUBACK watchdog's clock
+and the "auto" version choice as pure code."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from agent.mqtt import (
     backoff_delay,
 )
 from agent.mqtt.pubacks import PubackWatchdog
+from agent.mqtt.version import VersionChoice, will_hint
 
 
 class Events:
@@ -333,3 +334,69 @@ def test_puback_watchdog_thread_calls_on_stale_until_stopped() -> None:
     while thread.is_alive():
         assert time.monotonic() < deadline, "the watchdog thread outlived stop()"
         time.sleep(0.05)
+
+
+# -- VersionChoice (pure): protocol "auto" and the wording of refusals -------------------------
+
+
+def test_version_refusal_by_connack_is_worded_and_asks_for_the_fall_back() -> None:
+    choice = VersionChoice("auto")
+    choice.socket_opened()
+    choice.connack_received()
+    why, version = choice.refused("b", 1883, 0x84, "Unsupported protocol version")
+    assert why == "broker b:1883 does not accept MQTT 5 (CONNACK: Unsupported protocol version)"
+    assert version
+    assert choice.fall_back()
+    assert (choice.active, choice.fell_back_on_close) == ("3.1.1", False)
+    assert not choice.fall_back()  # on 3.1.1 already
+    why, version = choice.refused("b", 1883, 0x87, "Not authorized")
+    assert (why, version) == ("broker refused the connection at b:1883: Not authorized", False)
+
+
+def test_closes_during_connect_fall_back_then_go_back_to_5() -> None:
+    choice = VersionChoice("auto")
+    choice.socket_opened()
+    assert choice.closed("b", 1, "Unspecified error") == (
+        "broker b:1 closed the connection during CONNECT (Unspecified error): "
+        "it may not accept MQTT 5",
+        None,
+    )
+    assert choice.closed("b", 1, "Unspecified error") == (
+        "broker b:1 closed the connection during CONNECT 2 times in a row: "
+        "it does not accept MQTT 5",
+        "fall_back",
+    )
+    assert choice.fall_back(on_close=True)
+    assert (choice.active, choice.closed_in_connect) == ("3.1.1", 0)
+    why, switch = choice.closed("b", 1, "Unspecified error")
+    assert why == "broker b:1 closed the connection during CONNECT (Unspecified error, MQTT 3.1.1)"
+    assert switch is None
+    why, switch = choice.closed("b", 1, "Unspecified error")
+    assert why == (
+        "broker b:1 closed the connection during CONNECT 2 times in a row "
+        "(Unspecified error, MQTT 3.1.1)"
+    )
+    assert switch == "back_to_5"
+    choice.back_to_5()
+    assert (choice.active, choice.closed_in_connect, choice.fell_back_on_close) == ("5", 0, False)
+
+
+def test_a_connack_resets_the_close_count_and_a_fixed_version_never_switches() -> None:
+    choice = VersionChoice("auto")
+    choice.closed("b", 1, "x")
+    choice.connack_received()
+    assert choice.closed("b", 1, "x")[1] is None  # not "in a row" any more
+    fixed = VersionChoice("5")
+    fixed.closed("b", 1, "x")
+    assert fixed.closed("b", 1, "x")[1] == "fall_back"
+    assert not fixed.fall_back(on_close=True)
+    assert fixed.active == "5"
+    assert VersionChoice("3.1.1").active == "3.1.1"
+
+
+def test_will_hint_names_a_dotted_will_topic() -> None:
+    assert will_hint("edge/nodes/gw-01/status") == ""
+    assert will_hint("") == ""
+    assert will_hint("edge.x/nodes/gw-01/status").startswith(
+        "; the Last Will's topic 'edge.x/nodes/gw-01/status' has a '.' or a space"
+    )

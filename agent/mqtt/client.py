@@ -10,6 +10,7 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   "unsupported protocol version") or closes the connection during CONNECT twice in a row
   (what 3.1.1-only brokers such as NATS or RabbitMQ 3.10 do), the next attempts use 3.1.1.
   The choice is logged at INFO, a refused CONNECT at WARNING with the broker's reason.
+  :mod:`agent.mqtt.version` decides and words; this module switches paho's CONNECT fields.
 - Maximum Packet Size (MQTT 5 CONNECT property, ``max_packet_size``): a broker that honours
   it never sends us a bigger packet, so an oversized spec or invocation is never buffered.
 - Last Will: the retained ``offline`` status, published by the broker on abrupt death.
@@ -23,6 +24,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   between entries), so a dead node costs one short wait, not the node's downtime.
 - TCP_NODELAY on every socket: without it a QoS 1 round trip waits on Nagle + delayed ACK
   (about 44 ms on loopback instead of well under 1 ms).
+- PUBACK watchdog (broker lists, :mod:`agent.mqtt.pubacks`): a QoS 1 publish left without
+  its PUBACK for ``puback_timeout_s`` drops the connection, so paho sends it again.
 - PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
   broker refused the message (not authorised, quota, ...), which is not a delivery.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
@@ -50,7 +53,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError, MqttError
 from agent.mqtt.events import (
-    PROTOCOL_REFUSED,
     Connected,
     ConnectFailed,
     Disconnected,
@@ -60,14 +62,10 @@ from agent.mqtt.events import (
 )
 from agent.mqtt.pubacks import PubackWatchdog
 from agent.mqtt.settings import MqttSettings, Will, list_backoff_delay
+from agent.mqtt.version import VersionChoice, will_hint
 
 # Named for the package, as before the split: operators filter the journal on "agent.mqtt".
 log = logging.getLogger("agent.mqtt")
-
-#: CONNACK codes meaning "not this protocol version": 0x84 (MQTT 5), 1 (3.1.1's own).
-_UNSUPPORTED_VERSION = (0x84, 0x01)
-#: Closed during CONNECT this many times in a row: "auto" takes it for a version refusal.
-_CLOSES_BEFORE_FALLBACK = 2
 
 
 class _RotatingClient(paho.Client):
@@ -117,16 +115,17 @@ class MqttClient:
         self._attempt = 0
         self._connected = threading.Event()
         self._connection = 0
-        #: The version in use: "5" or "3.1.1" ("auto" starts with 5).
-        self.active_protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
-        self._connack = False  # a CONNACK came on the current socket
-        self._closed_in_connect = 0  # sockets closed before any CONNACK, in a row
-        self._fell_back_on_close = False  # on 3.1.1 because 5 was closed on, not refused
+        self._version = VersionChoice(settings.protocol)
         self._last_refusal = ""
         endpoints = settings.endpoints()
         #: Index into the broker list of the current (or next) connection attempt.
         self._broker = self._rng.randrange(len(endpoints)) if len(endpoints) > 1 else 0
         self._refused = False
+
+    @property
+    def active_protocol(self) -> str:
+        """The version in use: "5" or "3.1.1" ("auto" starts with 5)."""
+        return self._version.active
 
     @property
     def connected(self) -> bool:
@@ -300,7 +299,7 @@ class MqttClient:
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # TLS wrappers proxy setsockopt; unix sockets lack TCP options.
-        self._connack = False
+        self._version.socket_opened()
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -312,8 +311,7 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._connack = True
-        self._closed_in_connect = 0
+        self._version.connack_received()
         if reason.is_failure:
             host, port = self.broker
             self._attempt += 1
@@ -321,15 +319,10 @@ class MqttClient:
             self._refused = True
             self._set_next_delay(client)
             code = int(getattr(reason, "value", 0) or 0)
-            if code in _UNSUPPORTED_VERSION:
-                why = (
-                    f"broker {host}:{port} {PROTOCOL_REFUSED} {self.active_protocol} "
-                    f"(CONNACK: {reason})"
-                )
-                self._connect_refused(why)
+            why, version_refused = self._version.refused(host, port, code, str(reason))
+            self._connect_refused(why)
+            if version_refused:
                 self._fall_back(client, why)
-                return
-            self._connect_refused(f"broker refused the connection at {host}:{port}: {reason}")
             return
         if self._last_refusal or self.settings.protocol == "auto":
             host, port = self.broker
@@ -368,22 +361,14 @@ class MqttClient:
         if not refused:  # a refusing CONNACK moved on already (_on_connect)
             self._rotate()
         self._set_next_delay(client)
-        if not self._connack:  # closed during CONNECT: no CONNACK at all
-            self._closed_in_connect += 1
-            n, version = self._closed_in_connect, self.active_protocol
-            what = f"broker {host}:{port} closed the connection during CONNECT"
-            if version == "5" and n >= _CLOSES_BEFORE_FALLBACK:
-                why = f"{what} {n} times in a row: it {PROTOCOL_REFUSED} 5"
-            elif version == "5":
-                why = f"{what} ({reason}): it may not accept MQTT 5"
-            else:
-                why = f"{what}{f' {n} times in a row' if n > 1 else ''} ({reason}, MQTT {version})"
-            self._connect_refused(why + self._will_hint())
-            if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
-                if self._fell_back_on_close and self.active_protocol == "3.1.1":
-                    self._back_to_5(client)  # 3.1.1 is closed on too: not the version
-                else:
-                    self._fall_back(client, why, on_close=True)
+        if not self._version.connack:  # closed during CONNECT: no CONNACK at all
+            why, switch = self._version.closed(host, port, str(reason))
+            will_topic = self._will.topic if self._will is not None else ""
+            self._connect_refused(why + will_hint(will_topic))
+            if switch == "back_to_5":
+                self._back_to_5(client)
+            elif switch == "fall_back":
+                self._fall_back(client, why, on_close=True)
         elif refused or not was_connected:
             pass  # the close after a refusing CONNACK: reported with the broker's reason
         else:
@@ -486,17 +471,6 @@ class MqttClient:
         self._last_refusal = why
         self._sink(ConnectFailed(why))
 
-    def _will_hint(self) -> str:
-        """Why a broker may close every CONNECT whatever the version: the Will's topic."""
-        topic = self._will.topic if self._will is not None else ""
-        if "." not in topic and " " not in topic:
-            return ""
-        return (
-            f"; the Last Will's topic {topic!r} has a '.' or a space, which brokers that map "
-            'topics to subjects (NATS) refuse: mqtt.topic_charset = "portable" makes '
-            "check-config refuse such a topic_prefix"
-        )
-
     def _fall_back(self, client: paho.Client, why: str, *, on_close: bool = False) -> None:
         """Network thread: with ``protocol = "auto"``, make the next attempt MQTT 3.1.1.
 
@@ -505,11 +479,8 @@ class MqttClient:
         fields that differ: 3.1.1 has clean session instead of clean start and no
         properties.
         """
-        if self.settings.protocol != "auto" or self.active_protocol != "5":
+        if not self._version.fall_back(on_close=on_close):
             return
-        self.active_protocol = "3.1.1"
-        self._closed_in_connect = 0
-        self._fell_back_on_close = on_close
         client._protocol = paho.MQTTv311
         client._clean_session = self.settings.clean_start
         client._connect_properties = None
@@ -518,9 +489,7 @@ class MqttClient:
     def _back_to_5(self, client: paho.Client) -> None:
         """A fall-back made on closed connections alone, and 3.1.1 is closed on as well: the
         closes were not about the version (a proxy whose broker is down), so try 5 again."""
-        self.active_protocol = "5"
-        self._closed_in_connect = 0
-        self._fell_back_on_close = False
+        self._version.back_to_5()
         client._protocol = paho.MQTTv5
         client._connect_properties = self._connect_properties()
         log.info(
