@@ -68,11 +68,13 @@ def test_edgectl_settings() -> None:
 
 
 def test_settings_and_events_load_without_paho() -> None:
-    """Only agent.mqtt.client may need paho: the settings, the events, the package itself
-    and the config load without it (a fresh interpreter, so nothing is imported already)."""
+    """Only agent.mqtt.client may need paho: the settings, the events, the PUBACK clock, the
+    version choice, the package itself and the config load without it (a fresh interpreter,
+    so nothing is imported already)."""
     code = (
         "import sys\n"
-        "import agent.mqtt.settings, agent.mqtt.events, agent.mqtt, agent.config\n"
+        "import agent.mqtt.settings, agent.mqtt.events, agent.mqtt.pubacks, agent.mqtt.version\n"
+        "import agent.mqtt, agent.config\n"
         "from agent.mqtt import MqttSettings, Message, PROTOCOL_REFUSED, MqttError\n"
         "loaded = sorted(m for m in sys.modules if m == 'paho' or m.startswith('paho.'))\n"
         "assert not loaded, loaded\n"
