@@ -1,11 +1,13 @@
 """agent.mqtt.MqttClient against a real mosquitto: connect, subscribe, publish, manual acks,
-the Last Will, reconnects, MQTT 3.1.1; and the reconnect backoff as a pure function."""
+the Last Will, reconnects, MQTT 3.1.1; and the reconnect backoff, the PUBACK watchdog's clock
+and the "auto" version choice as pure code."""
 
 from __future__ import annotations
 
 import queue
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +28,8 @@ from agent.mqtt import (
     Will,
     backoff_delay,
 )
+from agent.mqtt.pubacks import PubackWatchdog
+from agent.mqtt.version import VersionChoice, will_hint
 
 
 class Events:
@@ -262,3 +266,137 @@ def test_backoff_delay_is_reproducible_and_safe_for_huge_attempts() -> None:
     b = [backoff_delay(n, 0.5, 60.0, random.Random(5)) for n in range(20)]
     assert a == b
     assert 0.5 <= backoff_delay(10_000, 0.5, 60.0, random.Random(5)) <= 60.0
+
+
+# -- PubackWatchdog (pure but for its thread) ------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_puback_watchdog_reports_the_oldest_wait_only_on_a_live_connection() -> None:
+    clock = FakeClock()
+    watchdog = PubackWatchdog(clock)
+    assert watchdog.overdue(20.0, lambda: True) is None  # nothing sent
+    watchdog.sent(1)
+    clock.now += 5
+    watchdog.sent(2)
+    watchdog.sent(1)  # a resend of mid 1 keeps its first time
+    clock.now += 16  # mid 1 has waited 21 s
+    assert watchdog.overdue(20.0, lambda: False) is None  # not connected: nothing to drop
+    assert watchdog.overdue(20.0, lambda: True) == 21.0
+    # Every one starts afresh, one limit ahead: the next connection gets its full time.
+    assert watchdog.overdue(20.0, lambda: True) is None
+    clock.now += 40  # 20 s past the fresh start: not over the limit yet
+    assert watchdog.overdue(20.0, lambda: True) is None
+    clock.now += 1
+    assert watchdog.overdue(20.0, lambda: True) == 21.0
+
+
+def test_puback_watchdog_forgets_acked_and_restarts_on_a_new_connection() -> None:
+    clock = FakeClock()
+    watchdog = PubackWatchdog(clock)
+    watchdog.sent(1)
+    watchdog.sent(2)
+    watchdog.done(1)
+    watchdog.done(7)  # unknown: ignored
+    clock.now += 15
+    watchdog.restart()  # reconnected: paho resends mid 2, its clock starts again
+    clock.now += 10
+    assert watchdog.overdue(20.0, lambda: True) is None
+    clock.now += 11
+    assert watchdog.overdue(20.0, lambda: True) == 21.0
+    watchdog.done(2)
+    clock.now += 100
+    assert watchdog.overdue(20.0, lambda: True) is None
+
+
+def test_puback_watchdog_thread_calls_on_stale_until_stopped() -> None:
+    clock = FakeClock()
+    watchdog = PubackWatchdog(clock)
+    stale: queue.SimpleQueue[float] = queue.SimpleQueue()
+    watchdog.sent(1)
+    clock.now += 30
+    before = set(threading.enumerate())
+    watchdog.start(20.0, lambda: True, stale.put)
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.name == "mqtt-puback"]
+    assert thread.daemon
+    try:
+        assert stale.get(timeout=10) == 30.0, "the watchdog thread never reported"
+    finally:
+        watchdog.stop()
+    deadline = time.monotonic() + 10
+    while thread.is_alive():
+        assert time.monotonic() < deadline, "the watchdog thread outlived stop()"
+        time.sleep(0.05)
+
+
+# -- VersionChoice (pure): protocol "auto" and the wording of refusals -------------------------
+
+
+def test_version_refusal_by_connack_is_worded_and_asks_for_the_fall_back() -> None:
+    choice = VersionChoice("auto")
+    choice.socket_opened()
+    choice.connack_received()
+    why, version = choice.refused("b", 1883, 0x84, "Unsupported protocol version")
+    assert why == "broker b:1883 does not accept MQTT 5 (CONNACK: Unsupported protocol version)"
+    assert version
+    assert choice.fall_back()
+    assert (choice.active, choice.fell_back_on_close) == ("3.1.1", False)
+    assert not choice.fall_back()  # on 3.1.1 already
+    why, version = choice.refused("b", 1883, 0x87, "Not authorized")
+    assert (why, version) == ("broker refused the connection at b:1883: Not authorized", False)
+
+
+def test_closes_during_connect_fall_back_then_go_back_to_5() -> None:
+    choice = VersionChoice("auto")
+    choice.socket_opened()
+    assert choice.closed("b", 1, "Unspecified error") == (
+        "broker b:1 closed the connection during CONNECT (Unspecified error): "
+        "it may not accept MQTT 5",
+        None,
+    )
+    assert choice.closed("b", 1, "Unspecified error") == (
+        "broker b:1 closed the connection during CONNECT 2 times in a row: "
+        "it does not accept MQTT 5",
+        "fall_back",
+    )
+    assert choice.fall_back(on_close=True)
+    assert (choice.active, choice.closed_in_connect) == ("3.1.1", 0)
+    why, switch = choice.closed("b", 1, "Unspecified error")
+    assert why == "broker b:1 closed the connection during CONNECT (Unspecified error, MQTT 3.1.1)"
+    assert switch is None
+    why, switch = choice.closed("b", 1, "Unspecified error")
+    assert why == (
+        "broker b:1 closed the connection during CONNECT 2 times in a row "
+        "(Unspecified error, MQTT 3.1.1)"
+    )
+    assert switch == "back_to_5"
+    choice.back_to_5()
+    assert (choice.active, choice.closed_in_connect, choice.fell_back_on_close) == ("5", 0, False)
+
+
+def test_a_connack_resets_the_close_count_and_a_fixed_version_never_switches() -> None:
+    choice = VersionChoice("auto")
+    choice.closed("b", 1, "x")
+    choice.connack_received()
+    assert choice.closed("b", 1, "x")[1] is None  # not "in a row" any more
+    fixed = VersionChoice("5")
+    fixed.closed("b", 1, "x")
+    assert fixed.closed("b", 1, "x")[1] == "fall_back"
+    assert not fixed.fall_back(on_close=True)
+    assert fixed.active == "5"
+    assert VersionChoice("3.1.1").active == "3.1.1"
+
+
+def test_will_hint_names_a_dotted_will_topic() -> None:
+    assert will_hint("edge/nodes/gw-01/status") == ""
+    assert will_hint("") == ""
+    assert will_hint("edge.x/nodes/gw-01/status").startswith(
+        "; the Last Will's topic 'edge.x/nodes/gw-01/status' has a '.' or a space"
+    )

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import agent
 from agent.cloud import ctl
 from agent.config import parse_config
 from agent.mqtt import MqttSettings, max_packet_size
@@ -59,3 +65,51 @@ def test_edgectl_settings() -> None:
     assert (s.reconnect_max_s, s.connect_timeout_s, s.clean_start) == (2.0, 4.0, True)
     single = ctl.settings_from(ctl.build_parser().parse_args(["--broker", "a:1", "nodes"]))
     assert (single.host, single.port, single.brokers) == ("a", 1, ())
+
+
+def test_settings_and_events_load_without_paho() -> None:
+    """Only agent.mqtt.client may need paho: the settings, the events, the PUBACK clock, the
+    version choice, the package itself and the config load without it (a fresh interpreter,
+    so nothing is imported already)."""
+    code = (
+        "import sys\n"
+        "import agent.mqtt.settings, agent.mqtt.events, agent.mqtt.pubacks, agent.mqtt.version\n"
+        "import agent.mqtt, agent.config\n"
+        "from agent.mqtt import MqttSettings, Message, PROTOCOL_REFUSED, MqttError\n"
+        "loaded = sorted(m for m in sys.modules if m == 'paho' or m.startswith('paho.'))\n"
+        "assert not loaded, loaded\n"
+        "assert 'agent.mqtt.client' not in sys.modules\n"
+        "from agent.mqtt import MqttClient\n"
+        "assert MqttClient.__module__ == 'agent.mqtt.client'\n"
+        "assert 'paho.mqtt.client' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _paho_imports(path: Path) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value]  # importlib.import_module("paho..."), __import__
+        else:
+            continue
+        if any(name == "paho" or name.startswith("paho.") for name in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_client_imports_paho() -> None:
+    root = Path(agent.__file__).parent
+    allowed = root / "mqtt" / "client.py"
+    assert _paho_imports(allowed), "agent/mqtt/client.py no longer imports paho: update this test"
+    found = {
+        str(path.relative_to(root.parent)): lines
+        for path in sorted(root.rglob("*.py"))
+        if path != allowed and (lines := _paho_imports(path))
+    }
+    assert found == {}, f"paho imported outside agent/mqtt/client.py (file: lines): {found}"

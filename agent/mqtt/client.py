@@ -1,4 +1,4 @@
-"""The MQTT connection: the only module that imports paho.
+"""The MQTT connection (:class:`MqttClient`): the only module in the project that imports paho.
 
 paho-mqtt 2.x (callback API v2) runs its network thread (``loop_start``); every callback
 only turns paho's objects into plain :class:`MqttEvent` values and hands them to ``sink``
@@ -10,6 +10,7 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   "unsupported protocol version") or closes the connection during CONNECT twice in a row
   (what 3.1.1-only brokers such as NATS or RabbitMQ 3.10 do), the next attempts use 3.1.1.
   The choice is logged at INFO, a refused CONNECT at WARNING with the broker's reason.
+  :mod:`agent.mqtt.version` decides and words; this module switches paho's CONNECT fields.
 - Maximum Packet Size (MQTT 5 CONNECT property, ``max_packet_size``): a broker that honours
   it never sends us a bigger packet, so an oversized spec or invocation is never buffered.
 - Last Will: the retained ``offline`` status, published by the broker on abrupt death.
@@ -23,6 +24,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   between entries), so a dead node costs one short wait, not the node's downtime.
 - TCP_NODELAY on every socket: without it a QoS 1 round trip waits on Nagle + delayed ACK
   (about 44 ms on loopback instead of well under 1 ms).
+- PUBACK watchdog (broker lists, :mod:`agent.mqtt.pubacks`): a QoS 1 publish left without
+  its PUBACK for ``puback_timeout_s`` drops the connection, so paho sends it again.
 - PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
   broker refused the message (not authorised, quota, ...), which is not a delivery.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
@@ -38,11 +41,9 @@ import random
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -50,244 +51,21 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import ConfigError
-from agent.errors import MqttError as MqttError  # defined with the whole tree; raised here
+from agent.errors import ConfigError, MqttError
+from agent.mqtt.events import (
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Message,
+    MqttEvent,
+    Published,
+)
+from agent.mqtt.pubacks import PubackWatchdog
+from agent.mqtt.settings import MqttSettings, Will, list_backoff_delay
+from agent.mqtt.version import VersionChoice, will_hint
 
-if TYPE_CHECKING:
-    from agent.config import Config
-
-log = logging.getLogger(__name__)
-
-
-#: Reconnect backoff of the cloud side (:meth:`MqttSettings.for_controller`): from this...
-CONTROLLER_RECONNECT_MIN_S = 0.2
-#: ...up to this for a long-running controller (``EdgeCluster.connect``)...
-CONTROLLER_RECONNECT_MAX_S = 5.0
-#: ...and up to this for a one-shot command (``edgectl``), which an operator waits on.
-ONE_SHOT_RECONNECT_MAX_S = 2.0
-#: The longest a controller's CONNECT waits, whatever the overall timeout.
-CONTROLLER_CONNECT_TIMEOUT_MAX_S = 10.0
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Connection settings: :meth:`from_config` for the agent, :meth:`for_controller` for the
-    cloud side (both decide everything in one place); tests may build them directly."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    keepalive: int = 30
-    #: "5", "3.1.1" or "auto" (5, falling back to 3.1.1 when the broker refuses it).
-    protocol: str = "5"
-    username: str = ""
-    password_file: str = ""
-    password: str = ""  # only for the cloud-side API; the agent reads password_file
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_insecure: bool = False
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
-    session_expiry_s: int = 3600
-    connect_timeout_s: float = 10.0
-    clean_start: bool = False
-    max_inflight: int = 100
-    #: MQTT 5 Maximum Packet Size announced in CONNECT; 0: none (the protocol's own limit).
-    max_packet_size: int = 0
-    #: The nodes of a clustered broker; when non-empty it replaces ``host``/``port``.
-    brokers: tuple[tuple[str, int], ...] = ()
-    #: With a broker list: a QoS 1 publish unacknowledged this long means the broker node
-    #: dropped it (NATS during a leader election): the connection is dropped, so paho sends
-    #: it again (DUP) on the next connection, to the next node. 0 turns this off.
-    puback_timeout_s: float = 20.0
-
-    @classmethod
-    def from_config(cls, config: Config) -> MqttSettings:
-        """The agent's settings: ``[mqtt]`` as configured (a persistent session).
-
-        The Maximum Packet Size is the larger of ``agent.max_payload_bytes`` and
-        ``agent.max_spec_bytes`` plus header room: the broker never sends more (MQTT 5), so a
-        huge spec or invoke is not even buffered.
-        """
-        m = config.mqtt
-        return cls(
-            host=m.host,
-            port=m.port,
-            brokers=m.endpoints() if m.brokers else (),
-            client_id=m.client_id,
-            keepalive=m.keepalive,
-            protocol=m.protocol,
-            username=m.username,
-            password_file=m.password_file,
-            tls=m.tls,
-            ca_file=m.ca_file,
-            cert_file=m.cert_file,
-            key_file=m.key_file,
-            tls_insecure=m.tls_insecure,
-            reconnect_min_s=m.reconnect_min_s,
-            reconnect_max_s=m.reconnect_max_s,
-            session_expiry_s=m.session_expiry_s,
-            connect_timeout_s=m.connect_timeout_s,
-            max_packet_size=max_packet_size(
-                max(config.agent.max_payload_bytes, config.agent.max_spec_bytes)
-            ),
-        )
-
-    @classmethod
-    def for_controller(
-        cls,
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        *,
-        brokers: Sequence[tuple[str, int]] = (),
-        one_shot: bool,
-        timeout_s: float = 10.0,
-        protocol: str = "5",
-        username: str = "",
-        password: str = "",
-        password_file: str = "",
-        tls: bool = False,
-        ca_file: str = "",
-        cert_file: str = "",
-        key_file: str = "",
-    ) -> MqttSettings:
-        """The cloud side's settings (a fleet controller: ``edgectl``, ``EdgeCluster``).
-
-        A clean session that the broker forgets at once (``clean_start``, expiry 0): the
-        controller re-reads the retained state on every connection and queues nothing while
-        away. Reconnects start after :data:`CONTROLLER_RECONNECT_MIN_S`; the cap depends on
-        ``one_shot``: an ``edgectl`` command (True) is one short-lived call an operator waits
-        on, so it tries again soon (:data:`ONE_SHOT_RECONNECT_MAX_S`); a long-running
-        controller (False, ``EdgeCluster.connect``) backs off further
-        (:data:`CONTROLLER_RECONNECT_MAX_S`). One CONNECT waits at most ``timeout_s``,
-        capped at :data:`CONTROLLER_CONNECT_TIMEOUT_MAX_S` so a broker list moves on.
-        """
-        return cls(
-            host=host,
-            port=port,
-            brokers=tuple(brokers),
-            protocol=protocol,
-            username=username,
-            password=password,
-            password_file=password_file,
-            tls=tls,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            clean_start=True,
-            session_expiry_s=0,
-            reconnect_min_s=CONTROLLER_RECONNECT_MIN_S,
-            reconnect_max_s=ONE_SHOT_RECONNECT_MAX_S if one_shot else CONTROLLER_RECONNECT_MAX_S,
-            connect_timeout_s=min(timeout_s, CONTROLLER_CONNECT_TIMEOUT_MAX_S),
-        )
-
-    def endpoints(self) -> tuple[tuple[str, int], ...]:
-        return self.brokers or ((self.host, self.port),)
-
-    def describe(self) -> str:
-        """``host:port`` or the list, for messages."""
-        return ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.endpoints())
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-# -- events handed to the sink (plain values, no paho objects) ------------------------------
-
-
-@dataclass(frozen=True)
-class Connected:
-    session_present: bool
-
-
-@dataclass(frozen=True)
-class ConnectFailed:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Disconnected:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    #: Which connection delivered it: packet ids are only meaningful within one.
-    connection: int = 0
-    #: The broker's DUP flag: it sent this message before (a redelivery, not a new publish).
-    dup: bool = False
-
-
-@dataclass(frozen=True)
-class Published:
-    """The broker's answer to a QoS 1 publish (PUBACK), or paho's note that a QoS 0 left.
-
-    ``reason_code`` is the MQTT 5 PUBACK reason code: below 0x80 the broker took the message
-    (0x10 "no matching subscribers" included); 0x80 and above it refused it and the message
-    is NOT delivered. MQTT 3.1.1 has no reason codes: always 0 there.
-    """
-
-    mid: int
-    reason_code: int = 0
-    reason: str = "Success"
-
-    @property
-    def refused(self) -> bool:
-        return self.reason_code >= 0x80
-
-
-MqttEvent = Connected | ConnectFailed | Disconnected | Message | Published
-
-#: Words every refusal of the protocol version says (edgectl looks for them).
-PROTOCOL_REFUSED = "does not accept MQTT"
-#: CONNACK codes meaning "not this protocol version": 0x84 (MQTT 5), 1 (3.1.1's own).
-_UNSUPPORTED_VERSION = (0x84, 0x01)
-#: Closed during CONNECT this many times in a row: "auto" takes it for a version refusal.
-_CLOSES_BEFORE_FALLBACK = 2
-
-
-#: Room for a PUBLISH's fixed header, topic (up to 64 KiB) and properties (Response Topic
-#: and Correlation Data, up to 64 KiB each) next to the payload.
-PACKET_HEADER_ROOM = 4 * 65536
-
-
-def max_packet_size(max_payload: int) -> int:
-    """The Maximum Packet Size to announce for payloads up to ``max_payload`` bytes."""
-    return min(max_payload + PACKET_HEADER_ROOM, 268_435_460)  # the protocol's own limit
-
-
-def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [low, min(high, low * 2**attempt)]."""
-    ceiling = min(high, low * (2 ** min(attempt, 32)))
-    return rng.uniform(low, max(low, ceiling))
-
-
-def list_backoff_delay(
-    attempt: int, brokers: int, low: float, high: float, rng: random.Random
-) -> float:
-    """Backoff over a list of ``brokers``: the exponent grows per full pass over the list.
-
-    One broker: :func:`backoff_delay`. Several: the first pass waits between ``low`` and
-    ``2 * low`` before each entry (jittered: a fleet leaving a dead node does not arrive at
-    the next one in lock-step), and each further pass doubles the ceiling up to ``high``.
-    """
-    if brokers <= 1:
-        return backoff_delay(attempt, low, high, rng)
-    return backoff_delay(attempt // brokers + 1, low, high, rng)
+# Named for the package, as before the split: operators filter the journal on "agent.mqtt".
+log = logging.getLogger("agent.mqtt")
 
 
 class _RotatingClient(paho.Client):
@@ -329,26 +107,25 @@ class MqttClient:
         self._qos = dict(subscription_qos or {})
         #: SUBSCRIBE packet id -> its filters, until the SUBACK says which were granted.
         self._subscribing: dict[int, list[str]] = {}
-        #: QoS 1 publishes not yet acknowledged: mid -> when sent (monotonic).
-        self._unacked: dict[int, float] = {}
-        self._unacked_lock = threading.Lock()
-        self._watchdog_stop = threading.Event()
+        #: QoS 1 publishes not yet acknowledged, and when they left.
+        self._pubacks = PubackWatchdog()
         self._manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._client: paho.Client | None = None
         self._attempt = 0
         self._connected = threading.Event()
         self._connection = 0
-        #: The version in use: "5" or "3.1.1" ("auto" starts with 5).
-        self.active_protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
-        self._connack = False  # a CONNACK came on the current socket
-        self._closed_in_connect = 0  # sockets closed before any CONNACK, in a row
-        self._fell_back_on_close = False  # on 3.1.1 because 5 was closed on, not refused
+        self._version = VersionChoice(settings.protocol)
         self._last_refusal = ""
         endpoints = settings.endpoints()
         #: Index into the broker list of the current (or next) connection attempt.
         self._broker = self._rng.randrange(len(endpoints)) if len(endpoints) > 1 else 0
         self._refused = False
+
+    @property
+    def active_protocol(self) -> str:
+        """The version in use: "5" or "3.1.1" ("auto" starts with 5)."""
+        return self._version.active
 
     @property
     def connected(self) -> bool:
@@ -417,8 +194,7 @@ class MqttClient:
         self._client = client
         client.loop_start()
         if len(s.endpoints()) > 1 and s.puback_timeout_s > 0:
-            self._watchdog_stop.clear()
-            threading.Thread(target=self._watch_pubacks, name="mqtt-puback", daemon=True).start()
+            self._pubacks.start(s.puback_timeout_s, self._connected.is_set, self._puback_overdue)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
@@ -426,7 +202,7 @@ class MqttClient:
         if client is None:
             return
         self._client = None
-        self._watchdog_stop.set()
+        self._pubacks.stop()
         client.disconnect()
         client.loop_stop()
         self._connected.clear()
@@ -469,8 +245,7 @@ class MqttClient:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if qos > 0:
-            with self._unacked_lock:
-                self._unacked.setdefault(int(info.mid), time.monotonic())
+            self._pubacks.sent(int(info.mid))
         return int(info.mid)
 
     def ack(self, msg: Message) -> None:
@@ -499,8 +274,7 @@ class MqttClient:
         client = self._client
         if client is None:
             return False
-        with self._unacked_lock:
-            self._unacked.pop(mid, None)
+        self._pubacks.done(mid)
         with client._out_message_mutex:
             return client._out_messages.pop(mid, None) is not None
 
@@ -525,7 +299,7 @@ class MqttClient:
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # TLS wrappers proxy setsockopt; unix sockets lack TCP options.
-        self._connack = False
+        self._version.socket_opened()
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -537,8 +311,7 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._connack = True
-        self._closed_in_connect = 0
+        self._version.connack_received()
         if reason.is_failure:
             host, port = self.broker
             self._attempt += 1
@@ -546,15 +319,10 @@ class MqttClient:
             self._refused = True
             self._set_next_delay(client)
             code = int(getattr(reason, "value", 0) or 0)
-            if code in _UNSUPPORTED_VERSION:
-                why = (
-                    f"broker {host}:{port} {PROTOCOL_REFUSED} {self.active_protocol} "
-                    f"(CONNACK: {reason})"
-                )
-                self._connect_refused(why)
+            why, version_refused = self._version.refused(host, port, code, str(reason))
+            self._connect_refused(why)
+            if version_refused:
                 self._fall_back(client, why)
-                return
-            self._connect_refused(f"broker refused the connection at {host}:{port}: {reason}")
             return
         if self._last_refusal or self.settings.protocol == "auto":
             host, port = self.broker
@@ -563,9 +331,7 @@ class MqttClient:
         self._refused = False
         self._attempt = 0
         self._connection += 1
-        with self._unacked_lock:  # paho resends what is unacknowledged: the clock restarts
-            now = time.monotonic()
-            self._unacked = dict.fromkeys(self._unacked, now)
+        self._pubacks.restart()  # paho resends what is unacknowledged: the clock restarts
         self._set_next_delay(client)
         if self._subscriptions:
             self._send_subscribe(client, list(self._subscriptions))
@@ -595,22 +361,14 @@ class MqttClient:
         if not refused:  # a refusing CONNACK moved on already (_on_connect)
             self._rotate()
         self._set_next_delay(client)
-        if not self._connack:  # closed during CONNECT: no CONNACK at all
-            self._closed_in_connect += 1
-            n, version = self._closed_in_connect, self.active_protocol
-            what = f"broker {host}:{port} closed the connection during CONNECT"
-            if version == "5" and n >= _CLOSES_BEFORE_FALLBACK:
-                why = f"{what} {n} times in a row: it {PROTOCOL_REFUSED} 5"
-            elif version == "5":
-                why = f"{what} ({reason}): it may not accept MQTT 5"
-            else:
-                why = f"{what}{f' {n} times in a row' if n > 1 else ''} ({reason}, MQTT {version})"
-            self._connect_refused(why + self._will_hint())
-            if self._closed_in_connect >= _CLOSES_BEFORE_FALLBACK:
-                if self._fell_back_on_close and self.active_protocol == "3.1.1":
-                    self._back_to_5(client)  # 3.1.1 is closed on too: not the version
-                else:
-                    self._fall_back(client, why, on_close=True)
+        if not self._version.connack:  # closed during CONNECT: no CONNACK at all
+            why, switch = self._version.closed(host, port, str(reason))
+            will_topic = self._will.topic if self._will is not None else ""
+            self._connect_refused(why + will_hint(will_topic))
+            if switch == "back_to_5":
+                self._back_to_5(client)
+            elif switch == "fall_back":
+                self._fall_back(client, why, on_close=True)
         elif refused or not was_connected:
             pass  # the close after a refusing CONNACK: reported with the broker's reason
         else:
@@ -677,34 +435,22 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         code = int(getattr(reason, "value", 0) or 0)
-        with self._unacked_lock:
-            self._unacked.pop(mid, None)
+        self._pubacks.done(mid)
         self._sink(Published(mid, code, str(reason) if code else "Success"))
 
-    def _watch_pubacks(self) -> None:
-        """Watchdog thread (broker lists only): drop a connection on which a QoS 1 publish
-        has waited ``puback_timeout_s`` for its PUBACK. MQTT resends unacknowledged
-        publishes only on a new connection, and a clustered broker's node may drop one for
-        good (NATS: "unable to store ... timeout" while it elects a stream leader); the agent's
-        outbox and the controller would then wait forever on a live connection."""
-        limit = self.settings.puback_timeout_s
-        while not self._watchdog_stop.wait(1.0):
-            now = time.monotonic()
-            with self._unacked_lock:
-                oldest = min(self._unacked.values(), default=now)
-                stale = self.connected and now - oldest > limit
-                if stale:  # a fresh start for each: paho resends them on the next connection
-                    self._unacked = dict.fromkeys(self._unacked, now + limit)
-            if stale:
-                host, port = self.broker
-                log.warning(
-                    "no PUBACK from %s:%d for %.0fs: dropping the connection so the "
-                    "unacknowledged messages go again",
-                    host,
-                    port,
-                    now - oldest,
-                )
-                self.kill_network()
+    def _puback_overdue(self, waited: float) -> None:
+        """Watchdog thread (broker lists only, :mod:`agent.mqtt.pubacks`): a QoS 1 publish
+        has waited ``puback_timeout_s`` for its PUBACK on a live connection: drop it, so the
+        unacknowledged publishes go again on the next one, to the next node."""
+        host, port = self.broker
+        log.warning(
+            "no PUBACK from %s:%d for %.0fs: dropping the connection so the "
+            "unacknowledged messages go again",
+            host,
+            port,
+            waited,
+        )
+        self.kill_network()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -725,17 +471,6 @@ class MqttClient:
         self._last_refusal = why
         self._sink(ConnectFailed(why))
 
-    def _will_hint(self) -> str:
-        """Why a broker may close every CONNECT whatever the version: the Will's topic."""
-        topic = self._will.topic if self._will is not None else ""
-        if "." not in topic and " " not in topic:
-            return ""
-        return (
-            f"; the Last Will's topic {topic!r} has a '.' or a space, which brokers that map "
-            'topics to subjects (NATS) refuse: mqtt.topic_charset = "portable" makes '
-            "check-config refuse such a topic_prefix"
-        )
-
     def _fall_back(self, client: paho.Client, why: str, *, on_close: bool = False) -> None:
         """Network thread: with ``protocol = "auto"``, make the next attempt MQTT 3.1.1.
 
@@ -744,11 +479,8 @@ class MqttClient:
         fields that differ: 3.1.1 has clean session instead of clean start and no
         properties.
         """
-        if self.settings.protocol != "auto" or self.active_protocol != "5":
+        if not self._version.fall_back(on_close=on_close):
             return
-        self.active_protocol = "3.1.1"
-        self._closed_in_connect = 0
-        self._fell_back_on_close = on_close
         client._protocol = paho.MQTTv311
         client._clean_session = self.settings.clean_start
         client._connect_properties = None
@@ -757,9 +489,7 @@ class MqttClient:
     def _back_to_5(self, client: paho.Client) -> None:
         """A fall-back made on closed connections alone, and 3.1.1 is closed on as well: the
         closes were not about the version (a proxy whose broker is down), so try 5 again."""
-        self.active_protocol = "5"
-        self._closed_in_connect = 0
-        self._fell_back_on_close = False
+        self._version.back_to_5()
         client._protocol = paho.MQTTv5
         client._connect_properties = self._connect_properties()
         log.info(
