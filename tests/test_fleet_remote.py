@@ -13,7 +13,7 @@ from conftest import AgentProcess, Mosquitto, free_port, wait_for
 from fleetutil import connect, sim_fleet, wait_status
 
 from agent.cloud import BrokerUnreachable, RemoteRuntime, ReplyTimeout, function_spec
-from agent.cloud import controller as controller_module
+from agent.cloud import invoke as invoke_module
 from agent.errors import FunctionNotFound, FunctionTimeout, HandlerError
 from agent.models import EdgeNode, EdgeNodeStatus
 from agent.mqtt import Message
@@ -159,7 +159,7 @@ def test_a_lost_reply_is_asked_for_again_and_answered_from_the_dedupe_table(
     agent answers the copy from its dedupe table without running the handler twice."""
     agent, runtime = serving_agent
     controller = runtime._controller
-    monkeypatch.setattr(controller_module, "REPLY_REASK_S", 0.5)
+    monkeypatch.setattr(invoke_module, "REPLY_REASK_S", 0.5)
     dropped: list[str] = []
     handle = controller._handle_reply
 

@@ -15,7 +15,7 @@ from conftest import AgentProcess, Mosquitto, wait_for
 from fleetutil import connect, sim_fleet, versioned_module, wait_status
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud import controller as controller_module
+from agent.cloud import deploy as deploy_module
 from agent.cloud import function_spec
 from agent.cloud import rollout as ro
 from agent.contract import protocol
@@ -174,7 +174,7 @@ def test_a_canary_whose_spec_delivery_was_lost_gets_it_again(
     is a bare MQTT client that drops the first spec it is sent. The controller signs: the
     repeat must be the same bytes (signing again would be a new spec with a new sequence,
     which restarts a deploy already in progress on a node that did get the first)."""
-    monkeypatch.setattr(controller_module, "REPUSH_S", 0.5)
+    monkeypatch.setattr(deploy_module, "REPUSH_S", 0.5)
     node_id, base = "gw-deaf", "edge/nodes/gw-deaf"
     received: list[str] = []
     payloads: list[bytes] = []

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.cloud.controller import FleetController, RemoteResult
+from agent.cloud.controller import FleetController
+from agent.cloud.invoke import RemoteResult
 from agent.cloud.specs import spec_from_function
 from agent.contract import protocol
 from agent.errors import BadRequest

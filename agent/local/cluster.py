@@ -27,7 +27,7 @@ from agent.models import EdgeFunction, EdgeNode, EdgeNodeStatus
 
 if TYPE_CHECKING:  # remote mode's modules (and paho) load only when a cluster connects
     from agent.cloud import FleetController, RemoteRuntime, RolloutReport, StagedRollout
-    from agent.cloud.controller import Progress
+    from agent.cloud.deploy import Progress
     from agent.contract import protocol
     from agent.mqtt import MqttSettings
 
