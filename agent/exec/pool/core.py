@@ -36,8 +36,6 @@ from agent.errors import MemoryLimitExceeded
 from agent.exec import pipe
 from agent.exec.pool import conversation
 from agent.exec.pool.config import (
-    EMPTY_CONTEXT,
-    ContextInput,
     ContextSource,
     FunctionConfig,
     InvokeResult,
@@ -55,23 +53,12 @@ from agent.exec.pool.process import (
 from agent.exec.pool.sampler import DEFAULT_INTERVAL_S, TreeSampler, Watched
 from agent.exec.pool.slots import Allocation, Slot
 
-__all__ = [
-    "EMPTY_CONTEXT",
-    "ContextInput",
-    "ContextSource",
-    "FunctionConfig",
-    "InvokeResult",
-    "OnResult",
-    "WorkerPool",
-]
+__all__ = ["WorkerPool"]
 
 log = logging.getLogger(__name__)
 
 #: Room in a frame for its header next to the result.
 _FRAME_SLACK = 64 * 1024
-
-#: The old name of a function's share of the pool (now :class:`agent.exec.pool.slots.Slot`).
-_Slot = Slot
 
 
 class WorkerPool:
