@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DeploymentRejected
-from agent.exec import bundles
 from agent.exec.bundles import (
     MAX_BUNDLE_BYTES,
     MAX_BUNDLE_FILES,
@@ -27,6 +26,7 @@ from agent.exec.bundles import (
     prune_versions,
     remove_function,
     sha256_hex,
+    unpack,
     version_dir,
 )
 
@@ -413,7 +413,7 @@ def test_member_longer_than_its_header_declares_is_rejected() -> None:
     """Counting actual bytes catches a stream longer than its declared size."""
     info = member("handler.py")
     info.file_size, info.compress_size = 10, 10
-    chunks = bundles._read_limited(io.BytesIO(bytes(100)), info, bundles._Budget(10**9))
+    chunks = unpack._read_limited(io.BytesIO(bytes(100)), info, unpack._Budget(10**9))
     with pytest.raises(DeploymentRejected, match="more data than the declared 10 bytes"):
         list(chunks)
 
@@ -422,7 +422,7 @@ def test_actual_bytes_count_against_the_bundle_limit() -> None:
     """The running total, not only the declared one, is held to max_bytes."""
     info = member("handler.py")
     info.file_size, info.compress_size = 100, 100
-    chunks = bundles._read_limited(io.BytesIO(bytes(100)), info, bundles._Budget(50))
+    chunks = unpack._read_limited(io.BytesIO(bytes(100)), info, unpack._Budget(50))
     with pytest.raises(DeploymentRejected, match="exceeds the uncompressed size limit"):
         list(chunks)
 

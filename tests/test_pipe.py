@@ -292,7 +292,7 @@ def test_pool_logs_ex_load_failed(
 ) -> None:
     """A handler that cannot load is still handler_error for the caller; the log line says
     the worker then exited EX_LOAD_FAILED, as it should (read, not SIGKILLed first)."""
-    caplog.set_level(logging.WARNING, logger="agent.exec.pool.core")
+    caplog.set_level(logging.WARNING, logger="agent.exec.pool.loading")
     with pytest.raises(HandlerError, match="not today") as info:
         pool.check_load(_config(tmp_path, "broken:handler"))
     assert info.value.type == "handler_error"

@@ -28,9 +28,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import (
     EdgeExecutionError,
@@ -201,6 +202,10 @@ class Worker:
         self.wait_exit(_DYING_WAIT_S)
         self.kill("the pool (its pipe had closed)")
 
+    def exited(self) -> bool:
+        """Whether it has exited (reaped by Popen if so): a pre-started worker found dead."""
+        return self.proc.poll() is not None
+
     def _has_exited(self) -> bool:
         """Whether it is already dead (a zombie), without reaping it."""
         try:
@@ -272,6 +277,51 @@ class Worker:
         if code == pipe.EX_MEMORY:
             return MemoryLimitExceeded(f"function {function_id} exceeded its memory limit")
         return WorkerCrashed(f"worker of {function_id} {reason}", exit_code=code)
+
+
+class Spawner(Protocol):
+    """Where the pool gets its workers and how it kills what they leave behind: every OS call
+    the pool makes outside a :class:`Worker`, behind one object a test can fake
+    (``testing.spawner.FakeSpawner``)."""
+
+    def spawn(self, *, python: str, codec: str, user: str | None, cwd: str | None) -> Worker:
+        """A new worker in state STARTING; it says ``ready`` when booted."""
+        ...
+
+    def sweep_uid(self, uid: int, keep_sessions: Collection[int] = ()) -> int:
+        """Kill every process of ``uid`` outside ``keep_sessions``; how many."""
+        ...
+
+    def kill_session(self, uid: int, session: int) -> int:
+        """Kill every process of ``uid`` in ``session``; how many."""
+        ...
+
+    def close(self) -> None:
+        """No spawn after this (a late one raises RuntimeError)."""
+        ...
+
+
+class ProcessSpawner:
+    """The real spawner: worker processes, always forked from one long-lived thread.
+
+    A worker's parent-death signal fires when the *thread* that forked it ends, so a
+    short-lived caller thread (local mode) must never be its parent.
+    """
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-spawn")
+
+    def spawn(self, *, python: str, codec: str, user: str | None, cwd: str | None) -> Worker:
+        return self._thread.submit(spawn, python=python, codec=codec, user=user, cwd=cwd).result()
+
+    def sweep_uid(self, uid: int, keep_sessions: Collection[int] = ()) -> int:
+        return sweep_uid(uid, keep_sessions)
+
+    def kill_session(self, uid: int, session: int) -> int:
+        return kill_session(uid, session)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
 
 
 def spawn(*, python: str, codec: str, user: str | None, cwd: str | None) -> Worker:

@@ -1,0 +1,136 @@
+"""One invocation's exchange with its worker: the arguments out, the answer (or the error
+it means) back.
+
+Called by ``WorkerPool.invoke`` on the calling thread with a worker it holds: sends the
+invoke frame (with the context documents the worker has not seen yet), waits for the
+result up to the invocation's deadline (then kills the worker), and turns what came back
+into a value or an :class:`~agent.errors.EdgeExecutionError`.
+
+Never call user code here (results are only unpickled), and never touch the pool's
+allocation state: the caller releases the worker.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import pickle
+from collections.abc import Mapping
+from typing import Any, cast
+
+from agent.errors import (
+    BadRequest,
+    EdgeExecutionError,
+    FunctionTimeout,
+    HandlerError,
+    WorkerCrashed,
+)
+from agent.exec import pipe
+from agent.exec.pool.config import EMPTY_CONTEXT, ContextSource, FunctionConfig
+from agent.exec.pool.process import Worker, _Deadline
+
+
+def dumps_arguments(function_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    try:
+        return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    try:
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception as exc:
+        raise BadRequest(f"arguments for {function_id} cannot be sent to a worker: {exc}") from exc
+
+
+def send_with_context(
+    worker: Worker,
+    request_id: str,
+    deadline: float,
+    blob: bytes,
+    context: ContextSource,
+) -> int:
+    """Send an invoke with the context as of now; the state version it carries."""
+    ctx = (context() if callable(context) else context) or EMPTY_CONTEXT
+    header = pipe.invoke(request_id, deadline)
+    if worker.sent_state_version != ctx.state_version:
+        header["state"] = dict(ctx.state)
+        header["state_version"] = ctx.state_version
+    if worker.sent_desired_version != ctx.desired_version:
+        header["desired"] = dict(ctx.desired)
+        header["desired_version"] = ctx.desired_version
+    worker.send(header, blob)
+    worker.sent_state_version = ctx.state_version
+    worker.sent_desired_version = ctx.desired_version
+    return ctx.state_version
+
+
+def await_result(
+    worker: Worker, config: FunctionConfig, deadline: float
+) -> tuple[pipe.ResultMsg, bytes]:
+    """The worker's answer, or the error its death or the deadline means (worker killed)."""
+    try:
+        header, blob = worker.recv(deadline)
+    except _Deadline:
+        worker.kill("the pool at the deadline")
+        raise FunctionTimeout(
+            f"function {config.function_id} timed out after {config.timeout_s:g}s; "
+            f"its worker (pid {worker.pid}) was killed"
+        ) from None
+    except pipe.FrameError as exc:
+        if exc.eof:
+            worker.kill_closed()
+        else:
+            worker.kill("the pool (it broke the pipe protocol)")
+        if worker.killed_for is not None:
+            raise worker.killed_for from None
+        if exc.eof:
+            raise worker.death_error(config.function_id) from None
+        if isinstance(exc, pipe.FrameTooLarge):
+            raise HandlerError(
+                f"function {config.function_id} sent a result of {exc.size} bytes, over "
+                f"the limit of {exc.limit}; its worker (pid {worker.pid}) was killed"
+            ) from None
+        raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
+    if header.get("op") != pipe.RESULT:
+        worker.kill("the pool (it broke the pipe protocol)")
+        raise WorkerCrashed(
+            f"worker of {config.function_id} broke protocol: it sent {header.get('op')!r} "
+            f"instead of {pipe.RESULT!r}"
+        )
+    return cast("pipe.ResultMsg", header), blob
+
+
+def result_value(codec: str, function_id: str, header: pipe.ResultMsg, blob: bytes) -> Any:
+    try:
+        return json.loads(blob) if codec == "json" else _loads(blob)
+    except Exception as exc:
+        raise HandlerError(
+            f"Edge function failed: {function_id} returned a value this process cannot "
+            f"load: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def handler_error(codec: str, error: Mapping[str, Any], blob: bytes) -> EdgeExecutionError:
+    name = str(error.get("exc_name", "Exception"))
+    message = str(error.get("message", ""))
+    exc = HandlerError(f"Edge function failed: {name}: {message}")
+    exc.remote_traceback = str(error.get("traceback", ""))  # type: ignore[attr-defined]
+    cause: BaseException | None = None
+    if blob and codec == "pickle":
+        with contextlib.suppress(Exception):
+            loaded = pickle.loads(blob)
+            if isinstance(loaded, BaseException):
+                cause = loaded
+    if cause is None and error.get("exc_module") == "builtins":
+        cls = getattr(builtins, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            with contextlib.suppress(Exception):
+                cause = cls(message)
+    exc.__cause__ = cause
+    return exc
+
+
+def _loads(blob: bytes) -> Any:
+    return pickle.loads(blob) if blob else None
