@@ -18,8 +18,8 @@
 ``agent.local.cluster.EdgeCluster.connect(...)`` is the seed-shaped entry point; ``edgectl``
 (``agent/cloud/ctl/``) is the operator's. Imports point down: this package uses the contract,
 mqtt, errors, models, trust, config and exec.bundles (``make_zip_bundle``), and nothing here
-imports ``agent.local``, ``agent.edge`` or ``agent.store`` (``mirror`` still takes
-``apply_delta`` from ``agent.local.synchronizer``; its own change moves that).
+imports ``agent.local``, ``agent.edge`` or ``agent.store`` (``mirror`` takes ``apply_delta``
+from ``agent.contract.sync``; tests/test_layers.py checks every arrow).
 """
 
 from __future__ import annotations
