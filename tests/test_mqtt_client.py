@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Cloud, Mosquitto, wait_for
 
 from agent.mqtt import (
     Connected,
@@ -26,6 +25,9 @@ from agent.mqtt import (
     Will,
     backoff_delay,
 )
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 
 class Events:
