@@ -83,14 +83,18 @@ class Cloud:
         topic: str,
         predicate: Callable[[dict[str, Any]], bool] = lambda m: True,
         timeout: float = 10.0,
+        *,
+        poll: float = 0.01,
     ) -> dict[str, Any]:
+        """The first message on ``topic`` that ``predicate`` accepts, polled every ``poll`` s."""
+
         def find() -> dict[str, Any] | None:
             for msg in self.on(topic):
                 if predicate(msg):
                     return msg
             return None
 
-        return wait_for(find, timeout, f"no matching message on {topic}")
+        return wait_for(find, timeout, f"no matching message on {topic}", poll=poll)
 
     def publish(self, topic: str, payload: Any, *, retain: bool = False, props: Any = None) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
