@@ -20,16 +20,19 @@ import subprocess
 import time
 from typing import Any
 
-from bench_mqtt import info_row
-from bench_runtime import identity, latency_row, new_runtime, time_calls
-
 from agent import EdgeFunction
 from agent.exec.pool.sampler import DEFAULT_INTERVAL_S, TreeSampler
+from testing.bench import info_row, latency_row, new_runtime, time_calls
 
 TITLE = "Containment: the tree-memory sampler (agent/exec/pool/sampler.py)"
 
 UID = 61990  # the end of the default function range: no test uses it
 SPIN = "while True: pass"
+
+
+def identity(x: Any) -> Any:
+    """The handler of the latency rows (this section's own: sections never import each other)."""
+    return x
 
 
 def _spinners(n: int) -> list[subprocess.Popen[bytes]]:

@@ -29,11 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,36 +41,17 @@ from typing import Any
 
 import psutil
 
+from testing.broker import Mosquitto, NatsCluster, nats_server_version
+from testing.fleet_sim import raise_nofile_limit
+from testing.ports import free_port
+
 TITLE = "Fleet controller (agent/cloud) against 1,000 simulated gateways (scripts/fleet_sim.py)"
 
 ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 NODES = 1000
 ROLLOUT_TARGET_S = 10.0
 RSS_GROWTH_MAX_MB = 5.0
 MB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"bench_fleet: mosquitto did not listen on {port}")
-
-
-def _raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -126,26 +105,17 @@ def run(quick: bool) -> dict[str, Any]:
     from agent.cloud import function_spec
     from agent.local.cluster import EdgeCluster
 
-    nofile = _raise_nofile()
+    nofile = raise_nofile_limit()
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[Any]] = []
+    broker: Mosquitto | None = None
     rows: list[dict[str, Any]] = []
     notes: list[str] = [f"RLIMIT_NOFILE soft limit {nofile} (raised to the hard limit)"]
     extra: dict[str, Any] = {}
     cluster: Any = None
     try:
-        conf = work / "mosquitto.conf"
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-            "max_queued_messages 100000\npersistence false\n"
-        )
-        procs.append(
-            subprocess.Popen(
-                [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-        )
-        _wait_port(port, 10)
+        broker = Mosquitto(work, port).start()
         started = time.monotonic()
         sim = subprocess.Popen(
             [
@@ -286,6 +256,8 @@ def run(quick: bool) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+        if broker is not None:
+            broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     leftovers = [p.pid for p in psutil.Process().children(recursive=True) if p.is_running()]
     if leftovers:
@@ -347,23 +319,17 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
     from agent.cloud import function_spec
     from agent.local.cluster import EdgeCluster
 
-    nofile = _raise_nofile()
+    nofile = raise_nofile_limit()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[Any]] = []
+    broker: Mosquitto | None = None
     result: dict[str, Any] = {"nodes": nodes, "sims": sims, "nofile": nofile}
     cluster: Any = None
     try:
-        conf = work / "mosquitto.conf"
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-            "max_queued_messages 1000000\npersistence false\nmax_connections -1\n"
-        )
-        broker = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        procs.append(broker)
-        _wait_port(port, 10)
+        broker = Mosquitto(
+            work, port, "max_connections -1\n", max_queued_messages=1_000_000
+        ).start()
         t0 = time.monotonic()
         per = nodes // sims
         sim_procs = []
@@ -415,7 +381,8 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
         view = cluster.controller.view
         hb0, cpu0, t0 = view.counts["heartbeat"], sum(me.cpu_times()[:2]), time.monotonic()
         sim_cpu0 = sum(sum(psutil.Process(s.pid).cpu_times()[:2]) for s in sim_procs)
-        broker_ps = psutil.Process(broker.pid)
+        assert broker.proc is not None
+        broker_ps = psutil.Process(broker.proc.pid)
         broker_cpu0 = sum(broker_ps.cpu_times()[:2])
         time.sleep(heartbeat_s * 2)  # measuring a window, not waiting for an event
         wall = time.monotonic() - t0
@@ -456,6 +423,8 @@ def run_scale(nodes: int = 10_000, sims: int = 4, heartbeat_s: float = 30.0) -> 
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+        if broker is not None:
+            broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -611,8 +580,8 @@ def run_nats_scale(
     consumer_replicas: int | None = None,
 ) -> dict[str, Any]:
     """``nodes`` simulated gateways (MQTT 3.1.1) spread over a 3-node NATS cluster started
-    here (the tests' ``NatsCluster``), each phase timeboxed (a phase that runs out is
-    reported with what it reached, and the run goes on):
+    here (the harness's ``testing.broker.NatsCluster``), each phase timeboxed (a phase that
+    runs out is reported with what it reached, and the run goes on):
 
     - the broker floor on the idle cluster, and again under the fleet at the end;
     - the simulator connected (``fleet-sim --brokers ... --protocol 3.1.1``; it publishes a
@@ -629,13 +598,10 @@ def run_nats_scale(
     stream's 3 here): every QoS 1 subscription of every MQTT client is a JetStream consumer,
     by default replicated with its own Raft group, and an agent has five. The work dir (NATS
     logs) is kept when a phase fell short; its path is in the result."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import NATS_SERVER, NatsCluster
-
     from agent.cloud import function_spec
     from agent.local.cluster import EdgeCluster
 
-    _raise_nofile()
+    raise_nofile_limit()
     work = Path(tempfile.mkdtemp(prefix="bench-nats-"))
     nats = NatsCluster(work)
     if consumer_replicas is not None:
@@ -657,9 +623,7 @@ def run_nats_scale(
     me = psutil.Process()
     try:
         nats.start()
-        result["nats_version"] = subprocess.run(
-            [NATS_SERVER, "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        result["nats_version"] = nats_server_version()
         result["floor_idle"] = _nats_floor(nats.brokers, floor_messages)
 
         t0 = time.monotonic()

@@ -27,35 +27,45 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import itertools
 import json
 import os
 import selectors
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import psutil
-import tomli_w
-
-# scripts/ is on sys.path (scripts/bench imports sections from it; running this file puts it
-# there too): the runtime section's latency rows and the agent's nearest-rank percentile.
-from bench_runtime import latency_row_us as latency_row
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.exec.metrics import percentile
+from testing.bench import (
+    ECHO_SOURCE,
+    INVOKE_TOPIC,
+    NODE,
+    PREFIX,
+    REPLY_TOPIC,
+    STATE_TOPICS,
+    STATUS_TOPIC,
+    WINDOW,
+    BenchError,
+    Requester,
+    bench_agent,
+    children,
+    info_row,
+    invoke_body,
+    source_spec,
+    wait_until,
+)
+from testing.bench import latency_row_us as latency_row
+from testing.broker import Mosquitto
+from testing.cloud import nodelay
 
 TITLE = "MQTT daemon end to end (agent/edge/loop.py, agent/mqtt.py) against a paho floor"
 
@@ -63,25 +73,15 @@ TITLE = "MQTT daemon end to end (agent/edge/loop.py, agent/mqtt.py) against a pa
 INVOKE_OVER_FLOOR_MAX_MS = 1.0
 AGENT_USS_MAX_MB = 30.0
 
-ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-NODE = "gw-bench"
-PREFIX = "edge"
-INVOKE_TOPIC = f"{PREFIX}/nodes/{NODE}/invoke"
-REPLY_TOPIC = f"{PREFIX}/nodes/{NODE}/replies"
-STATUS_TOPIC = f"{PREFIX}/nodes/{NODE}/status"
-STATE_TOPICS = f"{PREFIX}/nodes/{NODE}/functions/+/state"
 FLOOR_REQUEST = "bench/floor/request"
 FLOOR_REPLY = "bench/floor/reply"
 
-WINDOW = 32
 #: Extra invocations before the second memory reading (full mode), so the agent has run over
 #: 10,000 by then: memory must not grow with the number of invocations served.
 HISTORY_FILL = 3_000
 RESTART_POLL_S = 0.020
 MB = 1024 * 1024
 
-ECHO_SOURCE = "def handler(event):\n    return event\n"
 SHOUT_SOURCE = "def handler(event):\n    return str(event).upper()\n"
 
 #: The memory floor: what any Python MQTT client with the agent's two C-backed imports costs.
@@ -105,162 +105,7 @@ client.loop_stop()
 """
 
 
-class BenchError(RuntimeError):
-    """Something the benchmark waited for did not happen; the message says what."""
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.005) -> Any:
-    """Poll ``predicate`` until truthy; BenchError naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise BenchError(f"{what} (within {timeout:g} s)")
-        time.sleep(poll)  # polling interval, not synchronisation
-
-
-def info_row(name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "n": None,
-        "p50_us": None,
-        "p99_us": None,
-        "rate": None,
-        "ratio": None,
-        "target": None,
-        "passed": None,
-        **extra,
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    # paho leaves Nagle on; a QoS 1 round trip would then wait on delayed ACKs.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 # -- processes -------------------------------------------------------------------------------
-
-
-class Broker:
-    """A private mosquitto on 127.0.0.1, restartable on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        if not os.path.exists(MOSQUITTO):
-            raise BenchError("mosquitto is not installed (apt-get install mosquitto)")
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "set_tcp_nodelay true\n"
-            "max_queued_messages 100000\n"
-            "persistence false\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start it; the monotonic time at which it first accepted a TCP connection."""
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_until(
-            lambda: port_open(self.port), 10, f"mosquitto did not listen on {self.port}", 0.002
-        )
-        return time.monotonic()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        wait_until(lambda: not port_open(self.port), 10, f"port {self.port} still open")
-
-
-class AgentProcess:
-    """``python -m agent run --config`` with its own config file and state dir."""
-
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.config_path = workdir / "agent.toml"
-        self.log_path = workdir / "agent.log"
-        config = {
-            "node": {"id": NODE, "name": "bench gateway", "capabilities": ["python"]},
-            # reconnect_min_s / reconnect_max_s left at their defaults (0.5 / 60).
-            "mqtt": {"host": "127.0.0.1", "port": port},
-            "agent": {
-                "state_dir": str(workdir / "state"),
-                "heartbeat_interval_s": 30.0,
-                "log_level": "warning",
-                "durability": "normal",
-            },
-        }
-        self.config_path.write_text(tomli_w.dumps(config))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_tail(self, chars: int = 2000) -> str:
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        """SIGTERM and wait (it drains, exits 0); after 20 s SIGKILL it and its workers."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                children = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                children = []
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-                for child in children:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        child.kill()
-                        child.wait(5)
-        self.returncode = proc.returncode
 
 
 class BareClient:
@@ -301,120 +146,6 @@ class BareClient:
 # -- MQTT clients in this process ------------------------------------------------------------
 
 
-class Requester:
-    """The cloud side: publishes QoS 1 requests and matches replies by ``request_id``.
-
-    Replies (on ``reply_topics``) are JSON with a ``request_id``; the callback registered for
-    that id runs in paho's network thread. Other messages (status, function states) are kept,
-    the latest per topic, for :meth:`wait_topic`.
-    """
-
-    def __init__(self, port: int, reply_topics: list[str], other_topics: list[str]) -> None:
-        self.port = port
-        self.reply_topics = frozenset(reply_topics)
-        self.topics = [*reply_topics, *other_topics]
-        self._pending: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self.agent_replies = 0
-        self._lock = threading.Lock()
-        self._latest: dict[str, dict[str, Any]] = {}
-        #: Messages received per topic other than the replies (paho's thread writes it).
-        self.received: Counter[str] = Counter()
-        self._changed = threading.Condition()
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        self.client: paho.Client | None = None
-
-    def connect(self, timeout: float = 10.0) -> Requester:
-        """Connect (again) with a fresh paho client and subscribe; returns once subscribed."""
-        self.close()
-        self._connected.clear()
-        self._subscribed.clear()
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"bench-cloud-{uuid.uuid4().hex[:8]}",
-            protocol=paho.MQTTv5,
-        )
-        client.max_inflight_messages_set(1000)  # paho's default of 20 would cap the window
-        client.on_socket_open = _nodelay
-        client.on_connect = lambda *args: self._connected.set()
-        client.on_subscribe = lambda *args: self._subscribed.set()
-        client.on_message = self._on_message
-        self.client = client
-        client.connect("127.0.0.1", self.port)
-        client.loop_start()
-        if not self._connected.wait(timeout):
-            raise BenchError(f"the requester got no CONNACK within {timeout:g} s")
-        client.subscribe([(topic, 1) for topic in self.topics])
-        if not self._subscribed.wait(timeout):
-            raise BenchError(f"the requester got no SUBACK within {timeout:g} s")
-        return self
-
-    def close(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if not msg.payload:
-            return
-        body = json.loads(msg.payload)
-        if msg.topic in self.reply_topics:
-            if msg.topic == REPLY_TOPIC:
-                self.agent_replies += 1  # only this thread writes it
-            with self._lock:
-                callback = self._pending.pop(body.get("request_id"), None)
-            if callback is not None:
-                callback(body)
-            return
-        with self._changed:
-            self.received[msg.topic] += 1
-            self._latest[msg.topic] = body
-            self._changed.notify_all()
-
-    def expect(self, request_id: str, callback: Callable[[dict[str, Any]], None]) -> None:
-        with self._lock:
-            self._pending[request_id] = callback
-
-    def forget_pending(self) -> None:
-        with self._lock:
-            self._pending.clear()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        assert self.client is not None, "connect() first"
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise BenchError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-
-    def request(
-        self, topic: str, request_id: str, payload: bytes, timeout: float
-    ) -> dict[str, Any]:
-        """Publish and block until the reply to ``request_id`` arrives."""
-        done = threading.Event()
-        reply: dict[str, Any] = {}
-
-        def answered(body: dict[str, Any]) -> None:
-            reply.update(body)
-            done.set()
-
-        self.expect(request_id, answered)
-        self.publish(topic, payload)
-        if not done.wait(timeout):
-            raise BenchError(f"no reply to {request_id} on {topic} within {timeout:g} s")
-        return reply
-
-    def wait_topic(
-        self, topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
-    ) -> dict[str, Any]:
-        with self._changed:
-            found = self._changed.wait_for(
-                lambda: topic in self._latest and predicate(self._latest[topic]), timeout
-            )
-            if not found:
-                raise BenchError(f"{what} (within {timeout:g} s); last: {self._latest.get(topic)}")
-            return self._latest[topic]
-
-
 class Responder:
     """The floor's far end: a paho client that publishes each request back, QoS 1."""
 
@@ -427,7 +158,7 @@ class Responder:
             protocol=paho.MQTTv5,
         )
         self.client.max_inflight_messages_set(1000)
-        self.client.on_socket_open = _nodelay
+        self.client.on_socket_open = nodelay
         self.client.on_connect = lambda c, *args: c.subscribe(FLOOR_REQUEST, qos=1)
         self.client.on_subscribe = lambda *args: self._ready.set()
         self.client.on_message = self._on_message
@@ -447,31 +178,6 @@ class Responder:
             self._ready.clear()
             self.client.disconnect()
             self.client.loop_stop()
-
-
-def invoke_body(function_id: str, seq: int) -> tuple[str, bytes]:
-    """(request_id, JSON invoke request): the same bytes go to the floor and to the agent."""
-    rid = uuid.uuid4().hex
-    body = {"request_id": rid, "function_id": function_id, "payload": {"seq": seq, "pad": "x" * 32}}
-    return rid, json.dumps(body).encode()
-
-
-def source_spec(fid: str, source: str, **over: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "id": fid,
-        "name": fid,
-        "version": "1",
-        "entrypoint": f"bench_{fid}:handler",
-        "code": {
-            "format": "source",
-            "data": source,
-            "sha256": hashlib.sha256(source.encode()).hexdigest(),
-        },
-        "memory_mb": 128,
-        "timeout_seconds": 10,
-    }
-    spec.update(over)
-    return spec
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -627,7 +333,7 @@ def measure_memory(agent_pid: int, bare_pid: int, reads: int = 3) -> dict[str, A
 
 
 def measure_restart(
-    broker: Broker, requester: Requester, repeats: int
+    broker: Mosquitto, requester: Requester, repeats: int
 ) -> tuple[list[float], list[float]]:
     """Seconds from the new broker accepting TCP to the first invoke answered, per restart;
     and the requester's own reconnect time (done first; it overlaps the agent's backoff)."""
@@ -636,7 +342,8 @@ def measure_restart(
     for _ in range(repeats):
         requester.close()
         broker.stop()
-        up = broker.start()
+        up = broker.start().started_at
+        assert up is not None
         requester.connect()
         requester_s.append(time.monotonic() - up)
         answered_at: list[float] = []
@@ -670,10 +377,6 @@ def measure_restart(
 
 
 # -- the section -----------------------------------------------------------------------------
-
-
-def _children() -> list[int]:
-    return [child.pid for child in psutil.Process().children(recursive=True)]
 
 
 def _memory_rows(mem: dict[str, Any], after_load: dict[str, Any]) -> list[dict[str, Any]]:
@@ -729,10 +432,10 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-mqtt-")))
-        broker = Broker(workdir)
+        broker = Mosquitto(workdir)
         broker.start()
         stack.callback(broker.stop)
-        agent = AgentProcess(workdir, broker.port)
+        agent = bench_agent(workdir, broker.port)
         agent.start()
         stack.callback(agent.stop)
         bare = BareClient(broker.port)
@@ -858,7 +561,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     ]
     if agent_returncode != 0:
         notes.append(f"WARNING: the agent exited with {agent_returncode} on SIGTERM")
-    leaked = _children()
+    leaked = children()
     if leaked:
         notes.append(f"LEAK: child processes still alive after closing: {leaked}")
     return {"title": TITLE, "rows": rows, "notes": notes, "leaked_children": leaked}
@@ -1007,26 +710,22 @@ def phases(count: int = 2000) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-phases-") as tmp:
         workdir = Path(tmp)
         out = workdir / "phases.json"
-        broker = Broker(workdir)
+        broker = Mosquitto(workdir)
         broker.start()
-        agent = AgentProcess(workdir, broker.port)
+        agent = bench_agent(workdir, broker.port)
         requester = Requester(broker.port, [REPLY_TOPIC], [STATUS_TOPIC, STATE_TOPICS])
         try:
-            with agent.log_path.open("ab") as log:
-                agent.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        "import sys; sys.path.insert(0, sys.argv[1]); import bench_mqtt; "
-                        "sys.exit(bench_mqtt.agent_with_timers(sys.argv[2], sys.argv[3]))",
-                        str(Path(__file__).resolve().parent),
-                        str(out),
-                        str(agent.config_path),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=ROOT,
-                )
+            agent.start(
+                argv=[
+                    sys.executable,
+                    "-c",
+                    "import sys; sys.path.insert(0, sys.argv[1]); import bench_mqtt; "
+                    "sys.exit(bench_mqtt.agent_with_timers(sys.argv[2], sys.argv[3]))",
+                    str(Path(__file__).resolve().parent),
+                    str(out),
+                    str(agent.config_path),
+                ]
+            )
             requester.connect()
             deploy_functions(requester, agent.pid)
             _timed_roundtrips(requester, INVOKE_TOPIC, 200)

@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import EdgeFunction, EdgeNode, EdgeRuntime
-from agent.exec.metrics import percentile
+from agent import EdgeFunction
+from testing.bench import children, latency_row, new_runtime, time_calls
 
 TITLE = "Function runtime (agent/exec/pool/, agent/exec/worker.py)"
 
@@ -52,48 +52,6 @@ _NAIVE_CHILD = "import sys; sys.stdout.write(sys.argv[1])"
 
 def identity(x: Any) -> Any:
     return x
-
-
-def latency_row_us(name: str, samples_us: list[float], **extra: Any) -> dict[str, Any]:
-    """A table row of latencies in microseconds (nearest-rank percentiles); other sections
-    (bench_mqtt) build theirs with it too."""
-    ordered = sorted(samples_us)
-    return {
-        "name": name,
-        "n": len(ordered),
-        "p50_us": round(percentile(ordered, 50), 2),
-        "p99_us": round(percentile(ordered, 99), 2),
-        "mean_us": round(sum(ordered) / len(ordered), 2),
-        "min_us": round(ordered[0], 2),
-        "max_us": round(ordered[-1], 2),
-        "rate": None,
-        "ratio": None,
-        "target": None,
-        "passed": None,
-        **extra,
-    }
-
-
-def latency_row(name: str, samples_ns: list[int], **extra: Any) -> dict[str, Any]:
-    return latency_row_us(name, [ns / 1000 for ns in samples_ns], **extra)
-
-
-def time_calls(call: Callable[[int], object], count: int, warmup: int) -> list[int]:
-    """Per-call latencies in ns of ``call(i)`` after ``warmup`` unmeasured calls."""
-    for i in range(warmup):
-        call(i)
-    gc.collect()
-    samples = [0] * count
-    clock = time.perf_counter_ns
-    for i in range(count):
-        start = clock()
-        call(i)
-        samples[i] = clock() - start
-    return samples
-
-
-def new_runtime(**kwargs: Any) -> EdgeRuntime:
-    return EdgeRuntime(EdgeNode(id="bench", name="bench"), **kwargs)
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -314,14 +272,6 @@ def measure_naive(count: int, warmup: int, warm_p50: float) -> dict[str, Any]:
     return row
 
 
-def _children() -> list[int]:
-    try:
-        import psutil
-    except ImportError:
-        return []
-    return [child.pid for child in psutil.Process().children(recursive=True)]
-
-
 def run(quick: bool = False) -> dict[str, Any]:
     scale = 10 if quick else 1
     warm_n, cold_n, naive_n = 5_000 // scale, 200 // scale, 100 // scale
@@ -335,7 +285,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     many = measure_many_callers(throughput_n // 2)
     naive = measure_naive(naive_n, warmup=3, warm_p50=warm["p50_us"])
 
-    leaked = _children()
+    leaked = children()
     rows = [floor, warm, pool_warm, cold, cold0, throughput, many, naive]
     notes = [
         "Latencies are per call from the caller's thread (perf_counter_ns), nearest-rank "

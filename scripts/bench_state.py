@@ -5,9 +5,9 @@ write set commits (one SQLite transaction with the reply and the ``sync/delta``)
 still holds the worker, and with ``concurrency > 1`` an optimistic check fails an invocation
 whose keys changed since its snapshot with error type ``conflict`` (agent/contract/statecheck.py).
 
-Over a real mosquitto and a real agent, started with bench_mqtt's ``Broker`` and
-``AgentProcess`` (``runtime.max_workers`` raised to 20 so that every function below keeps
-its warm workers), with ``WINDOW`` invokes in flight as in the MQTT throughput row:
+Over a real mosquitto and a real agent, started with the harness's ``Mosquitto`` and
+``testing.bench.bench_agent`` (``runtime.max_workers`` raised to 20 so that every function
+below keeps its warm workers), with ``WINDOW`` invokes in flight as in the MQTT throughput row:
 
 - concurrency 1: ``stateless`` (``def handler(event): return event``), ``context`` (takes
   ``context``, touches no state: the snapshot is shipped, nothing commits) and ``counter``
@@ -37,17 +37,15 @@ import os
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import tomli_w
 
-# The MQTT section's harness, imported rather than copied (``_children`` is private there).
-from bench_mqtt import (
+from agent import EdgeFunction, EdgeSynchronizer
+from testing.bench import (
     ECHO_SOURCE,
     INVOKE_TOPIC,
     NODE,
@@ -56,20 +54,20 @@ from bench_mqtt import (
     STATE_TOPICS,
     STATUS_TOPIC,
     WINDOW,
-    AgentProcess,
     BenchError,
-    Broker,
     Requester,
-    _children,
+    bench_agent,
+    children,
     info_row,
     invoke_body,
+    latency_row_us,
+    new_runtime,
     source_spec,
+    time_calls,
     wait_until,
 )
-from bench_runtime import latency_row as latency_row_ns
-from bench_runtime import latency_row_us, new_runtime, time_calls
-
-from agent import EdgeFunction, EdgeSynchronizer
+from testing.bench import latency_row as latency_row_ns
+from testing.broker import Mosquitto
 
 TITLE = (
     "Handler state consistency (agent/exec/context.py, agent/contract/statecheck.py): "
@@ -209,16 +207,6 @@ class StateBench:
 DELTA_LINGER_MS = float(os.environ.get("EDGE_BENCH_DELTA_LINGER_MS", "20"))
 
 
-def configure_agent(agent: AgentProcess) -> None:
-    """bench_mqtt's AgentProcess writes its config in the constructor and takes no runtime
-    settings: add ``[runtime] max_workers`` and ``[outbox] delta_linger_ms`` to that file
-    before ``start()``."""
-    config = tomllib.loads(agent.config_path.read_text())
-    config.setdefault("runtime", {})["max_workers"] = MAX_WORKERS
-    config.setdefault("outbox", {})["delta_linger_ms"] = DELTA_LINGER_MS
-    agent.config_path.write_text(tomli_w.dumps(config))
-
-
 def deploy(bench: StateBench, agent_pid: int) -> None:
     requester = bench.requester
     requester.wait_topic(
@@ -254,11 +242,15 @@ def deploy(bench: StateBench, agent_pid: int) -> None:
 def measure_mqtt(total: int) -> tuple[dict[str, Tally], list[int], int | None]:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-state-")))
-        broker = Broker(workdir)
+        broker = Mosquitto(workdir)
         broker.start()
         stack.callback(broker.stop)
-        agent = AgentProcess(workdir, broker.port)
-        configure_agent(agent)
+        agent = bench_agent(
+            workdir,
+            broker.port,
+            runtime={"max_workers": MAX_WORKERS},
+            outbox={"delta_linger_ms": DELTA_LINGER_MS},
+        )
         agent.start()
         stack.callback(agent.stop)
         requester = Requester(broker.port, [REPLY_TOPIC], [STATUS_TOPIC, STATE_TOPICS, DELTA_TOPIC])
@@ -469,7 +461,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     ]
     if returncode != 0:
         notes.append(f"WARNING: the agent exited with {returncode} on SIGTERM")
-    leaked = _children()
+    leaked = children()
     if leaked:
         notes.append(f"LEAK: child processes still alive after closing: {leaked}")
     return {

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,16 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import tomli_w
-from bench_mqtt import (
-    BenchError,
-    Broker,
-    _nodelay,
-    info_row,
-    latency_row,
-    source_spec,
-    wait_until,
-)
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud.mirror import MirrorClient, SyncMirror
@@ -58,6 +47,11 @@ from agent.contract import protocol
 from agent.models import state_checksum
 from agent.mqtt import MqttSettings
 from agent.store import Store
+from testing.agent_process import AgentProcess
+from testing.bench import BenchError, info_row, source_spec, wait_until
+from testing.bench import latency_row_us as latency_row
+from testing.broker import Mosquitto
+from testing.cloud import nodelay
 
 TITLE = (
     "State sync (agent/store/sync.py, agent/edge/statesync.py, agent/cloud/mirror.py): "
@@ -216,7 +210,7 @@ class Cloud:
             protocol=paho.MQTTv5,
         )
         self.client.max_inflight_messages_set(0)  # unbounded: a burst goes out at once
-        self.client.on_socket_open = _nodelay
+        self.client.on_socket_open = nodelay
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
 
@@ -261,58 +255,38 @@ class Cloud:
         return self.client.publish(topic, json.dumps(body).encode(), qos=1, retain=retain)
 
 
-class Agent:
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.state_dir = workdir / "state"
-        self.config_path = workdir / "agent.toml"
-        self.log_path = workdir / "agent.log"
-        config = {
-            "node": {"id": NODE, "capabilities": ["python"]},
-            "mqtt": {"host": "127.0.0.1", "port": port},
-            "agent": {
-                "state_dir": str(self.state_dir),
-                "heartbeat_interval_s": 1.0,
-                "log_level": "warning",
-            },
-            # the daemon refuses invokes past max_workers * 2 + max_queue accepted at once
-            "runtime": {"max_workers": 4, "max_queue": 2 * CHANGES},
-        }
-        self.config_path.write_text(tomli_w.dumps(config))
-        self.proc: subprocess.Popen[bytes] | None = None
+def sync_agent(workdir: Path, port: int) -> AgentProcess:
+    """The section's agent (not started): a 1 s heartbeat, warning logs, room for a burst."""
+    base = {
+        "node": {"id": NODE, "capabilities": ["python"]},
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "agent": {
+            "state_dir": str(workdir / "state"),
+            "heartbeat_interval_s": 1.0,
+            "log_level": "warning",
+        },
+        # the daemon refuses invokes past max_workers * 2 + max_queue accepted at once
+        "runtime": {"max_workers": 4, "max_queue": 2 * CHANGES},
+    }
+    return AgentProcess(workdir, port, NODE, base=base)
 
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
 
-    def stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        proc.terminate()
-        try:
-            return proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(5)
-
-    def stored_version(self) -> int:
-        with Store(self.state_dir / "state.db") as store:
-            return store.sync_state()[0]
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+def stored_version(agent: AgentProcess) -> int:
+    """The state version in the agent's own database (read while it runs)."""
+    with Store(agent.state_dir / "state.db") as store:
+        return store.sync_state()[0]
 
 
 def one_burst(
-    broker: Broker, cloud: Cloud, agent: Agent, mirror: MirrorClient, workdir: Path, n: int
+    broker: Mosquitto,
+    cloud: Cloud,
+    agent: AgentProcess,
+    mirror: MirrorClient,
+    workdir: Path,
+    n: int,
 ) -> dict[str, Any]:
     assert broker.proc is not None
-    base = agent.stored_version()
+    base = stored_version(agent)
     gate = workdir / f"gate-{uuid.uuid4().hex[:8]}"
     rng = random.Random(n + base)
     replies_before = cloud.replies
@@ -341,7 +315,7 @@ def one_burst(
         gate.touch()
         committed_at = time.monotonic()
         wait_until(
-            lambda: agent.stored_version() == base + n,
+            lambda: stored_version(agent) == base + n,
             60,
             f"the agent did not commit {n} changes while the broker was frozen",
             0.01,
@@ -371,12 +345,11 @@ def one_burst(
 def measure_convergence(workdir: Path, n: int, reps: int) -> list[dict[str, Any]]:
     bursts: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        broker = Broker(workdir)
-        with broker.conf.open("a") as conf:
-            conf.write("max_inflight_messages 0\n")  # hold every invoke of a burst at once
+        # max_inflight_messages 0: hold every invoke of a burst at once
+        broker = Mosquitto(workdir, extra="max_inflight_messages 0\n")
         broker.start()
         stack.callback(broker.stop)
-        agent = Agent(workdir, broker.port)
+        agent = sync_agent(workdir, broker.port)
         agent.start()
         stack.callback(agent.stop)
         cloud = Cloud(broker.port).connect()

@@ -6,6 +6,11 @@ under test is not installed yet when this starts, and is purged before it ends).
 rewrites ``/edge-agent-test/out/results.json`` after every check so that the host sees how
 far it got even if the container is killed. Each check is timed with the monotonic clock;
 every wait polls with a deadline and fails with what did not happen.
+
+It is copied alone into the container, so it cannot import the repository's harness
+(``testing/``): its :func:`wait_for`, MQTT client calls (mosquitto_pub/_sub/_rr) and spec
+builder are its own on purpose. It never launches a broker: the container's mosquitto is
+started by its Debian package under systemd (tests/test_harness.py allows this file).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Helpers for the supervision tests: deadline polling and leak checks on processes and fds.
+"""Helpers for the supervision tests: leak checks on processes and fds, threads, scripts.
 
-Nothing here sleeps to synchronise: :func:`wait_for` polls a condition until a monotonic
-deadline and fails with a message that says what did not happen. :func:`leak_check` records
+Nothing here sleeps to synchronise: :func:`testing.wait.wait_for` (the harness's) polls a
+condition until a monotonic deadline and fails with a message that says what did not
+happen. :func:`leak_check` records
 this process's children and open fds before a test and, after the runtime under test is
 closed, asserts that every child it started is gone (reaped, not a zombie) and that the fd
 count is back.
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
-from conftest import wait_for
 
 from agent import EdgeNode, EdgeRuntime
+from testing.wait import wait_for
 
 T = TypeVar("T")
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from conftest import AgentProcess, Cloud, run_cli, source_spec
+from conftest import run_cli, source_spec
 
 from agent import __version__
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
 
 AgentFactory = Callable[..., AgentProcess]
 

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Mosquitto, NatsCluster, wait_for
 from test_cluster_failover import connect as connect_nats
 from test_cluster_failover import deploy as deploy_nats
 
 from agent.cloud import function_spec
 from agent.local.cluster import EdgeCluster
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto, NatsCluster
+from testing.wait import wait_for
 
 COUNTING = """\
 import time

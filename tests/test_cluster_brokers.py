@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mosquitto, free_port, wait_for
 
 from agent.config import ConfigError, parse_config
 from agent.mqtt import Connected, MqttClient, MqttEvent, MqttSettings, list_backoff_delay
+from testing.broker import Mosquitto
+from testing.ports import free_port
+from testing.wait import wait_for
 
 
 def test_backoff_over_a_list_grows_per_pass_and_is_jittered() -> None:

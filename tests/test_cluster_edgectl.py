@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, Mosquitto, NatsCluster, free_port, wait_for
 
 from agent.cloud import ctl
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto, NatsCluster
+from testing.ports import free_port
+from testing.wait import wait_for
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str, float]:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, NatsCluster, wait_for
 
 from agent.cloud import FleetController, RemoteResult, function_spec
 from agent.contract import protocol
 from agent.local.cluster import EdgeCluster
 from agent.models import EdgeNodeStatus
+from testing.agent_process import AgentProcess
+from testing.broker import NatsCluster
+from testing.wait import wait_for
 
 pytestmark = [pytest.mark.cluster_broker, pytest.mark.slow]
 

@@ -9,11 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, wait_for
 
 from agent.cloud import FleetView, ctl
 from agent.contract import protocol
 from agent.models import EdgeNodeStatus
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 
 def status(node_id: str, age_s: float, *, interval: float = 1.0, refresh: float = 3.0) -> bytes:

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, NatsCluster, wait_for
 from test_cluster_failover import connect, start_agent, wait_online
 
 from agent.cloud import RolloutReport, ctl, function_spec
 from agent.models import EdgeNodeStatus
+from testing.agent_process import AgentProcess
+from testing.broker import NatsCluster
+from testing.wait import wait_for
 
 pytestmark = [pytest.mark.cluster_broker, pytest.mark.slow]
 

@@ -9,7 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import AgentProcess, Cloud, source_spec
+from conftest import source_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

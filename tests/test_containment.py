@@ -19,7 +19,11 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import AgentProcess, Cloud, needs_isolation, source_spec, wait_for
+from conftest import needs_isolation, source_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

@@ -9,7 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, make_zip, source_spec, wait_for, zip_spec
+from conftest import make_zip, source_spec, zip_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 STATE = "edge/nodes/gw-test/functions/{}/state"

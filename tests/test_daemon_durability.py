@@ -14,7 +14,12 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
+from conftest import cli_status, source_spec
+
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
+from conftest import source_spec
+
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-inv"
 REPLIES = f"edge/nodes/{NODE}/replies"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import AgentProcess, Cloud, source_spec
+from conftest import source_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
 
 SENSOR = (
     "def handler(event):\n"

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, AgentProcess, Mosquitto, free_port, wait_for
-from fleetutil import SimFleet, sim_fleet
 
 from agent.cloud import ctl
+from testing.agent_process import REPO, AgentProcess
+from testing.broker import Mosquitto
+from testing.fleet_sim import SimFleet, sim_fleet
+from testing.ports import free_port
+from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec
+from conftest import source_spec
+
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"

@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import AgentProcess, Cloud, make_zip, source_spec, zip_spec
+from conftest import make_zip, source_spec, zip_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
 
 NODE = "gw-test"
 STATE = "edge/nodes/gw-test/functions/{}/state"

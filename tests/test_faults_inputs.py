@@ -23,7 +23,9 @@ import pytest
 from agent.contract import protocol
 from agent.edge import fetch
 from agent.errors import DeploymentRejected
-from tests.conftest import AgentProcess, Cloud, source_spec
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
+from tests.conftest import source_spec
 
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
 MB = 1024 * 1024

@@ -13,15 +13,10 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent.cloud import ctl
-from tests.conftest import (
-    AgentProcess,
-    Cloud,
-    NatsServer,
-    TcpProxy,
-    cli_status,
-    run_cli,
-    source_spec,
-)
+from testing.agent_process import AgentProcess
+from testing.broker import NatsServer
+from testing.cloud import Cloud
+from tests.conftest import TcpProxy, cli_status, run_cli, source_spec
 
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
 

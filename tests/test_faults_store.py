@@ -25,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, cli_status, source_spec, wait_for
+from conftest import cli_status, source_spec
 
 from agent.contract import protocol
 from agent.store import Store
 from agent.trust import Signer, generate_keypair
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"

@@ -9,14 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, Mosquitto, free_port, wait_for
-from fleetutil import connect, sim_fleet, wait_status
 
 from agent.cloud import BrokerUnreachable, RemoteRuntime, ReplyTimeout, function_spec
 from agent.cloud import invoke as invoke_module
 from agent.errors import FunctionNotFound, FunctionTimeout, HandlerError
 from agent.models import EdgeNode, EdgeNodeStatus
 from agent.mqtt import Message
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import connect, wait_status
+from testing.fleet_sim import sim_fleet
+from testing.ports import free_port
+from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import AgentProcess, Mosquitto, wait_for
-from fleetutil import connect, sim_fleet, versioned_module, wait_status
+from fleetutil import versioned_module
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud import deploy as deploy_module
@@ -22,6 +21,11 @@ from agent.contract import protocol
 from agent.local.cluster import EdgeCluster
 from agent.models import EdgeNodeStatus
 from agent.trust import generate_keypair
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import connect, wait_status
+from testing.fleet_sim import sim_fleet
+from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
 NODES = ("gw-a", "gw-b", "gw-c")

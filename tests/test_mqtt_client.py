@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Cloud, Mosquitto, wait_for
 
 from agent.mqtt import (
     Connected,
@@ -30,6 +29,9 @@ from agent.mqtt import (
 )
 from agent.mqtt.pubacks import PubackWatchdog
 from agent.mqtt.version import VersionChoice, will_hint
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 
 class Events:

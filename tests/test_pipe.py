@@ -14,13 +14,14 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from procutil import in_thread, leak_check, wait_for
+from procutil import in_thread, leak_check
 
 from agent.errors import FunctionTimeout, HandlerError, MemoryLimitExceeded, WorkerCrashed
 from agent.exec import pipe
 from agent.exec.pool import FunctionConfig, Worker, WorkerPool
 from agent.exec.pool import process as pool_process
 from agent.exec.pool.sampler import Watched
+from testing.wait import wait_for
 
 DEADLINE_S = 10.0
 

@@ -20,11 +20,11 @@ from procutil import (
     max_overlap,
     pid_is_gone,
     run_threads,
-    wait_for,
 )
 
 from agent import EdgeFunction, EdgeRuntime, FunctionNotFound, HandlerError, Overloaded
 from agent.exec.pool import FunctionConfig, WorkerPool
+from testing.wait import wait_for
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, RabbitMQ, source_spec, wait_for
+from conftest import source_spec
 
 from agent.cloud import FleetController, ctl
 from agent.contract import protocol
@@ -34,6 +34,10 @@ from agent.contract.specindex import (
 )
 from agent.errors import BadRequest
 from agent.local.cluster import EdgeCluster
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto, RabbitMQ
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 ECHO = "def handler(event, context=None):\n    return {'echo': event, 'fn': %r}\n"
 

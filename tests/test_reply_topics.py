@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
-from fleetutil import connect, wait_status
+from conftest import source_spec
 
 from agent.config import ConfigError, load_config
 from agent.contract import protocol
 from agent.models import EdgeNodeStatus
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud, connect, wait_status
+from testing.wait import wait_for
 
 NODE = "gw-rt"  # mqtt.reply_prefixes empty: the contract rule alone
 LISTED = "gw-rtp"  # mqtt.reply_prefixes = ["app/replies/"]

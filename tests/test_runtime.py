@@ -38,7 +38,6 @@ from procutil import (
     leak_check,
     pid_is_gone,
     run_script,
-    wait_for,
 )
 
 from agent import (
@@ -55,6 +54,7 @@ from agent import (
     WorkerCrashed,
 )
 from agent.exec.pool import BASE_ENV, WorkerLimits, WorkerPool
+from testing.wait import wait_for
 
 #: Crash tests use a generous memory_mb so that a crash is never mistaken for a memory death
 #: by the RSS heuristic (see test_crash_is_not_memory_when_parent_rss_was_high).

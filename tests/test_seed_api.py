@@ -17,14 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procutil import (
-    RuntimeFactory,
-    leak_check,
-    pid_is_gone,
-    processes_with_cwd,
-    run_script,
-    wait_for,
-)
+from procutil import RuntimeFactory, leak_check, pid_is_gone, processes_with_cwd, run_script
 
 import agent
 from agent import (
@@ -41,6 +34,7 @@ from agent import (
     InvocationRecord,
     SyncState,
 )
+from testing.wait import wait_for
 
 QUICK_START = """\
 from agent import EdgeNode, EdgeFunction, EdgeRuntime

@@ -29,12 +29,16 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import REPO, AgentProcess, Cloud, Mosquitto, source_spec, wait_for
+from conftest import source_spec
 
 from agent import EdgeCluster
 from agent.cloud.mirror import MirrorClient
 from agent.errors import StateConflict
 from agent.store import Store
+from testing.agent_process import REPO, AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

@@ -18,10 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import AgentProcess, Cloud, Mosquitto, TcpProxy, source_spec, wait_for
+from conftest import TcpProxy, source_spec
 
 from agent.cloud.mirror import MirrorClient
 from agent.store import Store
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

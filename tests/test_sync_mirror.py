@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
+from conftest import source_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +33,10 @@ from agent.edge.statesync import StateSync
 from agent.errors import StoreError
 from agent.mqtt import MqttSettings
 from agent.store import Store
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 NODE = "n1"
 T = f"edge/nodes/{NODE}/sync/"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from conftest import AgentProcess, Cloud, source_spec
+from conftest import source_spec
+
+from testing.agent_process import AgentProcess
+from testing.cloud import Cloud
 
 COUNTER = (
     "def handler(event, context):\n"

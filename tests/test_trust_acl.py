@@ -15,10 +15,11 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import Mosquitto, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud import ctl
+from testing.broker import Mosquitto
+from testing.wait import wait_for
 
 USERS = {"gw-1": "pw-gw-1", "gw-2": "pw-gw-2", "ctl": "pw-ctl"}
 

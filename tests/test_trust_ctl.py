@@ -15,14 +15,17 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import AgentProcess, Mosquitto, wait_for
-from fleetutil import connect, versioned_module
+from fleetutil import versioned_module
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud import ctl, function_spec
 from agent.contract import protocol
 from agent.errors import DeploymentRejected
 from agent.exec import bundles
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import connect
+from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
 

@@ -17,10 +17,14 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import AgentProcess, Cloud, Mosquitto, source_spec, wait_for
+from conftest import source_spec
 
 from agent.contract import protocol
 from agent.trust import Signer, generate_keypair
+from testing.agent_process import AgentProcess
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
 NODE = "gw-2"
