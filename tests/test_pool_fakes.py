@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import wait_for
 from procutil import in_thread
 
 from agent.errors import (
@@ -35,6 +34,7 @@ from testing.spawner import (
     FakeSpawner,
     Script,
 )
+from testing.wait import wait_for
 
 #: Long enough never to be reached by a passing test; a broken one fails at SETTLE_S.
 QUEUE_TIMEOUT_S = 30.0
