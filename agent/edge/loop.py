@@ -301,7 +301,7 @@ class Agent:
             self.mqtt.start()
         while not self._stopping:
             self.step(self._next_timer_in())
-        return self._shutdown()
+        return self.shutdown()
 
     def step(self, timeout: float = 0.0) -> bool:
         """Handle at most one event (waiting up to ``timeout`` seconds for one), then run
@@ -357,7 +357,7 @@ class Agent:
         except Exception:
             log.exception("bug while handling %s", type(event).__name__)
 
-    def _shutdown(self) -> int:
+    def shutdown(self) -> int:
         """Drain in-flight invocations and the outbox within the grace period, then exit 0."""
         clock = self._clock
         inflight = self.invocations.inflight
