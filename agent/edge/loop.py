@@ -43,11 +43,11 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, load_config
+from agent.config import Config
 from agent.contract import protocol
 from agent.contract.specindex import IndexFollower
 from agent.edge.deploy_prepare import Deployer, DeployOutcome
@@ -55,6 +55,7 @@ from agent.edge.deploy_reconcile import DeploymentController
 from agent.edge.invocations import Invocation, Invocations, InvokeDone
 from agent.edge.isolation import FunctionIdentities
 from agent.edge.outbox import OutboxPump
+from agent.edge.reload import read_reload
 from agent.edge.replies import Replies
 from agent.edge.spec_intake import SpecIntake
 from agent.edge.statesync import StateSync
@@ -597,29 +598,12 @@ class Agent:
             return
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
-            trust = TrustPolicy.from_files(
-                new.trust.keys,
-                require_signed=new.trust.require_signed,
-                node_id=self.config.node.id,
-            )
+            change = read_reload(self.config_path, self.config)
         except AgentError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notifier.ready()
             return
-        old = self.config
-        # What runs keeps these until a restart: the identity, the connection, the files,
-        # and the uid workers are spawned with.
-        running = replace(
-            new,
-            node=old.node,
-            mqtt=old.mqtt,
-            agent=replace(
-                new.agent, state_dir=old.agent.state_dir, durability=old.agent.durability
-            ),
-            runtime=replace(new.runtime, worker_user=old.runtime.worker_user),
-        )
-        restart_needed = [key for key, (a, b) in _changed_keys(new, running).items() if a != b]
+        new, running, restart_needed = change.new, change.running, change.restart_needed
         set_level(new.agent.log_level)
         self.store.set_limits(max_messages=new.outbox.max_messages, max_bytes=new.outbox.max_bytes)
         self.outbox.delta_linger_s = new.outbox.delta_linger_ms / 1000.0
@@ -630,7 +614,7 @@ class Agent:
             prestart=new.runtime.prestart,
         )
         self.deployer.runtime = running.runtime
-        self.deployments.set_trust(trust)  # a removed key is revoked now
+        self.deployments.set_trust(change.trust)  # a removed key is revoked now
         self.config = running
         if self.uplink.connected:
             self.telemetry.publish_status("online")  # its retained "trust" may have changed
@@ -640,13 +624,3 @@ class Agent:
         if restart_needed:
             log.warning("changes to %s take effect after a restart", ", ".join(restart_needed))
         self.notifier.ready()
-
-
-def _changed_keys(new: Config, running: Config) -> dict[str, tuple[object, object]]:
-    """``section.key`` -> (in the file, running) for every key; callers keep the differing."""
-    out: dict[str, tuple[object, object]] = {}
-    for section in ("node", "mqtt", "agent", "runtime", "outbox"):
-        a, b = getattr(new, section), getattr(running, section)
-        for name in a.__dataclass_fields__:
-            out[f"{section}.{name}"] = (getattr(a, name), getattr(b, name))
-    return out
