@@ -27,6 +27,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
+from agent.edge.uplink import Transport
 from agent.errors import EdgeExecutionError, FunctionNotFound
 from agent.exec.pool import ContextInput, FunctionConfig, InvokeResult, Worker, WorkerPool
 from agent.exec.pool.core import ContextSource, OnResult
@@ -377,3 +378,7 @@ class InlineExecutor(Executor):
         except BaseException as exc:  # the Future carries it, as a thread's would
             future.set_exception(exc)
         return future
+
+
+def _is_a_transport(client: FakeMqttClient) -> Transport:
+    return client  # mypy checks the fake against what the daemon calls

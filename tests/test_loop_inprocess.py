@@ -10,6 +10,7 @@ threads are real (they install the code), so a deployment is waited for with a d
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import uuid
@@ -24,7 +25,9 @@ from conftest import source_spec
 from agent.config import parse_config
 from agent.contract import protocol
 from agent.edge.loop import Agent
+from agent.edge.store_faults import STORE_RETRY_S
 from agent.edge.systemd import Notifier
+from agent.errors import StoreError
 from agent.exec.pool import ContextInput
 from agent.store import Store
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
@@ -257,4 +260,31 @@ def test_an_invoke_for_a_function_not_deployed_is_answered_and_not_remembered(
     [reply] = loop.replies()
     assert (reply["request_id"], reply["error"]["type"]) == (rid, "function_not_found")
     assert loop.store.dedupe_get(rid) is None  # a retry after the deploy runs it
+    loop.settle()
+
+
+def test_a_failing_store_degrades_the_node_until_the_retry_timer_finds_it_writable(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop.deploy("echo")
+    loop.settle()
+
+    def disk_full(*args: Any, **kwargs: Any) -> int:
+        raise StoreError("database or disk is full") from OSError(errno.ENOSPC, "No space")
+
+    monkeypatch.setattr(loop.store, "record_reply", disk_full)
+    rid = loop.invoke("echo", "anyway")
+    loop.agent.run_until_idle()
+    [reply] = loop.replies()
+    assert (reply["request_id"], reply["result"]) == (rid, "anyway")  # published directly
+    assert loop.outbox_kinds() == []
+    status = loop.mqtt.json_on(loop.topics.status)[-1]
+    assert status["status"] == "degraded" and "disk full" in status["degraded"][0]
+    monkeypatch.undo()  # the disk has room again; the probe finds out on its timer
+    loop.clock.advance(STORE_RETRY_S / 2)
+    loop.agent.step()
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "degraded"
+    loop.clock.advance(STORE_RETRY_S)
+    loop.agent.step()
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
     loop.settle()

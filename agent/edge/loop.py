@@ -59,7 +59,7 @@ from agent.edge.reload import read_reload
 from agent.edge.replies import Replies
 from agent.edge.spec_intake import SpecIntake
 from agent.edge.statesync import StateSync
-from agent.edge.store_faults import StoreFaults, salvage, sweep_outbox
+from agent.edge.store_faults import StoreFaults, open_store, salvage, sweep_outbox
 from agent.edge.systemd import Notifier, set_level
 from agent.edge.telemetry import STATUS_REFRESH_HEARTBEATS, Telemetry
 from agent.edge.uplink import Transport, Uplink
@@ -252,17 +252,7 @@ class Agent:
 
     def boot(self) -> None:
         """Load local state and serve it: no broker needed. Sends READY=1."""
-        self.store.open(repair=True)  # PRAGMA quick_check; a damaged file is moved aside
-        repaired = self.store.repaired
-        if repaired is not None and self.store.repaired_now:
-            log.error(
-                "the state database was damaged (%s): moved to %s and replaced by an empty "
-                "one; outbox messages lost: %s; functions come back as their retained specs "
-                "arrive",
-                "; ".join(repaired["problems"]),
-                repaired["moved_to"],
-                "unknown" if repaired["lost_outbox"] is None else repaired["lost_outbox"],
-            )
+        repaired = open_store(self.store)  # a damaged file is moved aside: salvaged below
         self.sync.boot()
         isolation = self.identities.start(self.pool.python)
         if isolation.mode == "uid":
@@ -281,7 +271,7 @@ class Agent:
                 isolation.reason,
             )
         self.pool.start()
-        if repaired is not None and self.store.repaired_now:
+        if repaired is not None:
             salvage(self.store, self.deployments, repaired)
         restored = self.deployments.restore()
         log.info("restored %d deployed functions from %s", restored, self.store.path)

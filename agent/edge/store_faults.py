@@ -4,7 +4,8 @@ Owns: whether the store fails now and why (``reason``, "degraded" in the status 
 probe writes again), the ``store_retry`` timer that probes it, what could not be stored
 meanwhile (retained specs, by topic; answered invokes whose accepted record could not be
 deleted) and the catch-up once it takes writes again; the outbox sweep that deletes rows
-the broker acknowledged while their delete failed; the salvage of a repaired database.
+the broker acknowledged while their delete failed. A damaged file at start: opening the
+store with a repair, and serving again what the damaged file still proves (salvage).
 
 Callers carry on without the store meanwhile (a reply published directly, a spec kept in
 memory); this module only records the fault and replays what it holds on recovery.
@@ -167,6 +168,24 @@ def sweep_outbox(
             len(stuck),
         )
     done()
+
+
+def open_store(store: Store) -> dict[str, Any] | None:
+    """Open the store, repairing it (PRAGMA quick_check; a damaged file is moved aside and
+    replaced by an empty one); the repair record when that happened now, else None."""
+    store.open(repair=True)
+    repaired = store.repaired
+    if repaired is None or not store.repaired_now:
+        return None
+    log.error(
+        "the state database was damaged (%s): moved to %s and replaced by an empty "
+        "one; outbox messages lost: %s; functions come back as their retained specs "
+        "arrive",
+        "; ".join(repaired["problems"]),
+        repaired["moved_to"],
+        "unknown" if repaired["lost_outbox"] is None else repaired["lost_outbox"],
+    )
+    return repaired
 
 
 def salvage(store: Store, deployments: DeploymentController, repaired: dict[str, Any]) -> None:
