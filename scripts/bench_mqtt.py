@@ -586,13 +586,14 @@ STAGES = (
 
 def agent_with_timers(out_path: str, config_path: str) -> int:
     """Runs *inside* the agent process (``phases``): the daemon with timestamps on its invoke
-    path, written to ``out_path`` as JSON at exit. Wraps internals of agent.edge.loop, store and
-    mqtt, so it may need updating when they change."""
+    path, written to ``out_path`` as JSON at exit. Wraps internals of agent.edge.loop (and of its
+    invocations and replies), store and mqtt, so it may need updating when they change."""
     import atexit
     import statistics
 
     from agent import mqtt, store
     from agent.contract import protocol
+    from agent.edge import invocations, replies
     from agent.edge import loop as daemon
     from agent.edge.cli import main
     from agent.exec import pool
@@ -620,13 +621,13 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
 
     agent_cls = daemon.Agent
     post, handle_invoke = agent_cls.post, agent_cls.handle_invoke
-    run_invocation, invoke_done = agent_cls._run_invocation, agent_cls.handle_invoke_done
-    send_reply, record_reply = agent_cls._send_reply, store.Store.record_reply
+    run_invocation, invoke_done = invocations.Invocations.run, agent_cls.handle_invoke_done
+    send_reply, record_reply = replies.Replies.send, store.Store.record_reply
 
     def post_w(self: Any, event: object) -> None:
         if isinstance(event, mqtt.Message):
             received[event] = clock()
-        elif isinstance(event, daemon._InvokeDone):
+        elif isinstance(event, invocations.InvokeDone):
             stamp(event.invocation.request.request_id, 4)
         post(self, event)
 
@@ -664,9 +665,9 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
 
     agent_cls.post = post_w  # type: ignore[method-assign]
     agent_cls.handle_invoke = handle_invoke_w  # type: ignore[method-assign]
-    agent_cls._run_invocation = run_invocation_w  # type: ignore[method-assign]
+    invocations.Invocations.run = run_invocation_w  # type: ignore[method-assign]
     agent_cls.handle_invoke_done = invoke_done_w  # type: ignore[method-assign]
-    agent_cls._send_reply = send_reply_w  # type: ignore[method-assign]
+    replies.Replies.send = send_reply_w  # type: ignore[method-assign]
     store.Store.record_reply = record_reply_w  # type: ignore[method-assign,assignment]
     for owner, name in (
         (store.Store, "dedupe_get"),

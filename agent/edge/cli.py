@@ -24,6 +24,7 @@ from agent.config import (
 from agent.contract import protocol
 from agent.edge.loop import Agent
 from agent.edge.systemd import Notifier
+from agent.edge.uplink import Transport
 from agent.errors import AgentError, ConfigError, StoreError
 from agent.exec.pool import WorkerLimits, WorkerPool
 from agent.mqtt import MqttClient, MqttSettings, Will
@@ -53,7 +54,7 @@ def build_agent(
     *,
     config_path: str | None = None,
     notifier: Notifier | None = None,
-    mqtt_factory: Callable[..., MqttClient] = MqttClient,
+    mqtt_factory: Callable[..., Transport] = MqttClient,
 ) -> Agent:
     """The composition root's work: build the adapters and hand them to an Agent."""
     r = config.runtime

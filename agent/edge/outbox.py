@@ -112,6 +112,11 @@ class OutboxPump:
         self._held_until: float | None = None  # a delta is held back (the store knows which)
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The monotonic clock it times retries and lingers on (the daemon hands it its own)."""
+        return self._clock
+
+    @property
     def connected(self) -> bool:
         return self._connected
 

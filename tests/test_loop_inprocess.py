@@ -1,0 +1,290 @@
+"""The daemon's loop (``agent.edge.loop.Agent``) driven in-process: no broker, no worker
+process, no sleep. A fake MQTT client, a fake clock and a fake pool (``testing.fakes``) stand
+in for paho, ``time.monotonic`` and the worker processes; the store is a real SQLite file.
+
+Each test posts events as paho's thread would (``FakeMqttClient.deliver`` / ``connect`` /
+``puback``) and steps the loop (``Agent.run_until_idle``), then checks the state the loop
+moved to: what it published, what sits in the outbox, what it acknowledged. The deployer's
+threads are real (they install the code), so a deployment is waited for with a deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import source_spec
+
+from agent.config import parse_config
+from agent.contract import protocol
+from agent.edge.loop import Agent
+from agent.edge.store_faults import STORE_RETRY_S
+from agent.edge.systemd import Notifier
+from agent.errors import StoreError
+from agent.exec.pool import ContextInput
+from agent.store import Store
+from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
+
+NODE = "gw-inproc"
+HEARTBEAT_S = 5.0
+
+
+@dataclass
+class Loop:
+    agent: Agent
+    mqtt: FakeMqttClient
+    pool: FakePool
+    clock: FakeClock
+    store: Store
+
+    @property
+    def topics(self) -> protocol.Topics:
+        return self.agent.topics
+
+    def drive(self, predicate: Callable[[], Any], message: str, timeout: float = 10.0) -> Any:
+        """Step the loop until ``predicate`` holds (threads such as the deployer's may post
+        later): a real-time deadline, never a sleep."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.agent.run_until_idle()
+            found = predicate()
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                pytest.fail(f"{message} within {timeout}s")
+            self.agent.step(0.05)  # blocks on the event queue: wakes as soon as one is posted
+
+    def deploy(self, fid: str) -> None:
+        spec = source_spec(fid, "def handler(payload):\n    return payload\n")
+        self.mqtt.deliver(self.topics.fleet_function(fid), spec, retain=True)
+        self.drive(lambda: self.state_of(fid) == "active", f"{fid} not active")
+
+    def state_of(self, fid: str) -> str | None:
+        states = self.mqtt.json_on(self.topics.function_state(fid))
+        return states[-1]["state"] if states else None
+
+    def invoke(self, fid: str, payload: Any, rid: str | None = None) -> str:
+        rid = rid or uuid.uuid4().hex
+        self.mqtt.deliver(self.topics.invoke, protocol.encode_invoke(rid, fid, payload))
+        return rid
+
+    def replies(self) -> list[dict[str, Any]]:
+        return [json.loads(s.payload) for s in self.mqtt.on(self.topics.replies)]
+
+    def outbox_kinds(self) -> list[str]:
+        return [item.kind for item in self.store.outbox_peek(100)]
+
+    def settle(self) -> None:
+        """Every PUBACK for what was sent so far, handled: an empty outbox."""
+        self.mqtt.puback_all()
+        self.agent.run_until_idle()
+        assert self.store.outbox_depth()[0] == 0, self.outbox_kinds()
+
+
+def _handlers() -> dict[str, Any]:
+    def remember_mode(payload: Any, context: ContextInput) -> Writes:
+        mode = context.desired.get("mode")
+        return Writes({"mode": mode}, {"seen": mode})
+
+    return {"stateful": remember_mode}
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Loop]:
+    state_dir = tmp_path / "state"
+    config = parse_config(
+        {
+            "node": {"id": NODE, "capabilities": ["python"]},
+            "agent": {"state_dir": str(state_dir), "heartbeat_interval_s": HEARTBEAT_S},
+            "runtime": {"function_uids": "", "max_workers": 2},
+        }
+    )
+    store = Store(state_dir / "state.db")
+    pool = FakePool(_handlers())
+    clock = FakeClock()
+    agent = Agent(
+        config,
+        store=store,
+        pool=pool,
+        notifier=Notifier(None),
+        clock=clock,
+        executor=InlineExecutor(),
+    )
+    client = FakeMqttClient(sink=agent.post)
+    agent.mqtt = client
+    agent.boot()
+    client.connect(session_present=False)
+    agent.run_until_idle()
+    yield Loop(agent, client, pool, clock, store)
+    client.disconnect()  # nothing left to drain: the stop does not wait out the grace
+    agent.request_stop()
+    agent.run_until_idle()
+    assert agent.stopping
+    assert agent.shutdown() == 0
+    assert pool.closed and client.stopped
+
+
+def test_a_retained_spec_is_deployed_and_its_active_state_published(loop: Loop) -> None:
+    assert loop.pool.functions() == []
+    spec_topic = loop.topics.fleet_function("echo")
+    loop.deploy("echo")
+    assert loop.pool.functions() == ["echo"]
+    assert [c.function_id for c in loop.pool.loads] == ["echo"]  # test-loaded once
+    state = loop.mqtt.json_on(loop.topics.function_state("echo"))[-1]
+    assert (state["state"], state["version"]) == ("active", "1")
+    sent = loop.mqtt.on(loop.topics.function_state("echo"))[-1]
+    assert sent.retain and sent.qos == 1
+    assert any(m.topic == spec_topic for m in loop.mqtt.acked)  # once stored
+    assert loop.store.get_deployment("echo") is not None
+
+
+def test_a_reply_is_durable_in_the_outbox_until_its_puback(loop: Loop) -> None:
+    loop.deploy("echo")
+    loop.settle()
+    rid = loop.invoke("echo", {"n": 1})
+    loop.agent.run_until_idle()
+    [reply] = loop.replies()
+    assert (reply["request_id"], reply["ok"], reply["result"]) == (rid, True, {"n": 1})
+    assert loop.outbox_kinds() == ["reply"]  # handed to MQTT, still kept
+    [sent] = loop.mqtt.on(loop.topics.replies)
+    assert sent.mid in loop.mqtt.unacked
+    assert any(m.topic == loop.topics.invoke for m in loop.mqtt.acked)
+    loop.mqtt.puback(sent.mid)
+    loop.agent.run_until_idle()
+    assert loop.outbox_kinds() == []  # deleted on the broker's PUBACK
+    assert loop.agent.store.dedupe_get(rid) is not None  # remembered for duplicates
+
+
+def test_invokes_answered_while_offline_wait_in_the_outbox_and_drain_in_order(
+    loop: Loop,
+) -> None:
+    loop.deploy("echo")
+    loop.settle()
+    loop.mqtt.disconnect()
+    rids = [loop.invoke("echo", n) for n in range(3)]
+    loop.agent.run_until_idle()
+    assert loop.replies() == []  # nothing published while offline
+    assert loop.outbox_kinds() == ["reply"] * 3
+    assert [call[1] for call in loop.pool.calls] == [0, 1, 2]  # answered all the same
+    loop.mqtt.connect()
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == rids  # in the order answered
+    assert [r["result"] for r in loop.replies()] == [0, 1, 2]
+    loop.settle()
+
+
+def test_desired_state_is_applied_and_a_state_write_queues_a_delta(loop: Loop) -> None:
+    loop.deploy("stateful")
+    loop.settle()
+    desired = protocol.encode_sync_desired(4, {"mode": "eco"})
+    loop.mqtt.deliver(loop.topics.sync_desired, desired, retain=True)
+    loop.agent.run_until_idle()
+    assert loop.agent.sync.current().desired_version == 4
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["sync"]["desired_version"] == 4
+    rid = loop.invoke("stateful", None)
+    loop.agent.run_until_idle()
+    [reply] = loop.replies()
+    assert (reply["request_id"], reply["result"]) == (rid, {"mode": "eco"})  # read desired
+    assert "sync_delta" in loop.outbox_kinds()  # queued with the reply, held to linger
+    assert loop.mqtt.on(loop.topics.sync_delta) == []
+    loop.clock.advance(1.0)  # past outbox.delta_linger_ms on the loop's clock
+    loop.agent.step()
+    [delta] = loop.mqtt.json_on(loop.topics.sync_delta)
+    assert (delta["from_version"], delta["to_version"], delta["changes"]) == (0, 1, {"seen": "eco"})
+    loop.settle()
+
+
+def test_the_heartbeat_fires_when_the_clock_advances(loop: Loop) -> None:
+    beats = loop.mqtt.json_on(loop.topics.heartbeat)
+    assert len(beats) == 1  # at the connect
+    loop.clock.advance(HEARTBEAT_S - 0.5)
+    loop.agent.step()
+    assert len(loop.mqtt.json_on(loop.topics.heartbeat)) == 1  # not due yet
+    statuses = len(loop.mqtt.on(loop.topics.status))
+    loop.clock.advance(1.0)
+    loop.agent.step()
+    beats = loop.mqtt.json_on(loop.topics.heartbeat)
+    assert [b["seq"] for b in beats] == [1, 2]
+    assert beats[-1]["uptime_s"] == pytest.approx(HEARTBEAT_S + 0.5)  # the fake clock's
+    assert len(loop.mqtt.on(loop.topics.status)) == statuses  # refreshed every 3rd only
+    loop.clock.advance(HEARTBEAT_S)
+    loop.agent.step()
+    assert len(loop.mqtt.json_on(loop.topics.heartbeat)) == 3
+    assert len(loop.mqtt.on(loop.topics.status)) == statuses + 1
+
+
+def test_a_bad_invoke_is_answered_bad_request_and_the_loop_keeps_serving(loop: Loop) -> None:
+    loop.deploy("echo")
+    loop.settle()
+    loop.mqtt.deliver(loop.topics.invoke, b"{not json")
+    loop.agent.run_until_idle()
+    [bad] = loop.replies()
+    assert (bad["ok"], bad["error"]["type"]) == (False, "bad_request")
+    assert loop.pool.calls == []  # never ran
+    assert loop.outbox_kinds() == ["reply"]  # answered durably, like any reply
+    rid = loop.invoke("echo", "still here")
+    loop.agent.run_until_idle()
+    ok = loop.replies()[-1]
+    assert (ok["request_id"], ok["ok"], ok["result"]) == (rid, True, "still here")
+    loop.settle()
+
+
+def test_a_duplicate_request_gets_the_remembered_reply_without_running_again(
+    loop: Loop,
+) -> None:
+    loop.deploy("echo")
+    loop.settle()
+    rid = loop.invoke("echo", "once")
+    loop.agent.run_until_idle()
+    loop.settle()
+    loop.invoke("echo", "once", rid=rid)
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == [rid, rid]
+    assert loop.replies()[0] == loop.replies()[1]  # the same bytes, not a second run
+    assert len(loop.pool.calls) == 1
+    loop.settle()
+
+
+def test_an_invoke_for_a_function_not_deployed_is_answered_and_not_remembered(
+    loop: Loop,
+) -> None:
+    rid = loop.invoke("missing", 1)
+    loop.agent.run_until_idle()
+    [reply] = loop.replies()
+    assert (reply["request_id"], reply["error"]["type"]) == (rid, "function_not_found")
+    assert loop.store.dedupe_get(rid) is None  # a retry after the deploy runs it
+    loop.settle()
+
+
+def test_a_failing_store_degrades_the_node_until_the_retry_timer_finds_it_writable(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop.deploy("echo")
+    loop.settle()
+
+    def disk_full(*args: Any, **kwargs: Any) -> int:
+        raise StoreError("database or disk is full") from OSError(errno.ENOSPC, "No space")
+
+    monkeypatch.setattr(loop.store, "record_reply", disk_full)
+    rid = loop.invoke("echo", "anyway")
+    loop.agent.run_until_idle()
+    [reply] = loop.replies()
+    assert (reply["request_id"], reply["result"]) == (rid, "anyway")  # published directly
+    assert loop.outbox_kinds() == []
+    status = loop.mqtt.json_on(loop.topics.status)[-1]
+    assert status["status"] == "degraded" and "disk full" in status["degraded"][0]
+    monkeypatch.undo()  # the disk has room again; the probe finds out on its timer
+    loop.clock.advance(STORE_RETRY_S / 2)
+    loop.agent.step()
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "degraded"
+    loop.clock.advance(STORE_RETRY_S)
+    loop.agent.step()
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
