@@ -54,7 +54,7 @@ from testing.broker import Mosquitto
 from testing.cloud import nodelay
 
 TITLE = (
-    "State sync (agent/store/sync.py, agent/edge/statesync.py, agent/cloud/mirror.py): "
+    "State sync (agent/store/state.py, agent/edge/statesync.py, agent/cloud/mirror.py): "
     "wire bytes, convergence"
 )
 

@@ -30,7 +30,7 @@ from typing import Any, ParamSpec, TypeVar
 from agent.edge.uplink import Transport
 from agent.errors import EdgeExecutionError, FunctionNotFound
 from agent.exec.pool import ContextInput, FunctionConfig, InvokeResult, Worker, WorkerPool
-from agent.exec.pool.core import ContextSource, OnResult
+from agent.exec.pool.config import ContextSource, OnResult
 from agent.mqtt import Connected, Disconnected, Message, Published
 
 _P = ParamSpec("_P")
@@ -290,8 +290,12 @@ class FakePool(WorkerPool):
     def reconfigure(
         self, *, max_workers: int, max_queue: int, max_invocations: int, prestart: int
     ) -> None:
-        self.max_workers, self.max_queue = max_workers, max_queue
-        self.max_invocations, self.prestart = max_invocations, prestart
+        super().reconfigure(
+            max_workers=max_workers,
+            max_queue=max_queue,
+            max_invocations=max_invocations,
+            prestart=prestart,
+        )
 
     def wait_prestarted(self, timeout: float = 10.0) -> bool:
         return True

@@ -341,7 +341,8 @@ def test_plain_text_line_format_and_extra_fields() -> None:
     lines = stream.getvalue().splitlines()
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
     assert re.fullmatch(
-        stamp + r" INFO agent\.daemon: invocation done in 12 ms \[function_id=f1 request_id=r1\]",
+        stamp
+        + r" INFO agent\.edge\.loop: invocation done in 12 ms \[function_id=f1 request_id=r1\]",
         lines[0],
     ), lines[0]
     assert re.fullmatch(stamp + r" DEBUG agent\.mqtt: no fields here", lines[1]), lines[1]

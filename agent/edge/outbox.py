@@ -51,8 +51,8 @@ from collections.abc import Callable
 
 from agent.mqtt import backoff_delay
 from agent.store import Store
-from agent.store.core import OutboxItem
-from agent.store.sync import DELTA_KIND
+from agent.store.outbox import OutboxItem
+from agent.store.state import DELTA_KIND
 
 #: Outbox kinds of the state sync: kept in order among themselves around a held delta.
 SYNC_KINDS = frozenset({DELTA_KIND, "sync_snapshot"})

@@ -25,7 +25,8 @@ from agent.edge.deploy_reconcile import DeploymentController
 from agent.edge.outbox import OutboxPump
 from agent.errors import StoreError
 from agent.store import Store
-from agent.store.core import salvage_deployments, store_fault
+from agent.store.db import store_fault
+from agent.store.deployments import salvage_deployments
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class StoreFaults:
         """Note a fault of the store (disk full, I/O error): "degraded" with the reason
         until a probe on the store_retry timer writes again. Callers then carry on without
         the store (a reply published directly, a spec kept in memory). False when ``exc``
-        is no fault of the store (OutboxFull and the other bounded refusals)."""
+        is no fault of the store (StateTooLarge and the other bounded refusals)."""
         kind = store_fault(exc)
         if kind is None:
             return False

@@ -16,10 +16,6 @@ says what it must never do:
 
 Must never: publish, spawn, sleep, or let a sqlite3 object or exception escape. It never
 drops an outbox message on its own. Here only delegation: no SQL.
-
-Also re-exported from here, because :mod:`agent.edge.loop` and :mod:`agent.edge.outbox`
-import them from this module: ``salvage_deployments`` (:mod:`agent.store.deployments`),
-``store_fault`` (:mod:`agent.store.db`) and ``OutboxItem`` (:mod:`agent.store.outbox`).
 """
 
 from __future__ import annotations
@@ -29,9 +25,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import OutboxFull
-from agent.store.db import MIGRATIONS, Database, store_fault
+from agent.store.db import MIGRATIONS, Database
 from agent.store.dedupe import Dedupe, DedupeEntry, ReplyRecord
-from agent.store.deployments import SPEC_SCOPES, DeploymentRow, Deployments, salvage_deployments
+from agent.store.deployments import SPEC_SCOPES, DeploymentRow, Deployments
 from agent.store.outbox import DeadLetter, Outbox, OutboxItem
 from agent.store.state import EncodeDelta, SyncCommit, SyncJob, SyncState
 
@@ -44,8 +40,6 @@ __all__ = [
     "OutboxFull",
     "OutboxItem",
     "Store",
-    "salvage_deployments",
-    "store_fault",
 ]
 
 
