@@ -1,4 +1,4 @@
-"""Deployments: from the cloud's retained specs to code that serves, never breaking what serves.
+"""Preparing a deployment, off the loop: from a retained spec to code ready to serve.
 
 The event loop decides *what* should be deployed (:func:`effective_spec`: a node-scoped spec
 overrides the fleet's); the :class:`Deployer` threads do the slow part of *how*, off the

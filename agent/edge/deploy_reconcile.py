@@ -1,4 +1,4 @@
-"""Deployments on the loop side: what is wanted, what is deployed, and what to report.
+"""Reconciling deployments, on the loop: what is wanted, what is deployed, what to report.
 
 The event loop calls this controller; the slow work (unpacking, test-loading) happens in
 the :class:`~agent.edge.deploy_prepare.Deployer` thread, whose outcomes come back through the loop.
