@@ -10,7 +10,6 @@ happen while the agent knows it is offline, which is exactly when the outbox coa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
@@ -24,6 +23,7 @@ from agent.cloud.mirror import MirrorClient
 from agent.store import Store
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
+from testing.checksum import wire_checksum
 from testing.cloud import Cloud
 from testing.wait import wait_for
 
@@ -82,12 +82,6 @@ def handler(event, context):
         'desired_version': context.desired_version,
     }
 """
-
-
-def wire_checksum(data: dict[str, Any]) -> str:
-    """The contract's checksum, computed here independently of agent.models."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from typing import Any
 
@@ -14,13 +12,7 @@ from hypothesis import strategies as st
 from agent import EdgeSynchronizer, SyncState
 from agent.contract.sync import apply_delta, compute_delta
 from agent.models import state_checksum
-
-
-def wire_checksum(data: dict[str, Any]) -> str:
-    """The wire contract's checksum, computed independently of agent.models."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
+from testing.checksum import wire_checksum
 
 # -- SyncState ---------------------------------------------------------------------------------
 

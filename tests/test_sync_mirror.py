@@ -8,7 +8,6 @@ every ``sync/request`` it would send.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import subprocess
@@ -35,18 +34,13 @@ from agent.mqtt import MqttSettings
 from agent.store import Store
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
+from testing.checksum import wire_checksum
 from testing.cloud import Cloud
 from testing.wait import wait_for
 
 NODE = "n1"
 T = f"edge/nodes/{NODE}/sync/"
 REQUEST = f"{T}request"
-
-
-def wire_checksum(data: dict[str, Any]) -> str:
-    """The contract's checksum, computed here independently of agent.models."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def delta(start: int, end: int, changes: dict[str, Any], after: dict[str, Any]) -> bytes:

@@ -3,7 +3,6 @@ delta coalescing in the outbox, replies in the same transaction, bounds, restart
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,10 @@ import pytest
 
 from agent.contract import protocol
 from agent.store import OutboxFull, ReplyRecord, Store, SyncCommit
+from testing.checksum import wire_checksum
 
 TOPIC = "edge/nodes/n1/sync/delta"
 NEVER = 1 << 62  # coalesce_after_id past every id: never merge (as if all were sent)
-
-
-def wire_checksum(data: dict[str, Any]) -> str:
-    """The contract's checksum, computed here independently of agent.models."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def commit(
