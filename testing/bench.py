@@ -15,7 +15,6 @@ It must never print a table or decide a target: each section does that for its o
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import threading
 import time
@@ -31,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import EdgeNode, EdgeRuntime
 from agent.exec.metrics import percentile
+from testing import specs
 from testing.agent_process import AgentProcess
 from testing.cloud import nodelay
 from testing.outcomes import WaitTimeout
@@ -147,21 +147,9 @@ def invoke_body(function_id: str, seq: int) -> tuple[str, bytes]:
 
 
 def source_spec(fid: str, source: str, **over: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "id": fid,
-        "name": fid,
-        "version": "1",
-        "entrypoint": f"bench_{fid}:handler",
-        "code": {
-            "format": "source",
-            "data": source,
-            "sha256": hashlib.sha256(source.encode()).hexdigest(),
-        },
-        "memory_mb": 128,
-        "timeout_seconds": 10,
-    }
-    spec.update(over)
-    return spec
+    """A bench function's spec: module ``bench_<fid>``, 128 MB, 10 s unless overridden."""
+    settings: dict[str, Any] = {"memory_mb": 128, "timeout_seconds": 10, **over}
+    return specs.source_spec(fid, source, entrypoint=f"bench_{fid}:handler", **settings)
 
 
 class Requester:

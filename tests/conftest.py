@@ -11,9 +11,7 @@ with a message that says what did not happen.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import selectors
@@ -60,38 +58,6 @@ def cloud(broker: Mosquitto) -> Iterator[Cloud]:
     c = Cloud(broker.port)
     yield c
     c.close()
-
-
-def source_spec(
-    fid: str, source: str, *, version: str = "1", entrypoint: str | None = None, **over: Any
-) -> dict[str, Any]:
-    """A function spec with ``format: source`` (module name = the function id's)."""
-    module = entrypoint.split(":")[0] if entrypoint else f"mod_{fid.replace('-', '_')}"
-    spec: dict[str, Any] = {
-        "id": fid,
-        "name": fid,
-        "version": version,
-        "entrypoint": entrypoint or f"{module}:handler",
-        "code": {
-            "format": "source",
-            "data": source,
-            "sha256": hashlib.sha256(source.encode()).hexdigest(),
-        },
-        "memory_mb": 64,
-        "timeout_seconds": 5,
-    }
-    spec.update(over)
-    return spec
-
-
-def zip_spec(fid: str, zip_bytes: bytes, entrypoint: str, **over: Any) -> dict[str, Any]:
-    spec = source_spec(fid, "", entrypoint=entrypoint, **over)
-    spec["code"] = {
-        "format": "zip",
-        "data": base64.b64encode(zip_bytes).decode(),
-        "sha256": hashlib.sha256(zip_bytes).hexdigest(),
-    }
-    return spec
 
 
 @pytest.fixture
