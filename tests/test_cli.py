@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from conftest import run_cli, source_spec
+from conftest import run_cli
 
 from agent import __version__
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 AgentFactory = Callable[..., AgentProcess]
 

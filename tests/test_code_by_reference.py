@@ -9,10 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import source_spec
-
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

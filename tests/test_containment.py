@@ -19,10 +19,11 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import needs_isolation, source_spec
+from conftest import needs_isolation
 
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

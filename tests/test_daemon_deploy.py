@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import make_zip, source_spec, zip_spec
+from conftest import make_zip
 
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec, zip_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

@@ -14,11 +14,12 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import cli_status, source_spec
+from conftest import cli_status
 
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import source_spec
 
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-inv"

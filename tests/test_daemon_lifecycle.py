@@ -19,13 +19,14 @@ from typing import Any
 import psutil
 import pytest
 import tomli_w
-from conftest import run_cli, source_spec
+from conftest import run_cli
 
 from agent.contract import protocol
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
 from testing.ports import port_open
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

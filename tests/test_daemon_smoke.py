@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import source_spec
-
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 SENSOR = (
     "def handler(event):\n"

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conftest import source_spec
-
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 NODE = "gw-test"
 STATUS = f"edge/nodes/{NODE}/status"

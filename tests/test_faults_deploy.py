@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import make_zip, source_spec, zip_spec
+from conftest import make_zip
 
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec, zip_spec
 
 NODE = "gw-test"
 STATE = "edge/nodes/gw-test/functions/{}/state"

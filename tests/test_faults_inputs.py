@@ -25,7 +25,7 @@ from agent.edge import fetch
 from agent.errors import DeploymentRejected
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
-from tests.conftest import source_spec
+from testing.specs import source_spec
 
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
 MB = 1024 * 1024

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from conftest import TcpProxy, cli_status, run_cli
 
 from agent.cloud import ctl
 from testing.agent_process import AgentProcess
 from testing.broker import NatsServer
 from testing.cloud import Cloud
-from tests.conftest import TcpProxy, cli_status, run_cli, source_spec
+from testing.specs import source_spec
 
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"
 

@@ -16,14 +16,15 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from conftest import TcpProxy, cli_status
 
 from agent.edge.invoke_queue import FairQueue, Limits
 from agent.errors import Overloaded
 from agent.exec.pool import FunctionConfig, WorkerPool
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
-from tests.conftest import TcpProxy, cli_status, source_spec
 
 SLOW = "import time\n\ndef handler(payload):\n    time.sleep(0.02)\n    return payload\n"
 ECHO = "def handler(payload):\n    return {'echo': payload}\n"

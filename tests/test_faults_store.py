@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_status, source_spec
+from conftest import cli_status
 
 from agent.contract import protocol
 from agent.store import Store
@@ -33,6 +33,7 @@ from agent.trust import Signer, generate_keypair
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

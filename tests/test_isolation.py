@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FUNCTION_UIDS, WORKER_PYTHON, needs_isolation, source_spec
+from conftest import FUNCTION_UIDS, WORKER_PYTHON, needs_isolation
 
 from agent.edge.isolation import FunctionIdentities
 from agent.errors import DeploymentRejected
 from agent.store import Store
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 NODE = "gw-test"
 BASE = f"edge/nodes/{NODE}"

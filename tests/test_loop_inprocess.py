@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import source_spec
 
 from agent.config import parse_config
 from agent.contract import protocol
@@ -31,6 +30,7 @@ from agent.errors import StoreError
 from agent.exec.pool import ContextInput
 from agent.store import Store
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
+from testing.specs import source_spec
 
 NODE = "gw-inproc"
 HEARTBEAT_S = 5.0

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_status, run_cli, source_spec
+from conftest import cli_status, run_cli
 
 from agent.edge.outbox import PERMANENT_REFUSALS, OutboxPump
 from agent.store import MIGRATIONS, Store
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 # -- the pump, with a real store -------------------------------------------------------------

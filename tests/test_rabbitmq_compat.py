@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import source_spec
 
 from agent.cloud import FleetController, ctl
 from agent.contract import protocol
@@ -37,6 +36,7 @@ from agent.local.cluster import EdgeCluster
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto, RabbitMQ
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 ECHO = "def handler(event, context=None):\n    return {'echo': event, 'fn': %r}\n"

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import source_spec
 
 from agent.config import ConfigError, load_config
 from agent.contract import protocol
@@ -30,6 +29,7 @@ from agent.models import EdgeNodeStatus
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud, connect, wait_status
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-rt"  # mqtt.reply_prefixes empty: the contract rule alone

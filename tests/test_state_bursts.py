@@ -29,7 +29,6 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import source_spec
 
 from agent import EdgeCluster
 from agent.cloud.mirror import MirrorClient
@@ -38,6 +37,7 @@ from agent.store import Store
 from testing.agent_process import REPO, AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import TcpProxy, source_spec
+from conftest import TcpProxy
 
 from agent.cloud.mirror import MirrorClient
 from agent.store import Store
@@ -25,6 +25,7 @@ from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.checksum import wire_checksum
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "gw-test"

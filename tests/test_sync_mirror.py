@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import source_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +35,7 @@ from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.checksum import wire_checksum
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 NODE = "n1"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from conftest import source_spec
-
 from testing.agent_process import AgentProcess
 from testing.cloud import Cloud
+from testing.specs import source_spec
 
 COUNTER = (
     "def handler(event, context):\n"

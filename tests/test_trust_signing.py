@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import source_spec
 
 from agent.contract import protocol
 from agent.trust import Signer, generate_keypair
 from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
+from testing.specs import source_spec
 from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
