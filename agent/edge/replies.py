@@ -1,7 +1,8 @@
 """Answering invocations: reply payloads, and putting each reply where it is owed.
 
 Owns: the bytes of a success reply (or the error that replaces it: not JSON, over
-``agent.max_payload_bytes``) and of an error reply; queueing a reply per target in the
+``agent.max_payload_bytes``; a worker's JSON result is framed in as it is, not parsed and
+dumped again) and of an error reply; queueing a reply per target in the
 outbox (the first also remembered for dedupe when the outcome is final); the group commit
 of the replies of a run of finished invocations (:meth:`Replies.send_many`: one
 transaction for all of them, issue 15).
@@ -72,18 +73,28 @@ class Replies:
         """The success reply's bytes, or the error that replaces it (too big, not JSON)."""
         config = self._settings()
         rid, fid = request.request_id, request.function_id
-        try:
-            payload = protocol.encode_reply(
+        if result.raw is not None:  # the worker's JSON, checked by the pool: framed as is
+            payload = protocol.encode_ok_reply_raw(
                 rid,
                 fid,
-                ok=True,
-                result=result.value,
+                result.raw,
                 duration_ms=round(result.duration_ms, 3),
                 cold_start=result.cold_start,
                 node_id=config.node.id,
             )
-        except (TypeError, ValueError) as exc:
-            return b"", HandlerError(str(exc))
+        else:
+            try:
+                payload = protocol.encode_reply(
+                    rid,
+                    fid,
+                    ok=True,
+                    result=result.value,
+                    duration_ms=round(result.duration_ms, 3),
+                    cold_start=result.cold_start,
+                    node_id=config.node.id,
+                )
+            except (TypeError, ValueError) as exc:
+                return b"", HandlerError(str(exc))
         limit = config.agent.max_payload_bytes
         if len(payload) > limit:  # a broker with max_packet_size would drop us for it
             return b"", HandlerError(
