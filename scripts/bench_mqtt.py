@@ -696,8 +696,8 @@ STAGES = (
     "worker answered",
     "loop has the result",
     "reply encoded, metrics kept",
-    "reply + dedupe row committed",
-    "reply handed to paho",
+    "reply + dedupe row committed (group commit)",
+    "reply handed to paho (the drain after it)",
     "invoke acknowledged",
 )
 
@@ -714,6 +714,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     from agent.edge import invocations, replies
     from agent.edge import loop as daemon
     from agent.edge.cli import main
+    from agent.edge.outbox import OutboxPump
     from agent.exec import pool
 
     clock = time.perf_counter_ns
@@ -740,7 +741,9 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     agent_cls = daemon.Agent
     post, handle_invoke = agent_cls.post, agent_cls.handle_invoke
     run_invocation, invoke_done = invocations.Invocations.run, agent_cls.handle_invoke_done
-    send_reply, record_reply = replies.Replies.send, store.Store.record_reply
+    send_reply, record_replies = replies.Replies.send, store.Store.record_replies
+    drain = OutboxPump.drain
+    awaiting: set[str] = set()  # answered, reply not yet handed to paho (the next drain)
 
     def post_w(self: Any, event: object) -> None:
         if isinstance(event, mqtt.Message):
@@ -765,6 +768,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     def invoke_done_w(self: Any, done: Any) -> None:
         rid = done.invocation.request.request_id
         stamp(rid, 5)
+        awaiting.add(rid)
         invoke_done(self, done)
         stamp(rid, 9)
 
@@ -773,31 +777,42 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         if rid in marks:
             stamp(rid, 8)
 
-    def record_reply_w(self: Any, rid: str, *args: Any, **kwargs: Any) -> int:
-        if rid in marks:
+    def record_replies_w(self: Any, rows: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        rids = [row[0] for row in rows if row[0] in marks]
+        for rid in rids:
             stamp(rid, 6)
-        item_id: int = record_reply(self, rid, *args, **kwargs)
-        if rid in marks:
+        out: list[Any] = record_replies(self, rows, *args, **kwargs)
+        for rid in rids:
             stamp(rid, 7)
-        return item_id
+        return out
+
+    def drain_w(self: Any) -> None:  # the group commit's replies go to paho in this drain
+        drain(self)
+        for rid in awaiting:
+            if rid in marks:
+                stamp(rid, 8)
+        awaiting.clear()
 
     agent_cls.post = post_w  # type: ignore[method-assign]
     agent_cls.handle_invoke = handle_invoke_w  # type: ignore[method-assign]
     invocations.Invocations.run = run_invocation_w  # type: ignore[method-assign]
     agent_cls.handle_invoke_done = invoke_done_w  # type: ignore[method-assign]
     replies.Replies.send = send_reply_w  # type: ignore[method-assign]
-    store.Store.record_reply = record_reply_w  # type: ignore[method-assign,assignment]
+    store.Store.record_replies = record_replies_w  # type: ignore[method-assign,assignment]
+    OutboxPump.drain = drain_w  # type: ignore[method-assign]
     for owner, name in (
         (store.Store, "dedupe_get"),
-        (store.Store, "record_reply"),
+        (store.Store, "record_replies"),
         (store.Store, "outbox_peek"),
         (store.Store, "outbox_ack"),
+        (store.Store, "outbox_ack_many"),
         (mqtt.MqttClient, "publish"),
         (mqtt.MqttClient, "ack"),
         (pool.WorkerPool, "invoke"),
         (protocol, "decode_invoke"),
         (protocol, "encode_reply"),
         (agent_cls, "handle_published"),
+        (agent_cls, "handle_published_many"),
     ):
         timed(owner, name)
 
