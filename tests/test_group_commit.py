@@ -1,9 +1,11 @@
 """Group commit on the daemon's hot path (issue 15): many replies, or many PUBACK deletes, in
 one transaction, with the guarantees of the one-by-one calls (bounds, dedupe, order, and
-nothing written when the transaction fails)."""
+nothing written when the transaction fails); and the held-back wake-ups of paho's network
+thread (``MqttClient.corked``, ``agent.mqtt.wake``)."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 
 from agent.edge.outbox import OutboxPump
 from agent.errors import StoreError
+from agent.mqtt import MqttSettings
+from agent.mqtt.client import MqttClient
+from agent.mqtt.wake import HeldWake
 from agent.store import Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
 
@@ -131,3 +136,36 @@ def test_acknowledged_many_deletes_delivered_and_keeps_refused(store: Store) -> 
     assert pump.awaiting_retry == 1 and pump.in_flight == 1
     assert pump.acknowledged_many([(2, 0, "Success")]) == []
     assert [i.topic for i in store.outbox_peek(10)] == ["c"]
+
+
+def test_corked_client_wakes_paho_once() -> None:
+    left, right = socket.socketpair()
+    try:
+        client = MqttClient(MqttSettings(), lambda event: None)
+        paho_client = type("P", (), {"_sockpairW": left})()
+        client._client = paho_client  # type: ignore[assignment]
+        right.setblocking(False)
+        with client.corked():
+            wake = paho_client._sockpairW
+            assert isinstance(wake, HeldWake)
+            for _ in range(5):
+                wake.send(b"0")
+            with pytest.raises(BlockingIOError):
+                right.recv(10)  # nothing sent while corked
+        assert right.recv(10) == b"0"  # one wake-up for the five
+        with client.corked():
+            pass
+        with pytest.raises(BlockingIOError):
+            right.recv(10)  # none wanted, none sent
+        wake.send(b"0")  # uncorked: straight through
+        assert right.recv(10) == b"0"
+        assert wake.fileno() == left.fileno()  # everything else is the socket's own
+    finally:
+        left.close()
+        right.close()
+
+
+def test_corked_is_harmless_before_start() -> None:
+    client = MqttClient(MqttSettings(), lambda event: None)
+    with client.corked():
+        pass

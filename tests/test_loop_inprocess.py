@@ -316,6 +316,10 @@ def test_a_run_of_finished_invocations_is_answered_in_one_transaction(
     assert loop.agent.accepted.pending() == []  # deleted in the replies' transaction
     invokes = [m for m in loop.mqtt.acked if m.topic == loop.topics.invoke]
     assert len(invokes) == 2
+    # One wake-up of the client's network thread per batch: every reply handed over inside
+    # the loop's cork (the group's batch), as were the acks.
+    assert all(sent.corked for sent in loop.mqtt.on(loop.topics.replies))
+    assert loop.mqtt.acked_corked >= 2 and not loop.mqtt.corked_now
     assert loop.outbox_kinds() == ["reply", "reply"]
 
     many: list[list[int]] = []

@@ -6,7 +6,8 @@ dispatches each event to a ``handle_<event>`` method and runs its timers (heartb
 watchdog, dedupe pruning) on the monotonic clock it is given (``clock``: a test hands in a
 fake one; wall-clock timestamps in messages stay wall-clock). Each wake-up takes every event
 queued since the last one (up to ``BATCH_MAX``), in order: a run of finished invocations is
-answered with one transaction (group commit), a run of PUBACKs deleted with one.
+answered with one transaction (group commit), a run of PUBACKs deleted with one, and the
+MQTT client wakes its network thread once for the batch (``Transport.corked``).
 
 The Agent is the composition root of the loop: it owns the events, the dispatch, the timer
 table and the lifecycle (boot, run, shutdown, reload), and builds the collaborators that do
@@ -307,7 +308,8 @@ class Agent:
         ``run`` is this in a loop; in-process tests call it directly.
 
         Events are handled in their order; a run of finished invocations (or of PUBACKs)
-        among them is handled as one, so its writes share one transaction (group commit)."""
+        among them is handled as one, so its writes share one transaction (group commit),
+        and the client wakes its network thread once for the whole batch."""
         try:
             batch = [self._events.get(timeout=max(0.0, timeout))]
         except queue.Empty:
@@ -319,7 +321,9 @@ class Agent:
             except queue.Empty:
                 break
         if batch:
-            self._dispatch_batch(batch)
+            client = self.mqtt
+            with contextlib.nullcontext() if client is None else client.corked():
+                self._dispatch_batch(batch)
         try:
             self._run_timers()
         except StoreError as exc:  # a failing store must not stop the loop (or the watchdog)
