@@ -29,7 +29,7 @@ from agent.edge.store_faults import STORE_RETRY_S
 from agent.edge.systemd import Notifier
 from agent.errors import StoreError
 from agent.exec.pool import ContextInput
-from agent.store import Store
+from agent.store import StateTooLarge, Store
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
 
 NODE = "gw-inproc"
@@ -371,5 +371,37 @@ def test_a_group_commit_that_fails_answers_each_reply_on_its_own(
     assert loop.outbox_kinds() == ["reply", "reply"]  # queued one by one (record_reply)
     assert all(loop.store.dedupe_get(rid) is not None for rid in rids)
     assert loop.agent.accepted.pending() == []
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
+
+
+def test_a_fallback_reply_that_fails_fails_its_invocation_alone(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit failed and one reply of the run also fails on its own: that one is
+    logged and left as a single event's would be (no reply, its accepted record kept for a
+    run again after a restart); the rest of the run is answered."""
+    loop.deploy("echo")
+    loop.settle()
+    bad, good = "rid-bad", "rid-good"
+
+    def locked(*args: Any, **kwargs: Any) -> list[int | None]:
+        raise StoreError("record_replies failed: database is locked")
+
+    record_reply = loop.store.record_reply
+
+    def refuse_bad(rid: str, *args: Any, **kwargs: Any) -> int:
+        if rid == bad:
+            raise StateTooLarge("refused by the test")  # a StoreError that is no fault
+        return record_reply(rid, *args, **kwargs)
+
+    monkeypatch.setattr(loop.store, "record_replies", locked)
+    monkeypatch.setattr(loop.store, "record_reply", refuse_bad)
+    loop.invoke("echo", 0, rid=bad)
+    loop.invoke("echo", 1, rid=good)
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == [good]
+    assert loop.store.dedupe_get(good) is not None and loop.store.dedupe_get(bad) is None
+    assert [p.request_id for p in loop.agent.accepted.pending()] == [bad]
     assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
     loop.settle()
