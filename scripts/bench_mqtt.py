@@ -811,6 +811,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         (pool.WorkerPool, "invoke"),
         (protocol, "decode_invoke"),
         (protocol, "encode_reply"),
+        (protocol, "encode_ok_reply_raw"),
         (agent_cls, "handle_published"),
         (agent_cls, "handle_published_many"),
     ):
