@@ -13,7 +13,10 @@ Rows:
 - invoke ``echo`` through the agent: the same requester, the same kind of message, to
   ``<p>/nodes/<node>/invoke``, answered on ``<p>/nodes/<node>/replies``; target p50 within
   1 ms of the floor's. Floor and agent run in alternating blocks;
-- invocations/s with a window of requests in flight, for the floor and for the agent;
+- invocations/s with a window of requests in flight, for the floor and for the agent, and
+  the CPU (user + sys) each spends per 1,000 invocations;
+- the same throughput row with ``durability = "full"`` (a second agent on the same state),
+  against the floor measured again next to it;
 - agent idle RSS/USS (the agent process only) against a bare interpreter that imports
   paho, psutil and systemd and connects; the workers' USS, informational;
 - broker restart: from the new broker accepting TCP connections to the first invoke answered.
@@ -282,19 +285,78 @@ def _window_run(requester: Requester, topic: str, total: int, window: int) -> fl
     return elapsed
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _workers_cpu_s(workers: list[psutil.Process]) -> float:
+    total = 0.0
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += _cpu_s(worker)
+    return total
+
+
 def measure_throughput(
-    requester: Requester, total: int, window: int, blocks: int = 5
+    requester: Requester,
+    total: int,
+    window: int,
+    blocks: int = 5,
+    cpu: dict[str, float] | None = None,
+    agent_pid: int | None = None,
 ) -> tuple[float, float]:
-    """(floor, agent) requests/s, each over ``total`` requests run in alternating blocks."""
+    """(floor, agent) requests/s, each over ``total`` requests run in alternating blocks.
+
+    With ``cpu`` and ``agent_pid``, ``cpu`` gets CPU seconds per 1,000 requests (user + sys,
+    psutil): ``agent`` (the agent process; its workers apart, in ``workers``), ``floor``
+    (this process during the floor blocks: requester and responder), ``requester`` (this
+    process during the agent blocks: the requester alone).
+    """
     warmup = max(WINDOW, total // 20)
     _window_run(requester, FLOOR_REQUEST, warmup, window)
     _window_run(requester, INVOKE_TOPIC, warmup, window)
     per_block = max(window, total // blocks)
     floor_s = agent_s = 0.0
+    me = psutil.Process()
+    agent = psutil.Process(agent_pid) if agent_pid is not None else None
+    used = dict.fromkeys(("floor", "agent", "requester", "workers"), 0.0)
     for _ in range(blocks):
+        mine = _cpu_s(me)
         floor_s += _window_run(requester, FLOOR_REQUEST, per_block, window)
+        used["floor"] += _cpu_s(me) - mine
+        workers = agent.children() if agent is not None else []
+        before = [_cpu_s(agent) if agent else 0.0, _cpu_s(me), _workers_cpu_s(workers)]
         agent_s += _window_run(requester, INVOKE_TOPIC, per_block, window)
+        used["agent"] += (_cpu_s(agent) if agent else 0.0) - before[0]
+        used["requester"] += _cpu_s(me) - before[1]
+        used["workers"] += _workers_cpu_s(workers) - before[2]
+    if cpu is not None and agent is not None:
+        cpu.update({k: v * 1000 / (per_block * blocks) for k, v in used.items()})
     return per_block * blocks / floor_s, per_block * blocks / agent_s
+
+
+def measure_full_durability(
+    workdir: Path, port: int, requester: Requester, total: int
+) -> dict[str, Any]:
+    """The 32-in-flight row again with ``durability = "full"`` (SQLite synchronous=FULL: the
+    WAL is synced at every commit): a second agent on the same broker and state dir (so the
+    same functions), with a fresh floor responder (the first is closed before the restart
+    rows) and the floor measured again in alternating blocks. Rates and CPU per 1,000."""
+    agent = bench_agent(workdir, port, agent={"durability": "full"})
+    agent.start()
+    responder = Responder(port).connect()
+    try:
+        deploy_functions(requester, agent.pid)
+        cpu: dict[str, float] = {}
+        floor_rate, agent_rate = measure_throughput(
+            requester, total, WINDOW, cpu=cpu, agent_pid=agent.pid
+        )
+    finally:
+        responder.close()
+        agent.stop()
+    return {"floor_rate": floor_rate, "agent_rate": agent_rate, "cpu": cpu}
 
 
 def _memory(pid: int) -> tuple[float, float]:
@@ -455,7 +517,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         floor_samples, agent_samples = measure_latency(
             requester, latency_n, warmup=max(50, latency_n // 10)
         )
-        floor_rate, agent_rate = measure_throughput(requester, throughput_n, WINDOW)
+        cpu: dict[str, float] = {}
+        floor_rate, agent_rate = measure_throughput(
+            requester, throughput_n, WINDOW, cpu=cpu, agent_pid=agent.pid
+        )
         if not quick:  # fill the agent's in-memory history of invocations to its cap
             _window_run(requester, INVOKE_TOPIC, HISTORY_FILL, WINDOW)
         memory_after = measure_memory(agent.pid, bare.proc.pid)
@@ -465,6 +530,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         served, requester_s = measure_restart(broker, requester, restarts)
         agent.stop()
         agent_returncode = agent.returncode
+        # the same state dir: the second agent restores echo and shout from it
+        full = measure_full_durability(workdir, broker.port, requester, throughput_n)
     seconds = time.monotonic() - section_started
 
     floor = latency_row(
@@ -501,6 +568,39 @@ def run(quick: bool = False) -> dict[str, Any]:
         rate=round(agent_rate, 1),
         ratio=f"{agent_rate / floor_rate:.2f}x floor",
     )
+    agent_tput.update(cpu_per_1000_s=round(cpu["agent"], 4))
+    per_1000 = (
+        f"agent {cpu['agent'] * 1000:.0f} ms (its workers {cpu['workers'] * 1000:.0f} ms), "
+        f"raw floor {cpu['floor'] * 1000:.0f} ms (requester {cpu['requester'] * 1000:.0f} ms "
+        f"+ responder ~{(cpu['floor'] - cpu['requester']) * 1000:.0f} ms)"
+    )
+    cpu_row = info_row(
+        f"CPU per 1,000 invocations, {WINDOW} in flight (user + sys): {per_1000}",
+        key="cpu_per_1000",
+        n=throughput_n,
+        ratio=f"{cpu['agent'] / cpu['floor']:.1f}x floor process",
+        cpu_agent_s=round(cpu["agent"], 4),
+        cpu_workers_s=round(cpu["workers"], 4),
+        cpu_floor_s=round(cpu["floor"], 4),
+        cpu_requester_s=round(cpu["requester"], 4),
+    )
+    full_cpu = full["cpu"]
+    full_floor = info_row(
+        f"MQTT floor throughput, {WINDOW} in flight (again, next to the row below)",
+        key="mqtt_floor_throughput_full",
+        n=throughput_n,
+        rate=round(full["floor_rate"], 1),
+        ratio="1x",
+    )
+    full_tput = info_row(
+        f'invocations/s through the agent, {WINDOW} in flight, durability = "full"',
+        key="agent_throughput_full",
+        n=throughput_n,
+        rate=round(full["agent_rate"], 1),
+        ratio=f"{full['agent_rate'] / full['floor_rate']:.2f}x floor",
+        note=f"agent CPU per 1,000: {full_cpu['agent'] * 1000:.0f} ms",
+        cpu_per_1000_s=round(full_cpu["agent"], 4),
+    )
     restart = latency_row(
         "broker restart -> first invoke answered (reconnect 0.5/60 s, jittered)",
         [s * 1e6 for s in served],
@@ -510,7 +610,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     )
     restart["p99_us"] = restart["max_us"]  # n is tiny: the p99 column shows the max
 
-    rows = [floor, invoke, floor_tput, agent_tput, *_memory_rows(memory, memory_after), restart]
+    rows = [
+        floor,
+        invoke,
+        floor_tput,
+        agent_tput,
+        cpu_row,
+        full_floor,
+        full_tput,
+        *_memory_rows(memory, memory_after),
+        restart,
+    ]
     notes = [
         "Latency: one request outstanding; perf_counter_ns around publish + wait for the "
         "matching reply (a threading.Event set in the requester's on_message once it has "
@@ -528,6 +638,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         "is deployed with `concurrency: 2`, so two warm workers serve it (the default is 1). "
         "mosquitto's default max_inflight_messages (20 per client) bounds how many invokes "
         "the agent holds unacknowledged (it acks each once its reply is queued).",
+        "CPU per 1,000 invocations: psutil cpu_times() (user + system) read before and "
+        "after each throughput block: the agent process alone (all its threads), its worker "
+        "processes apart; the floor row is this benchmark process during the floor blocks "
+        "(requester and responder), and the requester's own share is read during the "
+        "agent blocks, so the responder's is the difference (an estimate).",
+        'durability = "full": after the restart rows, a second agent process (same '
+        "state dir, so the same functions) with SQLite synchronous=FULL (the WAL is synced "
+        "at every commit), measured against the floor in alternating blocks again.",
         "Memory: psutil memory_full_info() of the agent process alone, read 3 times 1 s "
         "apart after deploy + warm-up, and again after the latency and throughput rows "
         f"({memory_after['invocations']:,} invocations by then"
@@ -578,8 +696,8 @@ STAGES = (
     "worker answered",
     "loop has the result",
     "reply encoded, metrics kept",
-    "reply + dedupe row committed",
-    "reply handed to paho",
+    "reply + dedupe row committed (group commit)",
+    "reply handed to paho (the drain after it)",
     "invoke acknowledged",
 )
 
@@ -596,6 +714,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     from agent.edge import invocations, replies
     from agent.edge import loop as daemon
     from agent.edge.cli import main
+    from agent.edge.outbox import OutboxPump
     from agent.exec import pool
 
     clock = time.perf_counter_ns
@@ -622,7 +741,9 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     agent_cls = daemon.Agent
     post, handle_invoke = agent_cls.post, agent_cls.handle_invoke
     run_invocation, invoke_done = invocations.Invocations.run, agent_cls.handle_invoke_done
-    send_reply, record_reply = replies.Replies.send, store.Store.record_reply
+    send_reply, record_replies = replies.Replies.send, store.Store.record_replies
+    drain = OutboxPump.drain
+    awaiting: set[str] = set()  # answered, reply not yet handed to paho (the next drain)
 
     def post_w(self: Any, event: object) -> None:
         if isinstance(event, mqtt.Message):
@@ -647,6 +768,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     def invoke_done_w(self: Any, done: Any) -> None:
         rid = done.invocation.request.request_id
         stamp(rid, 5)
+        awaiting.add(rid)
         invoke_done(self, done)
         stamp(rid, 9)
 
@@ -655,31 +777,43 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         if rid in marks:
             stamp(rid, 8)
 
-    def record_reply_w(self: Any, rid: str, *args: Any, **kwargs: Any) -> int:
-        if rid in marks:
+    def record_replies_w(self: Any, rows: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        rids = [row[0] for row in rows if row[0] in marks]
+        for rid in rids:
             stamp(rid, 6)
-        item_id: int = record_reply(self, rid, *args, **kwargs)
-        if rid in marks:
+        out: list[Any] = record_replies(self, rows, *args, **kwargs)
+        for rid in rids:
             stamp(rid, 7)
-        return item_id
+        return out
+
+    def drain_w(self: Any) -> None:  # the group commit's replies go to paho in this drain
+        drain(self)
+        for rid in awaiting:
+            if rid in marks:
+                stamp(rid, 8)
+        awaiting.clear()
 
     agent_cls.post = post_w  # type: ignore[method-assign]
     agent_cls.handle_invoke = handle_invoke_w  # type: ignore[method-assign]
     invocations.Invocations.run = run_invocation_w  # type: ignore[method-assign]
     agent_cls.handle_invoke_done = invoke_done_w  # type: ignore[method-assign]
     replies.Replies.send = send_reply_w  # type: ignore[method-assign]
-    store.Store.record_reply = record_reply_w  # type: ignore[method-assign,assignment]
+    store.Store.record_replies = record_replies_w  # type: ignore[method-assign,assignment]
+    OutboxPump.drain = drain_w  # type: ignore[method-assign]
     for owner, name in (
         (store.Store, "dedupe_get"),
-        (store.Store, "record_reply"),
+        (store.Store, "record_replies"),
         (store.Store, "outbox_peek"),
         (store.Store, "outbox_ack"),
+        (store.Store, "outbox_ack_many"),
         (mqtt.MqttClient, "publish"),
         (mqtt.MqttClient, "ack"),
         (pool.WorkerPool, "invoke"),
         (protocol, "decode_invoke"),
         (protocol, "encode_reply"),
+        (protocol, "encode_ok_reply_raw"),
         (agent_cls, "handle_published"),
+        (agent_cls, "handle_published_many"),
     ):
         timed(owner, name)
 

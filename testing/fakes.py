@@ -19,10 +19,11 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -70,6 +71,8 @@ class Sent:
     response_topic: str | None = None
     #: Sent again by the client itself after a reconnect (paho resends unacknowledged QoS 1).
     resent: bool = False
+    #: Handed over inside ``corked()`` (the loop's batch): its wake-up was shared.
+    corked: bool = False
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -102,6 +105,11 @@ class FakeMqttClient:
         self._mids = itertools.count(1)
         self._incoming = itertools.count(1)
         self._connection = 0
+        #: How many times ``corked()`` was entered, and whether it is now.
+        self.corks = 0
+        self.corked_now = False
+        #: Incoming messages acknowledged inside ``corked()``.
+        self.acked_corked = 0
         #: QoS 1 messages sent and not yet acknowledged (by the test's ``puback``), by mid.
         self.unacked: dict[int, Sent] = {}
 
@@ -125,7 +133,10 @@ class FakeMqttClient:
         response_topic: str | None = None,
     ) -> int:
         mid = next(self._mids)
-        sent = Sent(mid, topic, bytes(payload), qos, retain, correlation_data, response_topic)
+        sent = Sent(
+            mid, topic, bytes(payload), qos, retain, correlation_data, response_topic,
+            corked=self.corked_now,
+        )  # fmt: skip
         self.published.append(sent)
         if qos > 0:
             self.unacked[mid] = sent
@@ -135,6 +146,19 @@ class FakeMqttClient:
         """Recorded only for a QoS 1 message of the current connection, as paho would."""
         if msg.qos > 0 and msg.connection == self._connection and self.connected:
             self.acked.append(msg)
+            self.acked_corked += self.corked_now
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """As paho's: what is published or acked inside is recorded as it is called."""
+        if self.corked_now:
+            raise AssertionError("corked() entered twice: the loop corks once per batch")
+        self.corks += 1
+        self.corked_now = True
+        try:
+            yield
+        finally:
+            self.corked_now = False
 
     def forget(self, mid: int) -> bool:
         self.forgotten.append(mid)

@@ -28,7 +28,7 @@ from agent.edge.store_faults import STORE_RETRY_S
 from agent.edge.systemd import Notifier
 from agent.errors import StoreError
 from agent.exec.pool import ContextInput
-from agent.store import Store
+from agent.store import StateTooLarge, Store
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
 from testing.specs import source_spec
 
@@ -273,6 +273,7 @@ def test_a_failing_store_degrades_the_node_until_the_retry_timer_finds_it_writab
         raise StoreError("database or disk is full") from OSError(errno.ENOSPC, "No space")
 
     monkeypatch.setattr(loop.store, "record_reply", disk_full)
+    monkeypatch.setattr(loop.store, "record_replies", disk_full)  # the group commit's write
     rid = loop.invoke("echo", "anyway")
     loop.agent.run_until_idle()
     [reply] = loop.replies()
@@ -286,5 +287,121 @@ def test_a_failing_store_degrades_the_node_until_the_retry_timer_finds_it_writab
     assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "degraded"
     loop.clock.advance(STORE_RETRY_S)
     loop.agent.step()
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
+
+
+def test_a_run_of_finished_invocations_is_answered_in_one_transaction(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit (issue 15): the replies of invocations that finished together, their
+    dedupe rows and the deletes of their accepted records go in ONE transaction, before any
+    reply is handed to the client; then a run of PUBACKs deletes them all in one more."""
+    loop.deploy("echo")
+    loop.settle()
+    groups: list[tuple[list[str | None], int, int]] = []
+    record_replies = loop.store.record_replies
+
+    def spy(replies: Any, **kwargs: Any) -> list[int | None]:
+        handed = len(loop.mqtt.on(loop.topics.replies))
+        groups.append(([r[0] for r in replies], handed, len(kwargs.get("also", ()))))
+        return record_replies(replies, **kwargs)
+
+    monkeypatch.setattr(loop.store, "record_replies", spy)
+    rids = [loop.invoke("echo", n) for n in range(2)]  # max_workers 2: both run at once
+    loop.agent.run_until_idle()
+    assert groups == [(rids, 0, 2)]  # one transaction, nothing handed to MQTT before it
+    assert [r["request_id"] for r in loop.replies()] == rids
+    assert all(loop.store.dedupe_get(rid) is not None for rid in rids)
+    assert loop.agent.accepted.pending() == []  # deleted in the replies' transaction
+    invokes = [m for m in loop.mqtt.acked if m.topic == loop.topics.invoke]
+    assert len(invokes) == 2
+    # One wake-up of the client's network thread per batch: every reply handed over inside
+    # the loop's cork (the group's batch), as were the acks.
+    assert all(sent.corked for sent in loop.mqtt.on(loop.topics.replies))
+    assert loop.mqtt.acked_corked >= 2 and not loop.mqtt.corked_now
+    assert loop.outbox_kinds() == ["reply", "reply"]
+
+    many: list[list[int]] = []
+    single: list[int] = []
+    ack_many, ack = loop.store.outbox_ack_many, loop.store.outbox_ack
+    monkeypatch.setattr(
+        loop.store, "outbox_ack_many", lambda ids: many.append(list(ids)) or ack_many(ids)
+    )
+    monkeypatch.setattr(loop.store, "outbox_ack", lambda i: single.append(i) or ack(i))
+    assert len(loop.mqtt.puback_all()) == 2
+    loop.agent.run_until_idle()
+    assert [len(ids) for ids in many] == [2] and single == []  # one delete for the run
+    assert loop.outbox_kinds() == []
+
+
+def test_a_reply_that_does_not_fit_is_refused_alone_and_published_directly(
+    loop: Loop,
+) -> None:
+    loop.deploy("echo")
+    loop.settle()
+    loop.store.set_limits(max_messages=1)  # room for one reply: both invokes are admitted
+    rids = [loop.invoke("echo", n) for n in range(2)]
+    loop.agent.run_until_idle()
+    assert sorted(r["request_id"] for r in loop.replies()) == sorted(rids)  # both answered
+    assert loop.outbox_kinds() == ["reply"]  # the first is durable, the second went direct
+    assert loop.store.dedupe_get(rids[0]) is not None
+    assert loop.store.dedupe_get(rids[1]) is None  # not remembered: a retry runs again
+    assert loop.agent.accepted.pending() == []
+    loop.store.set_limits(max_messages=10_000)
+    loop.settle()
+
+
+def test_a_group_commit_that_fails_answers_each_reply_on_its_own(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's transaction fails (rolled back): every reply takes the one-by-one path,
+    durable all the same, its accepted record deleted; a store that writes again is no
+    fault (the node stays online)."""
+    loop.deploy("echo")
+    loop.settle()
+
+    def locked(*args: Any, **kwargs: Any) -> list[int | None]:
+        raise StoreError("record_replies failed: database is locked")
+
+    monkeypatch.setattr(loop.store, "record_replies", locked)
+    rids = [loop.invoke("echo", n) for n in range(2)]
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == rids
+    assert loop.outbox_kinds() == ["reply", "reply"]  # queued one by one (record_reply)
+    assert all(loop.store.dedupe_get(rid) is not None for rid in rids)
+    assert loop.agent.accepted.pending() == []
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
+
+
+def test_a_fallback_reply_that_fails_fails_its_invocation_alone(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit failed and one reply of the run also fails on its own: that one is
+    logged and left as a single event's would be (no reply, its accepted record kept for a
+    run again after a restart); the rest of the run is answered."""
+    loop.deploy("echo")
+    loop.settle()
+    bad, good = "rid-bad", "rid-good"
+
+    def locked(*args: Any, **kwargs: Any) -> list[int | None]:
+        raise StoreError("record_replies failed: database is locked")
+
+    record_reply = loop.store.record_reply
+
+    def refuse_bad(rid: str, *args: Any, **kwargs: Any) -> int:
+        if rid == bad:
+            raise StateTooLarge("refused by the test")  # a StoreError that is no fault
+        return record_reply(rid, *args, **kwargs)
+
+    monkeypatch.setattr(loop.store, "record_replies", locked)
+    monkeypatch.setattr(loop.store, "record_reply", refuse_bad)
+    loop.invoke("echo", 0, rid=bad)
+    loop.invoke("echo", 1, rid=good)
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == [good]
+    assert loop.store.dedupe_get(good) is not None and loop.store.dedupe_get(bad) is None
+    assert [p.request_id for p in loop.agent.accepted.pending()] == [bad]
     assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
     loop.settle()

@@ -3,8 +3,10 @@
 Owns :class:`InvokeRequest` and the JSON of requests and replies. :func:`decode_invoke`
 raises ``InvokeDecodeError`` carrying the request_id / function_id / reply_to it could
 salvage, so the error reply can still be sent; :func:`encode_reply` raises ``TypeError`` when
-a handler's result is not JSON (the daemon answers ``handler_error`` then). Where a reply may
-go is :func:`agent.contract.topics.reply_address_problem`'s.
+a handler's result is not JSON (the daemon answers ``handler_error`` then);
+:func:`encode_ok_reply_raw` frames a result that is JSON already (a worker's bytes, checked
+by the pool) into the same success reply, so a result is encoded once, in the worker. Where a
+reply may go is :func:`agent.contract.topics.reply_address_problem`'s.
 
 Must never: do I/O, or import anything beyond the stdlib, ``agent.errors`` and
 ``agent.contract``'s pure modules.
@@ -12,6 +14,7 @@ Must never: do I/O, or import anything beyond the stdlib, ``agent.errors`` and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -167,6 +170,54 @@ def encode_reply(
         raise TypeError(
             f"reply to {request_id!r}: extra or error is not JSON-serialisable: {exc}"
         ) from exc
+
+
+def encode_ok_reply_raw(
+    request_id: str,
+    function_id: str,
+    result_json: bytes,
+    *,
+    duration_ms: float,
+    cold_start: bool,
+    node_id: str,
+) -> bytes:
+    """The success reply of :func:`encode_reply`, byte for byte, around a result that is
+    JSON already (the worker's own encoding, passed through: one encoding end to end).
+
+    ``result_json`` must be exactly one JSON value, UTF-8, without NaN or Infinity: the
+    caller has checked it (``WorkerPool`` parses what a worker sends before it is used).
+    ``request_id`` and ``function_id`` come from :func:`decode_invoke` (valid), so the
+    field checks of :func:`encode_reply` cannot fail here and are not repeated; ``node_id``
+    is checked. Differs from :func:`encode_reply` only for a message holding lone
+    surrogates, where only the value holding them is ``\\u``-escaped (still the same JSON).
+    """
+    return b"".join(
+        (
+            b'{"request_id":',
+            _dumps_value(request_id),
+            b',"function_id":',
+            _dumps_value(function_id),
+            b',"ok":true,"result":',
+            result_json,
+            b',"duration_ms":',
+            _dumps_value(float(duration_ms)),
+            b',"cold_start":',
+            b"true" if cold_start else b"false",
+            b',"ts":"',
+            now_ts().encode(),
+            b'","node_id":',
+            _dumps_value(require_id("reply node_id", node_id)),
+            b"}",
+        )
+    )
+
+
+def _dumps_value(value: str | float) -> bytes:
+    """One scalar as :func:`agent.contract.fields.dumps` writes it inside a message."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False).encode()
 
 
 def decode_reply(payload: bytes) -> dict[str, Any]:

@@ -16,7 +16,8 @@ Where each thing lives::
                               spec_to_dict, signing_bytes, spec_fingerprint, code_bytes,
                               is_removal, requires_met, FLEET_TARGET, CODE_FORMATS, ENV_NAME_RE
     agent.contract.invoke     InvokeRequest, decode_invoke, encode_invoke, encode_reply,
-                              decode_reply (InvokeDecodeError is agent.errors')
+                              encode_ok_reply_raw, decode_reply (InvokeDecodeError is
+                              agent.errors')
     agent.contract.telemetry  status, heartbeat and function state messages, the roll call;
                               NODE_STATUSES, FUNCTION_STATES, MAX_ROLLCALL_WINDOW_S
     agent.contract.sync       sync delta / snapshot / desired / request messages, and the
@@ -67,6 +68,7 @@ from agent.contract.invoke import InvokeRequest as InvokeRequest
 from agent.contract.invoke import decode_invoke as decode_invoke
 from agent.contract.invoke import decode_reply as decode_reply
 from agent.contract.invoke import encode_invoke as encode_invoke
+from agent.contract.invoke import encode_ok_reply_raw as encode_ok_reply_raw
 from agent.contract.invoke import encode_reply as encode_reply
 from agent.contract.spec import CODE_FORMATS as CODE_FORMATS
 from agent.contract.spec import ENV_NAME_RE as ENV_NAME_RE

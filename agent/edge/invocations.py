@@ -9,7 +9,9 @@ invoke (:mod:`agent.store.accepted`) with its recovery after a restart.
 Delivery: an incoming invoke is acknowledged to the broker once its reply is in the outbox
 or, earlier, once it is on record as accepted (brokers with an ack deadline); a crash
 before that means redelivery, or a run again at start. Outbox full: new invocations are
-answered ``overloaded`` (published directly, not queued) until it drains.
+answered ``overloaded`` (published directly, not queued) until it drains. A run of
+finished invocations is answered with one transaction (group commit: replies, dedupe rows
+and the deletes of their accepted records), then acknowledged, then drained once.
 
 Threads: :meth:`Invocations.run` and :meth:`Invocations.apply_state` run on an executor
 thread and only post :class:`InvokeDone` to the loop; everything else runs on the loop.
@@ -32,11 +34,12 @@ from agent.config import Config
 from agent.contract import protocol
 from agent.edge.invoke_queue import FairQueue, Limits
 from agent.edge.outbox import OutboxPump
-from agent.edge.replies import Replies, Target
+from agent.edge.replies import Answer, Replies, Target
 from agent.edge.statesync import StateSync
 from agent.edge.store_faults import StoreFaults
 from agent.edge.uplink import Uplink
 from agent.errors import (
+    AgentError,
     BadRequest,
     EdgeExecutionError,
     FunctionNotFound,
@@ -315,6 +318,65 @@ class Invocations:
     # -- answers --------------------------------------------------------------------------
 
     def handle_invoke_done(self, done: InvokeDone) -> None:
+        self.handle_invokes_done([done])
+
+    def handle_invokes_done(self, dones: list[InvokeDone]) -> None:
+        """Answer finished invocations (a run of them from one loop wake-up): their replies,
+        dedupe rows and the deletes of their accepted records in ONE transaction (group
+        commit, :meth:`Replies.send_many`), then the acks, then one drain.
+
+        Every reply is durable before the ack of its request and before it is handed to
+        MQTT. When the group cannot be written (the store fails) each is answered on its
+        own as before: queued alone, or published directly while the store fails.
+        """
+        answered: list[tuple[Answer, Invocation]] = []
+        for done in dones:
+            try:
+                answered.append((self._answer(done), done.invocation))
+            except Exception:  # one bug must not leave the others of the run unanswered
+                log.exception("bug while answering %s", done.invocation.request.request_id)
+        also = [
+            self._accepted.done_statement(answer.rid)
+            for answer, _ in answered
+            if answer.rid in self.accepted_rids
+        ]
+        written = self._replies.send_many([answer for answer, _ in answered], also=also)
+        for answer, invocation in answered:
+            if written:
+                self._answered(answer, invocation, forget=False)
+                continue
+            try:  # one by one, as before: a failure is this invocation's alone
+                self._answered(answer, invocation, forget=True)
+            except StoreError as exc:
+                if not self._faults.failed(exc, f"answering {answer.rid}"):
+                    log.error("while answering %s: %s", answer.rid, exc)
+            except AgentError as exc:
+                log.error("while answering %s: %s", answer.rid, exc)
+        self._outbox.drain()
+
+    def _answered(self, answer: Answer, invocation: Invocation, *, forget: bool) -> None:
+        """After its reply is durable: the acks, and the accepted record. ``forget``: the
+        reply is not written yet (the group commit failed): queue it, and delete the record
+        on its own (else it went in the replies' transaction)."""
+        rid = answer.rid
+        if forget and answer.targets:
+            self._replies.send(
+                rid, answer.payload, answer.targets, durable=True, remember=answer.remember,
+                drain=False,
+            )  # fmt: skip
+        # Acknowledge once the reply is durable but before it is published: a broker that
+        # drops the connection over the reply (a poison message) must not also redeliver
+        # the request, or every reconnect would queue its reply once more.
+        for msg in invocation.acks:
+            self._uplink.ack(msg)
+        if rid in self.accepted_rids:  # the reply is durable now: the record may go
+            self.accepted_rids.discard(rid)
+            if forget:
+                self.forget_accepted(rid)
+
+    def _answer(self, done: InvokeDone) -> Answer:
+        """The loop's share of a finished invocation before its reply is written: the
+        bookkeeping, the metrics, and the reply's bytes and targets."""
         invocation = done.invocation
         request = invocation.request
         rid, fid = request.request_id, request.function_id
@@ -355,18 +417,7 @@ class Invocations:
         final = error is None or not isinstance(
             error, Overloaded | FunctionNotFound | StateConflict
         )
-        if targets:
-            remember = final and not committed
-            self._replies.send(rid, payload, targets, durable=True, remember=remember, drain=False)
-        # Acknowledge once the reply is durable but before it is published: a broker that
-        # drops the connection over the reply (a poison message) must not also redeliver
-        # the request, or every reconnect would queue its reply once more.
-        for msg in invocation.acks:
-            self._uplink.ack(msg)
-        if rid in self.accepted_rids:  # the reply is durable now: the record may go
-            self.accepted_rids.discard(rid)
-            self.forget_accepted(rid)
-        self._outbox.drain()
+        return Answer(rid, payload, targets, remember=final and not committed)
 
     # -- accepted invokes on record -------------------------------------------------------
 

@@ -4,7 +4,10 @@ Everything else only enqueues: paho's network thread (:mod:`agent.mqtt` events),
 handlers, invocation threads (results) and the deployer thread (outcomes). The loop
 dispatches each event to a ``handle_<event>`` method and runs its timers (heartbeat,
 watchdog, dedupe pruning) on the monotonic clock it is given (``clock``: a test hands in a
-fake one; wall-clock timestamps in messages stay wall-clock).
+fake one; wall-clock timestamps in messages stay wall-clock). Each wake-up takes every event
+queued since the last one (up to ``BATCH_MAX``), in order: a run of finished invocations is
+answered with one transaction (group commit), a run of PUBACKs deleted with one, and the
+MQTT client wakes its network thread once for the batch (``Transport.corked``).
 
 The Agent is the composition root of the loop: it owns the events, the dispatch, the timer
 table and the lifecycle (boot, run, shutdown, reload), and builds the collaborators that do
@@ -37,11 +40,12 @@ Re-exports :data:`STATUS_REFRESH_HEARTBEATS` (now in :mod:`agent.edge.telemetry`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +78,10 @@ from agent.trust import TrustPolicy
 __all__ = ["STATUS_REFRESH_HEARTBEATS", "Agent"]
 
 log = logging.getLogger(__name__)
+
+#: Events taken from the queue per wake-up at most. A run of finished invocations among them
+#: is answered with one transaction (group commit), a run of PUBACKs deleted with one.
+BATCH_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -294,29 +302,44 @@ class Agent:
             self.step(self._next_timer_in())
         return self.shutdown()
 
-    def step(self, timeout: float = 0.0) -> bool:
-        """Handle at most one event (waiting up to ``timeout`` seconds for one), then run
-        the timers that are due; whether an event was handled. ``run`` is this in a loop;
-        in-process tests call it directly."""
+    def step(self, timeout: float = 0.0) -> int:
+        """Handle the events queued now (waiting up to ``timeout`` seconds for the first;
+        at most :data:`BATCH_MAX`), then run the timers that are due; how many events.
+        ``run`` is this in a loop; in-process tests call it directly.
+
+        Events are handled in their order; a run of finished invocations (or of PUBACKs)
+        among them is handled as one, so its writes share one transaction (group commit),
+        and the client wakes its network thread once for the whole batch."""
         try:
-            event = self._events.get(timeout=max(0.0, timeout))
+            batch = [self._events.get(timeout=max(0.0, timeout))]
         except queue.Empty:
-            event = None
-        if event is not None:
-            self._dispatch(event)
+            batch = []
+        take = self._events.get_nowait
+        while batch and len(batch) < BATCH_MAX:  # whatever queued up meanwhile, together
+            try:
+                batch.append(take())
+            except queue.Empty:
+                break
+        if batch:
+            client = self.mqtt
+            with contextlib.nullcontext() if client is None else client.corked():
+                self._dispatch_batch(batch)
         try:
             self._run_timers()
         except StoreError as exc:  # a failing store must not stop the loop (or the watchdog)
             if not self.faults.failed(exc, "running timers"):
                 log.error("timer: %s", exc)
-        return event is not None
+        return len(batch)
 
     def run_until_idle(self, max_events: int = 10_000) -> int:
         """Handle every event queued now and those their handling queues (no waiting), and
         run due timers; how many events. Threads (deployer, executor) may post more later."""
         handled = 0
-        while handled < max_events and self.step(0.0):
-            handled += 1
+        while handled < max_events:
+            taken = self.step(0.0)
+            if not taken:
+                break
+            handled += taken
         return handled
 
     @property
@@ -324,8 +347,32 @@ class Agent:
         """A stop was asked for (SIGTERM, SIGINT): ``run`` drains and returns."""
         return self._stopping
 
+    def _dispatch_batch(self, batch: list[Any]) -> None:
+        run: list[Any] = []
+        for event in batch:
+            if run and type(event) is not type(run[0]):
+                self._dispatch_run(run)
+                run = []
+            if isinstance(event, InvokeDone | Published):
+                run.append(event)
+            else:
+                self._dispatch(event)
+        if run:
+            self._dispatch_run(run)
+
+    def _dispatch_run(self, run: list[Any]) -> None:
+        """A run of finished invocations or of PUBACKs (one of them: as any event)."""
+        if len(run) == 1:
+            self._dispatch(run[0])
+            return
+        with self._guarded(f"{len(run)} {type(run[0]).__name__}"):
+            if isinstance(run[0], InvokeDone):
+                self.invocations.handle_invokes_done(run)
+            else:
+                self.handle_published_many(run)
+
     def _dispatch(self, event: object) -> None:
-        try:
+        with self._guarded(type(event).__name__):
             if isinstance(event, Message):
                 self.handle_message(event)
             elif isinstance(event, InvokeDone):
@@ -340,13 +387,20 @@ class Agent:
                 self.handle_disconnected(event)
             elif isinstance(event, _Signal):
                 self.handle_signal(event)
+
+    @contextlib.contextmanager
+    def _guarded(self, what: str) -> Iterator[None]:
+        """One bad event (or run) never stops the agent: its error is logged, and a fault
+        of the store noted (degraded mode)."""
+        try:
+            yield
         except StoreError as exc:
-            if not self.faults.failed(exc, f"handling {type(event).__name__}"):
-                log.error("while handling %s: %s", type(event).__name__, exc)
-        except AgentError as exc:  # one bad event never stops the agent
-            log.error("while handling %s: %s", type(event).__name__, exc)
+            if not self.faults.failed(exc, f"handling {what}"):
+                log.error("while handling %s: %s", what, exc)
+        except AgentError as exc:
+            log.error("while handling %s: %s", what, exc)
         except Exception:
-            log.exception("bug while handling %s", type(event).__name__)
+            log.exception("bug while handling %s", what)
 
     def shutdown(self) -> int:
         """Drain in-flight invocations and the outbox within the grace period, then exit 0."""
@@ -427,6 +481,17 @@ class Agent:
         ours = self.outbox.acknowledged(event.mid, event.reason_code, event.reason)
         if event.refused and not ours:  # a status or a direct publish: nothing to keep
             log.warning("the broker refused message %d: %s", event.mid, event.reason)
+        if self.outbox.dead_lettered != before:
+            self.telemetry.refresh_dead_letters()
+
+    def handle_published_many(self, events: list[Published]) -> None:
+        """A run of PUBACKs: :meth:`handle_published` for each, with one delete for all."""
+        before = self.outbox.dead_lettered
+        acks = [(e.mid, e.reason_code, e.reason) for e in events]
+        not_ours = set(self.outbox.acknowledged_many(acks))
+        for event in events:
+            if event.refused and event.mid in not_ours:
+                log.warning("the broker refused message %d: %s", event.mid, event.reason)
         if self.outbox.dead_lettered != before:
             self.telemetry.refresh_dead_letters()
 

@@ -49,6 +49,7 @@ import random
 import time
 from collections.abc import Callable
 
+from agent.errors import StoreError
 from agent.mqtt import backoff_delay
 from agent.store import Store
 from agent.store.outbox import OutboxItem
@@ -206,6 +207,44 @@ class OutboxPump:
             self._refused(item_id, reason_code, reason)
         self.drain()
         return True
+
+    def acknowledged_many(self, acks: list[tuple[int, int, str]]) -> list[int]:
+        """A run of PUBACKs ``(mid, reason_code, reason)`` at once: what :meth:`acknowledged`
+        does for each, with the delivered items deleted in ONE transaction
+        (``Store.outbox_ack_many``) and one :meth:`drain`; the mids that are not ours.
+
+        Every mid is settled in memory first; a refusal is then handled on its own, as
+        in :meth:`acknowledged` (a StoreError is raised once the others are handled)."""
+        not_ours: list[int] = []
+        delivered: list[int] = []
+        refused: list[tuple[int, int, str]] = []
+        for mid, reason_code, reason in acks:
+            item_id = self._mid_to_item.pop(mid, None)
+            if item_id is None:
+                not_ours.append(mid)
+                continue
+            self._handed_at.pop(item_id, None)
+            self._strikes.pop(item_id, None)
+            if reason_code < 0x80:
+                self._refusals.pop(item_id, None)
+                delivered.append(item_id)
+            else:
+                refused.append((item_id, reason_code, reason))
+        failure: StoreError | None = None
+        try:
+            self.store.outbox_ack_many(delivered)
+        except StoreError as exc:  # the sweep deletes them once the store recovers
+            failure = exc
+        for item_id, reason_code, reason in refused:
+            try:
+                self._refused(item_id, reason_code, reason)
+            except StoreError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        if len(not_ours) < len(acks):
+            self.drain()
+        return not_ours
 
     def next_retry_at(self) -> float | None:
         """When the next refused item is due again, or the held delta (monotonic); None if

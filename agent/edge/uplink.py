@@ -10,6 +10,7 @@ Must never: import paho, keep messages (the outbox does), or decide what is owed
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from agent.mqtt import Message
@@ -34,6 +35,12 @@ class Transport(Protocol):
     ) -> int: ...
 
     def ack(self, msg: Message) -> None: ...
+
+    def corked(self) -> AbstractContextManager[None]:
+        """Publishes and acks made inside (from the loop's thread) are queued as they are
+        made, in order; only the wake-up of the client's network thread is held back and
+        sent once, at the end (one per loop batch instead of one per call)."""
+        ...
 
     def forget(self, mid: int) -> bool: ...
 

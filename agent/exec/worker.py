@@ -369,8 +369,16 @@ class WorkerMain:
     def encode_result(self, result: Any) -> bytes:
         """The result's bytes: JSON (daemon) or a pickle (local mode), in the frame's blob."""
         if self.codec == "json":
+            # As the reply writes it (agent.contract.fields.dumps): the agent frames these
+            # bytes into the reply as they are, after checking they are one JSON value.
             try:
-                return json.dumps(result, separators=(",", ":")).encode()
+                try:
+                    text = json.dumps(
+                        result, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+                    )
+                    return text.encode()
+                except UnicodeEncodeError:  # lone surrogates: \u escapes instead
+                    return json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
             except (TypeError, ValueError, RecursionError) as exc:
                 raise TypeError(f"handler result is not JSON-serialisable: {exc}") from exc
         try:

@@ -6,7 +6,7 @@
   (:class:`Message`, :class:`Connected`, :class:`Disconnected`, :class:`ConnectFailed`,
   :class:`Published`) and :data:`PROTOCOL_REFUSED`;
 - :mod:`.client`: :class:`MqttClient`, the connection itself: the only module in the project
-  that imports paho.
+  that imports paho (:mod:`.pubacks`, :mod:`.version` and :mod:`.wake` are its helpers).
 
 This module re-exports their public names, so ``from agent import mqtt`` then
 ``mqtt.Message``, and ``from agent.mqtt import MqttSettings, PROTOCOL_REFUSED``, keep working.

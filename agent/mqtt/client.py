@@ -28,6 +28,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   its PUBACK for ``puback_timeout_s`` drops the connection, so paho sends it again.
 - PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
   broker refused the message (not authorised, quota, ...), which is not a delivery.
+- One wake-up per loop batch (:meth:`MqttClient.corked`, :mod:`agent.mqtt.wake`): the
+  daemon's publishes and acks of one batch of events wake paho's network thread once.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
   says it has handled it durably (see :meth:`MqttClient.ack`), so a crash before that makes
   the broker deliver it again.
@@ -41,7 +43,7 @@ import random
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ from agent.mqtt.events import (
 from agent.mqtt.pubacks import PubackWatchdog
 from agent.mqtt.settings import MqttSettings, Will, list_backoff_delay
 from agent.mqtt.version import VersionChoice, will_hint
+from agent.mqtt.wake import HeldWake
 
 # Named for the package, as before the split: operators filter the journal on "agent.mqtt".
 log = logging.getLogger("agent.mqtt")
@@ -195,6 +198,25 @@ class MqttClient:
         client.loop_start()
         if len(s.endpoints()) > 1 and s.puback_timeout_s > 0:
             self._pubacks.start(s.puback_timeout_s, self._connected.is_set, self._puback_overdue)
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Publishes and acks made inside (from one thread: the daemon's loop) wake paho's
+        network thread once, at the end, instead of once each (:mod:`agent.mqtt.wake`).
+        Nothing else changes: each is queued to paho when it is called, in order."""
+        client = self._client
+        wake = getattr(client, "_sockpairW", None) if client is not None else None
+        if client is None or wake is None:  # not started, or stopped
+            yield
+            return
+        if not isinstance(wake, HeldWake):  # paho made a new pair (loop_start): wrap it
+            wake = HeldWake(wake)
+            client._sockpairW = wake  # type: ignore[assignment]
+        wake.held = True
+        try:
+            yield
+        finally:
+            wake.release()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""

@@ -42,6 +42,11 @@ class AcceptedInvoke:
     ts: float
 
 
+#: Forgets one answered request; :meth:`AcceptedInvokes.done_statement` hands it to the group
+#: commit of the replies (``Store.record_replies(also=...)``).
+_DONE_SQL = "DELETE FROM accepted_invokes WHERE request_id = ?"
+
+
 class AcceptedInvokes:
     """The ``accepted_invokes`` table of a store (open it before use)."""
 
@@ -72,14 +77,12 @@ class AcceptedInvokes:
     def done(self, request_id: str) -> bool:
         """Forget a request once its reply is queued; True when it was recorded."""
         self._ensure()
-        return (
-            self._store.db.write(
-                "accepted_invokes done",
-                "DELETE FROM accepted_invokes WHERE request_id = ?",
-                (request_id,),
-            )
-            > 0
-        )
+        return self._store.db.write("accepted_invokes done", _DONE_SQL, (request_id,)) > 0
+
+    def done_statement(self, request_id: str) -> tuple[str, tuple[str]]:
+        """:meth:`done` as a statement for the caller's transaction (the reply's own)."""
+        self._ensure()
+        return _DONE_SQL, (request_id,)
 
     def pending(self) -> list[AcceptedInvoke]:
         """What a previous run accepted and did not answer, oldest first."""

@@ -20,13 +20,14 @@ drops an outbox message on its own. Here only delegation: no SQL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import OutboxFull
 from agent.store.db import MIGRATIONS, Database
-from agent.store.dedupe import Dedupe, DedupeEntry, ReplyRecord
+from agent.store.dedupe import Dedupe, DedupeEntry, QueuedReply, ReplyRecord, Statement
 from agent.store.deployments import SPEC_SCOPES, DeploymentRow, Deployments
 from agent.store.outbox import DeadLetter, Outbox, OutboxItem
 from agent.store.state import EncodeDelta, SyncCommit, SyncJob, SyncState
@@ -194,6 +195,17 @@ class Store:
             request_id, topic, payload, qos=qos, ts=ts, correlation=correlation
         )
 
+    def record_replies(
+        self, replies: Sequence[QueuedReply], *, ts: float, also: Sequence[Statement] = ()
+    ) -> list[int | None]:
+        """Group commit: queue many replies ``(request_id or None, topic, payload,
+        correlation)`` in ONE transaction, each with a request id remembered for dedupe;
+        per reply its outbox id, or None when the outbox had no room for it (that reply
+        alone is not written). ``also``: statements run in the same transaction. Any other
+        failure: StoreError, nothing written. See :meth:`agent.store.dedupe.Dedupe.record_replies`.
+        """
+        return self._dedupe.record_replies(replies, ts=ts, also=also)
+
     def outbox_peek(
         self, limit: int, after_id: int = 0, *, claim: bool = False
     ) -> list[OutboxItem]:
@@ -207,6 +219,11 @@ class Store:
     def outbox_ack(self, item_id: int) -> bool:
         """The broker took item ``item_id``: delete it. False if it was not queued."""
         return self._outbox.ack(item_id)
+
+    def outbox_ack_many(self, item_ids: Sequence[int]) -> int:
+        """The broker took all of these: delete them in ONE transaction; how many were
+        still queued. StoreError: nothing deleted."""
+        return self._outbox.ack_many(item_ids)
 
     def outbox_hold(self, item_id: int) -> None:
         """The pump claimed delta ``item_id`` but holds it back for a while: state commits

@@ -4,7 +4,9 @@ Owns the ``dedupe`` table: :meth:`Dedupe.get` returns a :class:`DedupeEntry`
 (``reply_topic``, ``reply``, ``ts``) so a duplicate request can be answered on the topic of
 the original; :meth:`Dedupe.put` replaces an existing entry of the same request id.
 :meth:`Dedupe.record_reply` enqueues a reply and remembers its request in one transaction
-(:meth:`Dedupe.remember_reply` does the same inside a transaction the state commit opened).
+(:meth:`Dedupe.remember_reply` does the same inside a transaction the state commit opened);
+:meth:`Dedupe.record_replies` queues many replies in one transaction (the loop's group commit
+of a run of finished invocations), each refused alone when the outbox has no room for it.
 
 Must never: queue a reply without its dedupe row in the same transaction, or let a sqlite3
 object or exception escape.
@@ -13,12 +15,21 @@ object or exception escape.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from agent.errors import OutboxFull
 from agent.store.db import Database
 from agent.store.outbox import Outbox, check_qos
 
-__all__ = ["Dedupe", "DedupeEntry", "ReplyRecord"]
+__all__ = ["Dedupe", "DedupeEntry", "QueuedReply", "ReplyRecord"]
+
+#: One reply of a group commit: (request id to remember it under, or None; topic; payload;
+#: MQTT 5 correlation data).
+QueuedReply = tuple[str | None, str, bytes, bytes | None]
+#: A statement (sql, params) run in a group commit's transaction (``record_replies(also=)``).
+Statement = tuple[str, tuple[Any, ...]]
 
 _DEDUPE_UPSERT = (
     "INSERT INTO dedupe (request_id, reply_topic, reply, ts) VALUES (?, ?, ?, ?)"
@@ -97,6 +108,40 @@ class Dedupe:
                 conn.execute(_DEDUPE_UPSERT, (request_id, topic, payload, ts))
             self._outbox.depth = depth
         return item_id
+
+    def record_replies(
+        self, replies: Sequence[QueuedReply], *, ts: float, also: Sequence[Statement] = ()
+    ) -> list[int | None]:
+        """Group commit: queue many replies (QoS 1) in ONE transaction (one commit, one WAL
+        sync under ``durability = "full"``); each with a request id is also remembered for
+        dedupe, as :meth:`record_reply` does.
+
+        Per reply the outcome is its outbox id, or None when the outbox had no room for it
+        (nothing of that reply is written, the others still are: the bound is checked
+        before its INSERT, so the transaction stays clean). ``also``: statements run in the
+        same transaction (the deletes of the accepted invokes these replies answer). Any
+        other failure rolls everything back and raises StoreError: nothing is written.
+        """
+        out: list[int | None] = []
+        with self._db.lock:
+            with self._db.transaction("record_replies") as conn:
+                depth = self._outbox.depth
+                for request_id, topic, payload, correlation in replies:
+                    try:
+                        item_id, depth = self._outbox.enqueue(
+                            conn, topic, payload, 1, False, "reply", None, ts, correlation,
+                            base=depth,
+                        )  # fmt: skip
+                    except OutboxFull:
+                        out.append(None)
+                        continue
+                    if request_id is not None:
+                        conn.execute(_DEDUPE_UPSERT, (request_id, topic, payload, ts))
+                    out.append(item_id)
+                for sql, params in also:
+                    conn.execute(sql, params)
+            self._outbox.depth = depth
+        return out
 
     def remember_reply(
         self,

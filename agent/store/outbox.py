@@ -25,8 +25,9 @@ Outbox policy:
    invocations with ``overloaded`` until the broker drains the queue. Lowering the limits
    below the current depth keeps what is queued and refuses new items.
 4. Removal. An item leaves the outbox only by :meth:`Store.outbox_ack` (the broker took
-   it), by being superseded, or by :meth:`Store.outbox_dead_letter` (the broker refused it
-   for good: it moves, in one transaction, into the ``dead_letter`` table, with the reason
+   it; :meth:`Store.outbox_ack_many` deletes a run of them in one transaction), by being
+   superseded, or by :meth:`Store.outbox_dead_letter` (the broker refused it for good: it
+   moves, in one transaction, into the ``dead_letter`` table, with the reason
    and a timestamp, so what queued behind it drains).
 
 Dead letters: kept until the operator clears them (:meth:`Store.dead_letters_clear`) or asks
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,8 @@ _OUTBOX_INSERT = (
     "INSERT INTO outbox (topic, payload, qos, retain, kind, key, created_ts, correlation)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Ids bound per statement by :meth:`Outbox.ack_many` (old SQLite builds allow 999 variables).
+_IDS_PER_STATEMENT = 500
 _OUTBOX_COLUMNS = "id, topic, payload, qos, retain, kind, key, created_ts, correlation"
 
 
@@ -218,6 +221,30 @@ class Outbox:
             count, nbytes = self.depth
             self.depth = (count - 1, nbytes - int(row[0]))
         return True
+
+    def ack_many(self, item_ids: Sequence[int]) -> int:
+        """The broker took all of these: delete them in ONE transaction; how many were
+        still queued (a superseded one is simply not found, as in :meth:`ack`). StoreError:
+        nothing deleted."""
+        if not item_ids:
+            return 0
+        found = found_bytes = 0
+        with self._db.lock:
+            with self._db.transaction("outbox_ack_many") as conn:
+                for start in range(0, len(item_ids), _IDS_PER_STATEMENT):
+                    ids = tuple(item_ids[start : start + _IDS_PER_STATEMENT])
+                    marks = ",".join("?" * len(ids))
+                    count, nbytes = conn.execute(
+                        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
+                        f" WHERE id IN ({marks})",
+                        ids,
+                    ).fetchone()
+                    if count:
+                        conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+                    found, found_bytes = found + int(count), found_bytes + int(nbytes)
+            count, nbytes = self.depth
+            self.depth = (count - found, nbytes - found_bytes)
+        return found
 
     def hold(self, item_id: int) -> None:
         """The pump claimed delta ``item_id`` but holds it back for a while: state commits

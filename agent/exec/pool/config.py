@@ -53,6 +53,9 @@ class InvokeResult:
     checked: list[str] | None = None
     #: It listed the whole document: any change since ``state_version`` conflicts.
     read_all: bool = False
+    #: JSON codec: the worker's bytes of ``value``, checked to be one JSON value (UTF-8, no
+    #: NaN or Infinity): the daemon frames them into the reply as they are. None with pickle.
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True)

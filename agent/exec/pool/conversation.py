@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import math
 import pickle
 from collections.abc import Mapping
 from typing import Any, cast
@@ -103,8 +104,15 @@ def await_result(
 
 
 def result_value(codec: str, function_id: str, header: pipe.ResultMsg, blob: bytes) -> Any:
+    """The result's value. JSON codec: the worker's bytes must be exactly one JSON value in
+    strict UTF-8 without NaN, Infinity or a number out of float range (what the reply may
+    carry: the daemon frames these very bytes into it), else HandlerError."""
     try:
-        return json.loads(blob) if codec == "json" else _loads(blob)
+        if codec == "json":
+            return json.loads(
+                blob.decode("utf-8"), parse_constant=_not_json, parse_float=_finite_float
+            )
+        return _loads(blob)
     except Exception as exc:
         raise HandlerError(
             f"Edge function failed: {function_id} returned a value this process cannot "
@@ -130,6 +138,17 @@ def handler_error(codec: str, error: Mapping[str, Any], blob: bytes) -> EdgeExec
                 cause = cls(message)
     exc.__cause__ = cause
     return exc
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a float")
+    return value
 
 
 def _loads(blob: bytes) -> Any:

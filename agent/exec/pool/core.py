@@ -351,6 +351,8 @@ class WorkerPool:
                         worker_pid=worker.pid,
                         accepts_context=worker.accepts_context,
                     )
+                    if self.codec == "json":  # checked above: framed into the reply as is
+                        result.raw = result_blob
                     changes = header.get("changes")
                     if changes:
                         result.changes = changes

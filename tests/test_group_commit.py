@@ -1,0 +1,171 @@
+"""Group commit on the daemon's hot path (issue 15): many replies, or many PUBACK deletes, in
+one transaction, with the guarantees of the one-by-one calls (bounds, dedupe, order, and
+nothing written when the transaction fails); and the held-back wake-ups of paho's network
+thread (``MqttClient.corked``, ``agent.mqtt.wake``)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.edge.outbox import OutboxPump
+from agent.errors import StoreError
+from agent.mqtt import MqttSettings
+from agent.mqtt.client import MqttClient
+from agent.mqtt.wake import HeldWake
+from agent.store import Store
+from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "state.db", max_messages=3) as s:
+        yield s
+
+
+def _queued(store: Store) -> list[tuple[str, bytes, bytes | None]]:
+    return [(i.topic, i.payload, i.correlation) for i in store.outbox_peek(100)]
+
+
+def test_record_replies_queues_in_order_and_remembers_only_the_named(store: Store) -> None:
+    ids = store.record_replies(
+        [("r1", "t/a", b"1", None), (None, "t/b", b"2", b"corr"), ("r2", "t/a", b"3", None)],
+        ts=100.0,
+    )
+    assert None not in ids and ids == sorted(ids)
+    assert _queued(store) == [("t/a", b"1", None), ("t/b", b"2", b"corr"), ("t/a", b"3", None)]
+    assert all(i.kind == "reply" and i.qos == 1 for i in store.outbox_peek(10))
+    assert store.outbox_depth() == (3, 3)
+    first, second = store.dedupe_get("r1"), store.dedupe_get("r2")
+    assert first is not None and (first.reply, first.reply_topic, first.ts) == (b"1", "t/a", 100.0)
+    assert second is not None and second.reply == b"3"
+
+
+def test_record_replies_refuses_only_what_does_not_fit(store: Store) -> None:
+    """A full outbox refuses a reply alone: not queued, not remembered; the rest commit."""
+    store.outbox_put("x", b"0", kind="reply")
+    ids = store.record_replies(
+        [("r1", "t", b"1", None), ("r2", "t", b"2", None), ("r3", "t", b"3", None)], ts=1.0
+    )
+    assert ids[0] is not None and ids[1] is not None and ids[2] is None
+    assert store.dedupe_get("r3") is None
+    assert store.dedupe_get("r2") is not None
+    assert store.outbox_depth() == (3, 3)
+    assert [i.payload for i in store.outbox_peek(10)] == [b"0", b"1", b"2"]
+
+
+def test_record_replies_deletes_accepted_records_in_its_own_transaction(store: Store) -> None:
+    accepted = AcceptedInvokes(store)
+    for rid in ("r1", "r2"):
+        accepted.put(AcceptedInvoke(rid, b"{}", None, None, 1.0))
+    store.record_replies([("r1", "t", b"1", None)], ts=1.0, also=[accepted.done_statement("r1")])
+    assert [p.request_id for p in accepted.pending()] == ["r2"]
+
+
+def test_a_failing_record_replies_writes_nothing(store: Store) -> None:
+    """Any failure but a full outbox rolls the whole group back: no reply queued, none
+    remembered, no accepted record gone, and the depth counter unchanged."""
+    accepted = AcceptedInvokes(store)
+    accepted.put(AcceptedInvoke("r1", b"{}", None, None, 1.0))
+    with pytest.raises(StoreError):
+        store.record_replies(
+            [("r1", "t", b"1", None), ("r2", "t", b"2", None)],
+            ts=1.0,
+            also=[accepted.done_statement("r1"), ("INSERT INTO no_such_table VALUES (1)", ())],
+        )
+    assert store.outbox_peek(10) == []
+    assert store.outbox_depth() == (0, 0)
+    assert store.dedupe_get("r1") is None and store.dedupe_get("r2") is None
+    assert [p.request_id for p in accepted.pending()] == ["r1"]
+    assert store.record_replies([("r1", "t", b"1", None)], ts=1.0) != [None]  # usable again
+
+
+def test_outbox_ack_many_deletes_what_is_queued_and_keeps_the_depth(store: Store) -> None:
+    a = store.outbox_put("a", b"12", kind="reply")
+    b = store.outbox_put("b", b"345", kind="reply")
+    c = store.outbox_put("c", b"6", kind="reply")
+    assert store.outbox_ack_many([a, c, 9999]) == 2
+    assert store.outbox_depth() == (1, 3)
+    assert [i.id for i in store.outbox_peek(10)] == [b]
+    assert store.outbox_ack_many([]) == 0
+    assert store.outbox_ack_many([a]) == 0  # already gone: not found, as outbox_ack
+    assert store.outbox_depth() == (1, 3)
+
+
+def test_outbox_ack_many_is_one_transaction(store: Store) -> None:
+    """A delete that fails part-way leaves every item queued (and the depth as it was)."""
+    a = store.outbox_put("a", b"1", kind="reply")
+    b = store.outbox_put("b", b"2", kind="reply")
+    store.db.write(
+        "test trigger",
+        f"CREATE TRIGGER refuse BEFORE DELETE ON outbox WHEN old.id = {b}"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        (),
+    )
+    with pytest.raises(StoreError, match="refused by the test"):
+        store.outbox_ack_many([a, b])
+    assert [i.id for i in store.outbox_peek(10)] == [a, b]
+    assert store.outbox_depth() == (2, 2)
+
+
+def test_outbox_ack_many_takes_more_ids_than_one_statement_binds(tmp_path: Path) -> None:
+    with Store(tmp_path / "big.db") as big:
+        ids = [big.outbox_put("t", b"x", kind="reply") for _ in range(1_200)]
+        assert big.outbox_ack_many(ids) == 1_200
+        assert big.outbox_depth() == (0, 0) and big.outbox_peek(10) == []
+
+
+def test_acknowledged_many_deletes_delivered_and_keeps_refused(store: Store) -> None:
+    sent: list[str] = []
+
+    def publish(topic: str, *_: object) -> int:
+        sent.append(topic)
+        return len(sent)  # mid = position
+
+    pump = OutboxPump(store, publish, window=8)
+    pump.connected = True
+    for topic in ("a", "b", "c"):
+        store.outbox_put(topic, b"x", kind="reply")
+    pump.drain()
+    not_ours = pump.acknowledged_many([(1, 0, "Success"), (3, 0x97, "Quota"), (42, 0, "")])
+    assert not_ours == [42]
+    assert [i.topic for i in store.outbox_peek(10)] == ["b", "c"]  # c waits for its retry
+    assert pump.awaiting_retry == 1 and pump.in_flight == 1
+    assert pump.acknowledged_many([(2, 0, "Success")]) == []
+    assert [i.topic for i in store.outbox_peek(10)] == ["c"]
+
+
+def test_corked_client_wakes_paho_once() -> None:
+    left, right = socket.socketpair()
+    try:
+        client = MqttClient(MqttSettings(), lambda event: None)
+        paho_client = type("P", (), {"_sockpairW": left})()
+        client._client = paho_client  # type: ignore[assignment]
+        right.setblocking(False)
+        with client.corked():
+            wake = paho_client._sockpairW
+            assert isinstance(wake, HeldWake)
+            for _ in range(5):
+                wake.send(b"0")
+            with pytest.raises(BlockingIOError):
+                right.recv(10)  # nothing sent while corked
+        assert right.recv(10) == b"0"  # one wake-up for the five
+        with client.corked():
+            pass
+        with pytest.raises(BlockingIOError):
+            right.recv(10)  # none wanted, none sent
+        wake.send(b"0")  # uncorked: straight through
+        assert right.recv(10) == b"0"
+        assert wake.fileno() == left.fileno()  # everything else is the socket's own
+    finally:
+        left.close()
+        right.close()
+
+
+def test_corked_is_harmless_before_start() -> None:
+    client = MqttClient(MqttSettings(), lambda event: None)
+    with client.corked():
+        pass
