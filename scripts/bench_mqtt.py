@@ -12,7 +12,7 @@ Rows:
   same broker, with no agent: what any MQTT round trip costs here;
 - invoke ``echo`` through the agent: the same requester, the same kind of message, to
   ``<p>/nodes/<node>/invoke``, answered on ``<p>/nodes/<node>/replies``; target p50 within
-  1 ms of the floor's. Floor and agent run in alternating blocks;
+  0.3 ms of the floor's. Floor and agent run in alternating blocks;
 - invocations/s with a window of requests in flight, for the floor and for the agent, and
   the CPU (user + sys) each spends per 1,000 invocations;
 - the same throughput row with ``durability = "full"`` (a second agent on the same state),
@@ -70,10 +70,12 @@ from testing.bench import latency_row_us as latency_row
 from testing.broker import Mosquitto
 from testing.cloud import nodelay
 
-TITLE = "MQTT daemon end to end (agent/edge/loop.py, agent/mqtt.py) against a paho floor"
+TITLE = "MQTT daemon end to end (agent/edge/, agent/mqtt/) against a paho floor"
 
-#: Targets from the benchmark issue.
-INVOKE_OVER_FLOOR_MAX_MS = 1.0
+#: Targets: the hot-path issue (15) tightened the latency one from 1 ms to 0.3 ms and added
+#: the throughput one; the memory one is the benchmark issue's.
+INVOKE_OVER_FLOOR_MAX_MS = 0.3
+AGENT_THROUGHPUT_RATIO_MIN = 0.8
 AGENT_USS_MAX_MB = 30.0
 
 FLOOR_REQUEST = "bench/floor/request"
@@ -567,6 +569,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         n=throughput_n,
         rate=round(agent_rate, 1),
         ratio=f"{agent_rate / floor_rate:.2f}x floor",
+        target=f">= {AGENT_THROUGHPUT_RATIO_MIN:g}x floor",
+        passed=agent_rate / floor_rate >= AGENT_THROUGHPUT_RATIO_MIN,
     )
     agent_tput.update(cpu_per_1000_s=round(cpu["agent"], 4))
     per_1000 = (
