@@ -169,3 +169,26 @@ def test_corked_is_harmless_before_start() -> None:
     client = MqttClient(MqttSettings(), lambda event: None)
     with client.corked():
         pass
+
+
+def test_corked_fails_safe_when_paho_will_not_take_the_wrapper() -> None:
+    """paho's wake-up socket is private API: a paho whose ``_sockpairW`` cannot be replaced
+    (a read-only property, __slots__) must cost the cork, never the batch the loop already
+    took off its queue (the exception would escape ``Agent.step`` and stop the agent)."""
+    left, right = socket.socketpair()
+    try:
+        client = MqttClient(MqttSettings(), lambda event: None)
+
+        class ReadOnly:
+            @property
+            def _sockpairW(self) -> socket.socket:
+                return left
+
+        client._client = ReadOnly()  # type: ignore[assignment]
+        ran = False
+        with client.corked():
+            ran = True
+        assert ran
+    finally:
+        left.close()
+        right.close()
