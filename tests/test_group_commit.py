@@ -169,3 +169,52 @@ def test_corked_is_harmless_before_start() -> None:
     client = MqttClient(MqttSettings(), lambda event: None)
     with client.corked():
         pass
+
+
+def test_corked_fails_safe_when_paho_will_not_take_the_wrapper() -> None:
+    """paho's wake-up socket is private API: a paho whose ``_sockpairW`` cannot be replaced
+    (a read-only property, __slots__) must cost the cork, never the batch the loop already
+    took off its queue (the exception would escape ``Agent.step`` and stop the agent)."""
+    left, right = socket.socketpair()
+    try:
+        client = MqttClient(MqttSettings(), lambda event: None)
+
+        class ReadOnly:
+            @property
+            def _sockpairW(self) -> socket.socket:
+                return left
+
+        client._client = ReadOnly()  # type: ignore[assignment]
+        ran = False
+        with client.corked():
+            ran = True
+        assert ran
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_wake_up_wanted_while_the_cork_is_released_is_not_lost() -> None:
+    """``send`` from another thread (paho's own, a timer's) may find the cork held, and
+    ``release`` run before it notes the wake-up as wanted: that wake-up must still be sent,
+    or paho's thread sleeps with a packet queued (until its select times out)."""
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    try:
+
+        class Interleaved(HeldWake):
+            """Runs the loop thread's ``release`` between the sender's check and its note."""
+
+            def __setattr__(self, name: str, value: object) -> None:
+                if name == "wanted" and value is True and self.held:
+                    HeldWake.release(self)
+                object.__setattr__(self, name, value)
+
+        wake = Interleaved(left)
+        wake.held = True
+        wake.send(b"0")  # the other thread; the loop's release ran inside it
+        assert wake.held is False
+        assert right.recv(10) == b"0"  # the wake-up went out all the same
+    finally:
+        left.close()
+        right.close()

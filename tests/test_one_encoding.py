@@ -6,6 +6,7 @@ what ``encode_reply`` makes of the parsed value."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from agent.contract import invoke as invoke_contract
 from agent.contract import protocol
 from agent.errors import HandlerError
-from agent.exec.pool import conversation
+from agent.exec.pool import FunctionConfig, WorkerPool, conversation
 from agent.exec.worker import WorkerMain
 
 RESULTS: list[Any] = [
@@ -92,3 +93,49 @@ def test_the_worker_refuses_nan_as_the_reply_would() -> None:
 
 def test_a_non_ascii_result_is_sent_as_utf8_not_escaped() -> None:
     assert _worker_bytes({"t": "é"}) == '{"t":"é"}'.encode()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys in the reply: {keys}"
+    return dict(pairs)
+
+
+def test_a_result_with_colliding_keys_is_not_framed_with_duplicate_keys(
+    tmp_path: Path, fixed_ts: None
+) -> None:
+    """``{1: "a", "1": "b"}`` is valid for a handler (non-string keys become strings), and
+    json.dumps writes ``{"1":"a","1":"b"}``: framed as is, the reply would carry a duplicate
+    key that readers resolve differently (first wins, last wins, refused). The reply must
+    be what encode_reply makes of the parsed value, as before the one-encoding change."""
+    (tmp_path / "collide.py").write_text('def handler(event):\n    return {1: "a", "1": "b"}\n')
+    pool = WorkerPool(codec="json", prestart=0, sys_path=[])
+    pool.start()
+    try:
+        pool.register(
+            FunctionConfig(
+                function_id="collide", memory_mb=64, timeout_s=5, kind="package",
+                path=str(tmp_path), entrypoint="collide:handler",
+            )
+        )  # fmt: skip
+        result = pool.invoke("collide", ({},), request_id="rid-1")
+    finally:
+        pool.close()
+    assert result.value == {"1": "b"}
+    if result.raw is not None:
+        framed = protocol.encode_ok_reply_raw(
+            "rid-1", "collide", result.raw, duration_ms=1.0, cold_start=True, node_id="gw-1"
+        )
+    else:
+        framed = protocol.encode_reply(
+            "rid-1", "collide", ok=True, result=result.value, duration_ms=1.0,
+            cold_start=True, node_id="gw-1",
+        )  # fmt: skip
+    assert json.loads(framed, object_pairs_hook=_unique_keys)["result"] == {"1": "b"}
+
+
+@pytest.mark.parametrize("blob", [b'{"a":1,"a":2}', b'[{"x":{"k":1,"k":2}}]'])
+def test_a_hostile_result_with_duplicate_keys_is_not_framed_as_is(blob: bytes) -> None:
+    value, raw = conversation.result_json("f", blob)
+    assert raw is None  # re-encoded from the value: one key each, the last one wins
+    assert value == json.loads(blob)

@@ -32,7 +32,10 @@ class HeldWake:
         """paho's call: the byte goes out now, or once at :meth:`release` while held."""
         if self.held:
             self.wanted = True
-            return len(data)
+            if self.held:
+                return len(data)
+            # Released between the check and the note (another thread than the loop's):
+            # that release may have missed the note, so this wake-up goes out now.
         return self.sock.send(data)
 
     def release(self) -> None:

@@ -107,17 +107,45 @@ def result_value(codec: str, function_id: str, header: pipe.ResultMsg, blob: byt
     """The result's value. JSON codec: the worker's bytes must be exactly one JSON value in
     strict UTF-8 without NaN, Infinity or a number out of float range (what the reply may
     carry: the daemon frames these very bytes into it), else HandlerError."""
+    if codec == "json":
+        return result_json(function_id, blob)[0]
     try:
-        if codec == "json":
-            return json.loads(
-                blob.decode("utf-8"), parse_constant=_not_json, parse_float=_finite_float
-            )
         return _loads(blob)
     except Exception as exc:
-        raise HandlerError(
-            f"Edge function failed: {function_id} returned a value this process cannot "
-            f"load: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _cannot_load(function_id, exc) from exc
+
+
+def result_json(function_id: str, blob: bytes) -> tuple[Any, bytes | None]:
+    """The JSON codec's :func:`result_value`, and the bytes the reply may frame as they are:
+    ``blob``, or None when an object in it repeats a key (``{1: "a", "1": "b"}`` dumps so;
+    a hostile worker may write it): the reply then encodes the value (one key each, the
+    last wins, as before), never a duplicate key that readers resolve differently."""
+    unique = True
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal unique
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            unique = False
+        return obj
+
+    try:
+        value = json.loads(
+            blob.decode("utf-8"),
+            parse_constant=_not_json,
+            parse_float=_finite_float,
+            object_pairs_hook=pairs_hook,
+        )
+    except Exception as exc:
+        raise _cannot_load(function_id, exc) from exc
+    return value, (blob if unique else None)
+
+
+def _cannot_load(function_id: str, exc: Exception) -> HandlerError:
+    return HandlerError(
+        f"Edge function failed: {function_id} returned a value this process cannot "
+        f"load: {type(exc).__name__}: {exc}"
+    )
 
 
 def handler_error(codec: str, error: Mapping[str, Any], blob: bytes) -> EdgeExecutionError:

@@ -341,18 +341,22 @@ class WorkerPool:
                 worker.invocations += 1
                 healthy = True  # from here on the worker answered: it is fine
                 if header.get("ok"):
-                    result = InvokeResult(
-                        value=conversation.result_value(
+                    raw: bytes | None = None
+                    if self.codec == "json":  # checked: framed into the reply as is
+                        value, raw = conversation.result_json(function_id, result_blob)
+                    else:
+                        value = conversation.result_value(
                             self.codec, function_id, header, result_blob
-                        ),
+                        )
+                    result = InvokeResult(
+                        value=value,
                         cold_start=cold,
                         duration_ms=(time.monotonic() - started) * 1000,
                         rss_kb=int(header.get("rss_kb", 0)),
                         worker_pid=worker.pid,
                         accepts_context=worker.accepts_context,
                     )
-                    if self.codec == "json":  # checked above: framed into the reply as is
-                        result.raw = result_blob
+                    result.raw = raw
                     changes = header.get("changes")
                     if changes:
                         result.changes = changes
