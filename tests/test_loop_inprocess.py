@@ -26,7 +26,7 @@ from agent.contract import protocol
 from agent.edge.loop import Agent
 from agent.edge.store_faults import STORE_RETRY_S
 from agent.edge.systemd import Notifier
-from agent.errors import StoreError
+from agent.errors import MqttError, StoreError
 from agent.exec.pool import ContextInput
 from agent.store import StateTooLarge, Store
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
@@ -404,4 +404,68 @@ def test_a_fallback_reply_that_fails_fails_its_invocation_alone(
     assert loop.store.dedupe_get(good) is not None and loop.store.dedupe_get(bad) is None
     assert [p.request_id for p in loop.agent.accepted.pending()] == [bad]
     assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
+
+
+def test_an_ack_that_fails_in_a_committed_run_leaves_the_rest_acknowledged(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's replies were committed together, then the ack of the first one raised: the
+    rest of the run went unacknowledged, holding the broker's in-flight window (mosquitto
+    stops delivering at 20) until the next reconnect."""
+    loop.deploy("echo")
+    loop.settle()
+    first, second = "rid-first", "rid-second"
+    ack = loop.mqtt.ack
+
+    def ack_fails_for_first(msg: Any) -> None:
+        if msg.topic == loop.topics.invoke and json.loads(msg.payload)["request_id"] == first:
+            raise MqttError("ack refused by the test")
+        ack(msg)
+
+    monkeypatch.setattr(loop.mqtt, "ack", ack_fails_for_first)
+    loop.invoke("echo", 0, rid=first)
+    loop.invoke("echo", 1, rid=second)  # max_workers 2: both finish in one run
+    loop.agent.run_until_idle()
+    assert sorted(r["request_id"] for r in loop.replies()) == [first, second]
+    acked = [
+        json.loads(m.payload)["request_id"]
+        for m in loop.mqtt.acked
+        if m.topic == loop.topics.invoke
+    ]
+    assert second in acked and first not in acked, acked
+    assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
+    loop.settle()
+
+
+def test_a_direct_reply_that_fails_to_publish_does_not_stall_the_committed_run(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox had room for one reply of a run; the other's direct publish raised after
+    the group was committed, and the error escaped: no request of the run was acknowledged."""
+    loop.deploy("echo")
+    loop.settle()
+    loop.store.set_limits(max_messages=1)
+    publish = loop.mqtt.publish
+    refused: list[str] = []
+
+    def publish_fails_for_replies(topic: str, payload: bytes, **kwargs: Any) -> int:
+        # The drain publishes the durable reply later; the direct one comes first.
+        if topic == loop.topics.replies and not refused:
+            refused.append(json.loads(payload)["request_id"])
+            raise MqttError("publish refused by the test")
+        return publish(topic, payload, **kwargs)
+
+    monkeypatch.setattr(loop.mqtt, "publish", publish_fails_for_replies)
+    rids = [loop.invoke("echo", n) for n in range(2)]
+    loop.agent.run_until_idle()
+    acked = [
+        json.loads(m.payload)["request_id"]
+        for m in loop.mqtt.acked
+        if m.topic == loop.topics.invoke
+    ]
+    assert sorted(acked) == sorted(rids), acked  # both acknowledged: nothing holds the window
+    assert refused == [rids[1]]  # the one without room, lost and logged
+    assert [r["request_id"] for r in loop.replies()] == [rids[0]]  # the durable one went out
+    loop.store.set_limits(max_messages=10_000)
     loop.settle()

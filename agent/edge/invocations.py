@@ -342,16 +342,15 @@ class Invocations:
         ]
         written = self._replies.send_many([answer for answer, _ in answered], also=also)
         for answer, invocation in answered:
-            if written:
-                self._answered(answer, invocation, forget=False)
-                continue
-            try:  # one by one, as before: a failure is this invocation's alone
-                self._answered(answer, invocation, forget=True)
+            try:  # a failure is this invocation's alone: the rest of the run is acknowledged
+                self._answered(answer, invocation, forget=not written)
             except StoreError as exc:
                 if not self._faults.failed(exc, f"answering {answer.rid}"):
                     log.error("while answering %s: %s", answer.rid, exc)
             except AgentError as exc:
                 log.error("while answering %s: %s", answer.rid, exc)
+            except Exception:
+                log.exception("bug while answering %s", answer.rid)
         self._outbox.drain()
 
     def _answered(self, answer: Answer, invocation: Invocation, *, forget: bool) -> None:

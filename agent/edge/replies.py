@@ -27,7 +27,7 @@ from agent.contract import protocol
 from agent.edge.outbox import OutboxPump
 from agent.edge.store_faults import StoreFaults
 from agent.edge.uplink import Uplink
-from agent.errors import EdgeExecutionError, HandlerError, StoreError, error_to_dict
+from agent.errors import AgentError, EdgeExecutionError, HandlerError, StoreError, error_to_dict
 from agent.exec.pool import InvokeResult
 from agent.store import OutboxFull, Store
 from agent.store.dedupe import QueuedReply, Statement
@@ -200,7 +200,10 @@ class Replies:
                 continue
             log.error("outbox full for the reply to %s", owner)
             if self._uplink.live:
-                self._uplink.publish(topic, payload, qos=1, correlation=correlation)
+                try:  # the group is committed: one failed publish must not undo the others
+                    self._uplink.publish(topic, payload, qos=1, correlation=correlation)
+                except AgentError as exc:
+                    log.error("reply to %s LOST: outbox full and %s", owner, exc)
             else:
                 log.error(
                     "reply to %s LOST: outbox full and broker unreachable",
