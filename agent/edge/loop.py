@@ -477,20 +477,15 @@ class Agent:
 
     def handle_published(self, event: Published) -> None:
         """A PUBACK: the pump deletes, retries or dead-letters its item (see agent.edge.outbox)."""
-        before = self.outbox.dead_lettered
-        ours = self.outbox.acknowledged(event.mid, event.reason_code, event.reason)
-        if event.refused and not ours:  # a status or a direct publish: nothing to keep
-            log.warning("the broker refused message %d: %s", event.mid, event.reason)
-        if self.outbox.dead_lettered != before:
-            self.telemetry.refresh_dead_letters()
+        self.handle_published_many([event])
 
     def handle_published_many(self, events: list[Published]) -> None:
-        """A run of PUBACKs: :meth:`handle_published` for each, with one delete for all."""
+        """A run of PUBACKs, with one delete for all the delivered items."""
         before = self.outbox.dead_lettered
         acks = [(e.mid, e.reason_code, e.reason) for e in events]
         not_ours = set(self.outbox.acknowledged_many(acks))
         for event in events:
-            if event.refused and event.mid in not_ours:
+            if event.refused and event.mid in not_ours:  # a status or a direct publish
                 log.warning("the broker refused message %d: %s", event.mid, event.reason)
         if self.outbox.dead_lettered != before:
             self.telemetry.refresh_dead_letters()

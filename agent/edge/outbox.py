@@ -195,18 +195,7 @@ class OutboxPump:
 
         False if ``mid`` is not one of ours (a status, heartbeat or direct publish).
         """
-        item_id = self._mid_to_item.pop(mid, None)
-        if item_id is None:
-            return False
-        self._handed_at.pop(item_id, None)
-        self._strikes.pop(item_id, None)
-        if reason_code < 0x80:
-            self._refusals.pop(item_id, None)
-            self.store.outbox_ack(item_id)
-        else:
-            self._refused(item_id, reason_code, reason)
-        self.drain()
-        return True
+        return not self.acknowledged_many([(mid, reason_code, reason)])
 
     def acknowledged_many(self, acks: list[tuple[int, int, str]]) -> list[int]:
         """A run of PUBACKs ``(mid, reason_code, reason)`` at once: what :meth:`acknowledged`

@@ -209,20 +209,9 @@ class Outbox:
 
     def ack(self, item_id: int) -> bool:
         """The broker took item ``item_id``: delete it. False if it was not queued."""
-        with self._db.lock:
-            with self._db.transaction("outbox_ack") as conn:
-                row = conn.execute(
-                    "SELECT length(payload) FROM outbox WHERE id = ?", (item_id,)
-                ).fetchone()
-                if row is not None:
-                    conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
-            if row is None:
-                return False
-            count, nbytes = self.depth
-            self.depth = (count - 1, nbytes - int(row[0]))
-        return True
+        return self.ack_many((item_id,), what="outbox_ack") == 1
 
-    def ack_many(self, item_ids: Sequence[int]) -> int:
+    def ack_many(self, item_ids: Sequence[int], *, what: str = "outbox_ack_many") -> int:
         """The broker took all of these: delete them in ONE transaction; how many were
         still queued (a superseded one is simply not found, as in :meth:`ack`). StoreError:
         nothing deleted."""
@@ -230,7 +219,7 @@ class Outbox:
             return 0
         found = found_bytes = 0
         with self._db.lock:
-            with self._db.transaction("outbox_ack_many") as conn:
+            with self._db.transaction(what) as conn:
                 for start in range(0, len(item_ids), _IDS_PER_STATEMENT):
                     ids = tuple(item_ids[start : start + _IDS_PER_STATEMENT])
                     marks = ",".join("?" * len(ids))
