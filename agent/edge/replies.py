@@ -158,16 +158,22 @@ class Replies:
                 except StoreError as exc:  # answered all the same, without the outbox
                     if not self._faults.failed(exc, f"queueing the reply to {rid}"):
                         raise
-            if self._uplink.live:
-                self._uplink.publish(topic, payload, qos=1, correlation=correlation)
-            else:
-                log.error(
-                    "reply to %s LOST: outbox full and broker unreachable",
-                    rid,
-                    extra={"request_id": rid},
-                )
+            self._publish_direct(rid, topic, payload, correlation)
         if drain:
             self._outbox.drain()
+
+    def _publish_direct(
+        self, rid: str | None, topic: str, payload: bytes, correlation: bytes | None
+    ) -> None:
+        """A reply the outbox could not take: straight to MQTT when connected, else lost."""
+        if self._uplink.live:
+            self._uplink.publish(topic, payload, qos=1, correlation=correlation)
+        else:
+            log.error(
+                "reply to %s LOST: outbox full and broker unreachable",
+                rid,
+                extra={"request_id": rid},
+            )
 
     def send_many(self, answers: Sequence[Answer], *, also: Sequence[Statement] = ()) -> bool:
         """Group commit: every reply of ``answers`` (one per target, as :meth:`send` with
@@ -199,15 +205,8 @@ class Replies:
             if item_id is not None:
                 continue
             log.error("outbox full for the reply to %s", owner)
-            if self._uplink.live:
-                try:  # the group is committed: one failed publish must not undo the others
-                    self._uplink.publish(topic, payload, qos=1, correlation=correlation)
-                except AgentError as exc:
-                    log.error("reply to %s LOST: outbox full and %s", owner, exc)
-            else:
-                log.error(
-                    "reply to %s LOST: outbox full and broker unreachable",
-                    owner,
-                    extra={"request_id": owner},
-                )
+            try:  # the group is committed: one failed publish must not undo the others
+                self._publish_direct(owner, topic, payload, correlation)
+            except AgentError as exc:
+                log.error("reply to %s LOST: outbox full and %s", owner, exc)
         return True
