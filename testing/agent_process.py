@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -119,6 +120,20 @@ class AgentProcess:
             timeout,
             f"agent log never said {text!r}:\n{self.log_tail()}",
         )
+
+    def accepted_on_record(self) -> list[str]:
+        """Request ids in its state.db's ``accepted_invokes`` (read-only; [] before any)."""
+        db = self.state_dir / "state.db"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+            if "accepted_invokes" not in tables:
+                return []
+            return [rid for (rid,) in conn.execute("SELECT request_id FROM accepted_invokes")]
+        finally:
+            conn.close()
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None, "the agent was not started"

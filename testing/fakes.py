@@ -20,6 +20,7 @@ imports it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import sys
@@ -406,6 +407,29 @@ class InlineExecutor(Executor):
         except BaseException as exc:  # the Future carries it, as a thread's would
             future.set_exception(exc)
         return future
+
+
+class HeldExecutor(Executor):
+    """Keeps what is submitted until the test runs it (``run_all``), on the test's thread:
+    invocations that are still running for as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[[], Any], Future[Any]]] = []
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
+        self.held.append((functools.partial(fn, *args, **kwargs), future))
+        return future
+
+    def run_all(self) -> int:
+        """Run everything held, in submission order; how many."""
+        held, self.held = self.held, []
+        for call, future in held:
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+        return len(held)
 
 
 def _is_a_transport(client: FakeMqttClient) -> Transport:

@@ -5,6 +5,7 @@ it again at start and answers it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,11 @@ def test_invocation_longer_than_the_ack_wait_runs_and_answers_once(tmp_path: Pat
         nats.stop()
 
 
-def test_invoke_accepted_before_a_kill9_is_answered_after_the_restart(
-    tmp_path: Path, broker: Mosquitto, agent_factory: Any
-) -> None:
-    """Acknowledged at acceptance, an invoke cut by a crash must still be answered: the
-    restarted agent runs it again from its accepted record (the broker will not resend)."""
-    agent: AgentProcess = agent_factory("gw-1").start()
+def _cut_by_kill9(
+    tmp_path: Path, agent: AgentProcess, broker: Mosquitto, *, on_record: bool
+) -> tuple[Any, int]:
+    """Start an invocation of 3 s, kill -9 the agent in the middle (once it is on record
+    as accepted, or while it is not), start it again: (the answer, how often it ran)."""
     module = tmp_path / "count.py"
     module.write_text(COUNTING)
     with EdgeCluster.connect("127.0.0.1", broker.port, heartbeat_interval_s=1.0) as cluster:
@@ -86,15 +86,41 @@ def test_invoke_accepted_before_a_kill9_is_answered_after_the_restart(
                 "gw-1", "count", {"log": str(log), "tag": "cut", "sleep": 3}, timeout=40
             )
 
-        import threading
-
         caller = threading.Thread(target=call)
         caller.start()
         wait_for(lambda: runs(log, "cut") == 1, 15, "the invocation never started")
+        if on_record:
+            wait_for(lambda: len(agent.accepted_on_record()) == 1, 5, "it never went on record")
+        else:
+            assert agent.accepted_on_record() == []
         agent.kill9()
         agent.start()
         caller.join(45)
         assert "r" in answered, f"never answered after the restart:\n{agent.log()[-3000:]}"
-        assert answered["r"].value == {"tag": "cut"}
-        assert runs(log, "cut") == 2  # at least once: the cut run, then the recovered one
-        assert "accepted before a restart" in agent.log()
+        return answered["r"], runs(log, "cut")
+
+
+def test_invoke_accepted_before_a_kill9_is_answered_after_the_restart(
+    tmp_path: Path, broker: Mosquitto, agent_factory: Any
+) -> None:
+    """On record as accepted (it ran past ``record_accepted_after_s``, and was acknowledged
+    then), an invoke cut by a crash must still be answered: the restarted agent runs it
+    again from its accepted record (the broker will not resend)."""
+    agent: AgentProcess = agent_factory("gw-1", agent={"record_accepted_after_s": 0.5}).start()
+    result, ran = _cut_by_kill9(tmp_path, agent, broker, on_record=True)
+    assert result.value == {"tag": "cut"}
+    assert ran == 2  # at least once: the cut run, then the recovered one
+    assert "accepted before a restart" in agent.log()
+
+
+def test_invoke_cut_by_a_kill9_before_it_went_on_record_is_delivered_again(
+    tmp_path: Path, broker: Mosquitto, agent_factory: Any
+) -> None:
+    """Issue 15's lazy record: an invocation not yet on record is not acknowledged either,
+    so the broker (a persistent session) delivers it again to the restarted agent, which
+    runs and answers it."""
+    agent: AgentProcess = agent_factory("gw-1", agent={"record_accepted_after_s": 60.0}).start()
+    result, ran = _cut_by_kill9(tmp_path, agent, broker, on_record=False)
+    assert result.value == {"tag": "cut"}
+    assert ran == 2
+    assert "accepted before a restart" not in agent.log()

@@ -74,6 +74,7 @@ def test_defaults() -> None:
         log_level="info",
         shutdown_grace_s=10.0,
         dedupe_window_s=600.0,
+        record_accepted_after_s=1.0,
         durability="normal",
     )
     assert cfg.runtime == RuntimeConfig(

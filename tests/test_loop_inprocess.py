@@ -10,11 +10,13 @@ threads are real (they install the code), so a deployment is waited for with a d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,15 @@ from agent.edge.systemd import Notifier
 from agent.errors import MqttError, StoreError
 from agent.exec.pool import ContextInput
 from agent.store import StateTooLarge, Store
-from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor, Writes
+from agent.store.accepted import AcceptedInvokes
+from testing.fakes import (
+    FakeClock,
+    FakeMqttClient,
+    FakePool,
+    HeldExecutor,
+    InlineExecutor,
+    Writes,
+)
 from testing.specs import source_spec
 
 NODE = "gw-inproc"
@@ -96,13 +106,20 @@ def _handlers() -> dict[str, Any]:
     return {"stateful": remember_mode}
 
 
-@pytest.fixture
-def loop(tmp_path: Path) -> Iterator[Loop]:
+@contextlib.contextmanager
+def started_loop(
+    tmp_path: Path, executor: Executor | None = None, **agent_settings: Any
+) -> Iterator[Loop]:
+    """A booted, connected loop; ``agent_settings`` go into ``[agent]``."""
     state_dir = tmp_path / "state"
     config = parse_config(
         {
             "node": {"id": NODE, "capabilities": ["python"]},
-            "agent": {"state_dir": str(state_dir), "heartbeat_interval_s": HEARTBEAT_S},
+            "agent": {
+                "state_dir": str(state_dir),
+                "heartbeat_interval_s": HEARTBEAT_S,
+                **agent_settings,
+            },
             "runtime": {"function_uids": "", "max_workers": 2},
         }
     )
@@ -115,7 +132,7 @@ def loop(tmp_path: Path) -> Iterator[Loop]:
         pool=pool,
         notifier=Notifier(None),
         clock=clock,
-        executor=InlineExecutor(),
+        executor=executor or InlineExecutor(),
     )
     client = FakeMqttClient(sink=agent.post)
     agent.mqtt = client
@@ -129,6 +146,12 @@ def loop(tmp_path: Path) -> Iterator[Loop]:
     assert agent.stopping
     assert agent.shutdown() == 0
     assert pool.closed and client.stopped
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Loop]:
+    with started_loop(tmp_path) as started:
+        yield started
 
 
 def test_a_retained_spec_is_deployed_and_its_active_state_published(loop: Loop) -> None:
@@ -291,12 +314,21 @@ def test_a_failing_store_degrades_the_node_until_the_retry_timer_finds_it_writab
     loop.settle()
 
 
+@pytest.mark.parametrize("record_after_s", [0.0, 1.0], ids=["recorded-at-once", "fast"])
 def test_a_run_of_finished_invocations_is_answered_in_one_transaction(
-    loop: Loop, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_after_s: float
 ) -> None:
     """Group commit (issue 15): the replies of invocations that finished together, their
-    dedupe rows and the deletes of their accepted records go in ONE transaction, before any
-    reply is handed to the client; then a run of PUBACKs deletes them all in one more."""
+    dedupe rows and the deletes of their accepted records (when they were put on record:
+    ``record_accepted_after_s`` 0) go in ONE transaction, before any reply is handed to the
+    client; then a run of PUBACKs deletes them all in one more."""
+    with started_loop(tmp_path, record_accepted_after_s=record_after_s) as loop:
+        _answered_in_one_transaction(loop, monkeypatch, deletes=2 if record_after_s == 0 else 0)
+
+
+def _answered_in_one_transaction(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch, *, deletes: int
+) -> None:
     loop.deploy("echo")
     loop.settle()
     groups: list[tuple[list[str | None], int, int]] = []
@@ -310,7 +342,7 @@ def test_a_run_of_finished_invocations_is_answered_in_one_transaction(
     monkeypatch.setattr(loop.store, "record_replies", spy)
     rids = [loop.invoke("echo", n) for n in range(2)]  # max_workers 2: both run at once
     loop.agent.run_until_idle()
-    assert groups == [(rids, 0, 2)]  # one transaction, nothing handed to MQTT before it
+    assert groups == [(rids, 0, deletes)]  # one transaction, nothing handed to MQTT before it
     assert [r["request_id"] for r in loop.replies()] == rids
     assert all(loop.store.dedupe_get(rid) is not None for rid in rids)
     assert loop.agent.accepted.pending() == []  # deleted in the replies' transaction
@@ -375,12 +407,19 @@ def test_a_group_commit_that_fails_answers_each_reply_on_its_own(
     loop.settle()
 
 
+@pytest.mark.parametrize("record_after_s", [0.0, 1.0], ids=["recorded-at-once", "fast"])
 def test_a_fallback_reply_that_fails_fails_its_invocation_alone(
-    loop: Loop, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_after_s: float
 ) -> None:
     """The group commit failed and one reply of the run also fails on its own: that one is
-    logged and left as a single event's would be (no reply, its accepted record kept for a
-    run again after a restart); the rest of the run is answered."""
+    logged and left as a single event's would be (no reply; on record as accepted it stays
+    there to run again after a restart, else it stays unacknowledged for the broker to
+    deliver again); the rest of the run is answered."""
+    with started_loop(tmp_path, record_accepted_after_s=record_after_s) as loop:
+        _fallback_reply_fails(loop, monkeypatch, recorded=record_after_s == 0)
+
+
+def _fallback_reply_fails(loop: Loop, monkeypatch: pytest.MonkeyPatch, *, recorded: bool) -> None:
     loop.deploy("echo")
     loop.settle()
     bad, good = "rid-bad", "rid-good"
@@ -402,7 +441,14 @@ def test_a_fallback_reply_that_fails_fails_its_invocation_alone(
     loop.agent.run_until_idle()
     assert [r["request_id"] for r in loop.replies()] == [good]
     assert loop.store.dedupe_get(good) is not None and loop.store.dedupe_get(bad) is None
-    assert [p.request_id for p in loop.agent.accepted.pending()] == [bad]
+    invokes = [m for m in loop.mqtt.acked if m.topic == loop.topics.invoke]
+    acked = [json.loads(m.payload)["request_id"] for m in invokes]
+    if recorded:
+        assert [p.request_id for p in loop.agent.accepted.pending()] == [bad]
+        assert sorted(acked) == sorted([bad, good])  # acknowledged when put on record
+    else:
+        assert loop.agent.accepted.pending() == []
+        assert acked == [good]  # the broker delivers the failed one again
     assert loop.mqtt.json_on(loop.topics.status)[-1]["status"] == "online"
     loop.settle()
 
@@ -469,3 +515,68 @@ def test_a_direct_reply_that_fails_to_publish_does_not_stall_the_committed_run(
     assert [r["request_id"] for r in loop.replies()] == [rids[0]]  # the durable one went out
     loop.store.set_limits(max_messages=10_000)
     loop.settle()
+
+
+def test_a_fast_invocation_is_acknowledged_with_its_reply_and_never_put_on_record(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: an invocation answered before ``record_accepted_after_s`` costs no write of
+    its own. It is acknowledged once its reply is durable, and no accepted record is ever
+    written for it (the reply's transaction is the only one)."""
+    loop.deploy("echo")
+    loop.settle()
+    puts: list[list[str]] = []
+    put_many = AcceptedInvokes.put_many
+
+    def spy(self: AcceptedInvokes, records: Any) -> None:
+        puts.append([r.request_id for r in records])
+        put_many(self, records)
+
+    monkeypatch.setattr(AcceptedInvokes, "put_many", spy)
+    rid = loop.invoke("echo", 7)
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == [rid]
+    assert [m.topic for m in loop.mqtt.acked].count(loop.topics.invoke) == 1
+    loop.clock.advance(5.0)  # long past its due time: answered, so nothing to record
+    loop.agent.run_until_idle()
+    assert puts == [] and loop.agent.accepted.pending() == []
+    assert [m.topic for m in loop.mqtt.acked].count(loop.topics.invoke) == 1
+    loop.settle()
+
+
+def test_an_invocation_still_running_when_due_is_put_on_record_and_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 kept under issue 15's lazy record: one still running
+    ``record_accepted_after_s`` after it was accepted goes on record (all that are due, in
+    one transaction) and is acknowledged then, not at acceptance and not a second time with
+    its reply; its record goes in the reply's transaction."""
+    executor = HeldExecutor()
+    with started_loop(tmp_path, executor, record_accepted_after_s=1.0) as loop:
+        loop.deploy("echo")
+        loop.settle()
+        rids = [loop.invoke("echo", n) for n in range(2)]
+        loop.agent.run_until_idle()
+
+        def acked() -> list[str]:
+            return [
+                json.loads(m.payload)["request_id"]
+                for m in loop.mqtt.acked
+                if m.topic == loop.topics.invoke
+            ]
+
+        assert acked() == [] and loop.agent.accepted.pending() == []
+        loop.clock.advance(0.9)
+        loop.agent.run_until_idle()
+        assert acked() == [] and loop.agent.accepted.pending() == [], "recorded before due"
+        loop.clock.advance(0.2)
+        loop.agent.run_until_idle()
+        assert sorted(p.request_id for p in loop.agent.accepted.pending()) == sorted(rids)
+        assert acked() == rids
+        assert loop.replies() == []
+        assert executor.run_all() == 2
+        loop.agent.run_until_idle()
+        assert [r["request_id"] for r in loop.replies()] == rids
+        assert acked() == rids, "acknowledged again with its reply"
+        assert loop.agent.accepted.pending() == []
+        loop.settle()

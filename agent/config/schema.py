@@ -248,6 +248,16 @@ class AgentSettings:
         "Seconds a request_id is remembered, so an invoke the broker delivers twice (QoS 1) "
         "runs once.",
     )
+    record_accepted_after_s: float = _key(
+        1.0,
+        number(),
+        "Seconds an invocation may run before the agent records it on disk and acknowledges "
+        "it to the broker, so that a broker with an ack deadline (NATS: ack_wait, 30 s) does "
+        "not deliver it again while it runs, and a restarted agent runs it again. One that "
+        "finishes sooner is acknowledged with its reply, without that write (a crash before "
+        "then means the broker delivers it again). Keep it well under the broker's ack "
+        "deadline; 0 records every invocation as it is accepted.",
+    )
     durability: str = _key(
         "normal",
         choice("normal", "full"),

@@ -7,8 +7,10 @@ already answered within ``agent.dedupe_window_s``), and the durable record of an
 invoke (:mod:`agent.store.accepted`) with its recovery after a restart.
 
 Delivery: an incoming invoke is acknowledged to the broker once its reply is in the outbox
-or, earlier, once it is on record as accepted (brokers with an ack deadline); a crash
-before that means redelivery, or a run again at start. Outbox full: new invocations are
+or, if it still runs ``agent.record_accepted_after_s`` after it was accepted, once it is on
+record as accepted (brokers with an ack deadline); a crash before that means redelivery, or
+a run again at start. A fast invocation (the common case) so costs no write of its own: its
+reply's transaction is the only one. Outbox full: new invocations are
 answered ``overloaded`` (published directly, not queued) until it drains. A run of
 finished invocations is answered with one transaction (group commit: replies, dedupe rows
 and the deletes of their accepted records), then acknowledged, then drained once.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -55,6 +58,9 @@ from agent.store import ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
 
 log = logging.getLogger(__name__)
+
+#: The loop's timer (its ``timers`` table) for invocations due to go on record as accepted.
+RECORD_TIMER = "record_accepted"
 
 
 @dataclass
@@ -102,6 +108,7 @@ class Invocations:
         threads: int,
         post: Callable[[object], None],
         clock: Callable[[], float],
+        timers: dict[str, float],
         stopping: Callable[[], bool],
     ) -> None:
         self._settings = settings  # the running config (a reload replaces it)
@@ -120,7 +127,11 @@ class Invocations:
         self._threads = threads  # the executor's threads
         self._post = post
         self._clock = clock
+        self._timers = timers
         self._stopping = stopping
+        #: Accepted, not yet on record nor acknowledged: (when it is due to be, invocation,
+        #: its message), in acceptance order. Answered ones are skipped when they come due.
+        self._unrecorded: deque[tuple[float, Invocation, mqtt.Message]] = deque()
         self.inflight: dict[str, Invocation] = {}
         self.accepted_rids: set[str] = set()
         self.recovered = False
@@ -196,10 +207,10 @@ class Invocations:
             self._uplink.ack(msg)
             return
         self.inflight[rid] = invocation
-        self._accept(invocation, msg)
         for other in displaced:  # its function held more than its share: this one is owed room
             self._refuse_displaced(other)
-        self._start_ready()
+        self._start_ready()  # before any write of its own: the worker runs meanwhile
+        self._accept_later(invocation, msg)
 
     def refuse_on_store_fault(self, msg: mqtt.Message) -> None:
         """An invoke the store failed under before it was taken: answer overloaded now."""
@@ -420,33 +431,69 @@ class Invocations:
 
     # -- accepted invokes on record -------------------------------------------------------
 
-    def _accept(self, invocation: Invocation, msg: mqtt.Message) -> None:
-        """Record an accepted invoke durably, then acknowledge it to the broker at once.
+    def _accept_later(self, invocation: Invocation, msg: mqtt.Message) -> None:
+        """Put it on record as accepted (and acknowledge it) if it still runs after
+        ``agent.record_accepted_after_s``; at once when that is 0.
 
         Brokers with an ack deadline (NATS: ``ack_wait``, 30 s by default) deliver again
         what stays unacknowledged that long, even while it runs; once it is on record here
         an agent that crashes runs it again at start (:meth:`recover_accepted`), so the
-        request is answered either way. A record that cannot be written leaves the ack for
-        the answer, as before.
+        request is answered either way. One answered before it is due is acknowledged with
+        its reply and never written here: a crash before that leaves it unacknowledged, and
+        the broker delivers it again (the session is persistent).
         """
-        rid = invocation.request.request_id
         if msg.qos == 0:  # nothing to acknowledge (a recovered request is on record already)
             return
-        try:
-            record = AcceptedInvoke(
-                rid, msg.payload, msg.response_topic, msg.correlation_data, time.time()
-            )
-            self._accepted.put(record)
-        except StoreError as exc:  # a failing store: degraded, and acknowledged once answered
-            if not self._faults.failed(exc, f"recording the accepted invoke {rid}"):
-                log.error(
-                    "cannot record accepted invoke %s: %s", rid, exc, extra={"request_id": rid}
-                )
+        after = self._settings().agent.record_accepted_after_s
+        if after <= 0:
+            self._accept([(invocation, msg)])
             return
-        self.accepted_rids.add(rid)
-        for pending in invocation.acks:
-            self._uplink.ack(pending)
-        invocation.acks.clear()
+        due = self._clock() + after
+        self._unrecorded.append((due, invocation, msg))
+        self._timers.setdefault(RECORD_TIMER, due)
+
+    def record_due(self, now: float) -> None:
+        """Timer: put every invocation still running past its due time on record, in one
+        transaction, and acknowledge them."""
+        pending = self._unrecorded
+        due: list[tuple[Invocation, mqtt.Message]] = []
+        while pending and pending[0][0] <= now:
+            _, invocation, msg = pending.popleft()
+            rid = invocation.request.request_id
+            if self.inflight.get(rid) is invocation and rid not in self.accepted_rids:
+                due.append((invocation, msg))
+        if pending:
+            self._timers[RECORD_TIMER] = pending[0][0]
+        else:
+            self._timers.pop(RECORD_TIMER, None)
+        if due:
+            self._accept(due)
+
+    def _accept(self, batch: list[tuple[Invocation, mqtt.Message]]) -> None:
+        """Record accepted invokes durably (one transaction), then acknowledge them to the
+        broker. A record that cannot be written leaves the ack for the answer, as before."""
+        records = [
+            AcceptedInvoke(
+                invocation.request.request_id,
+                msg.payload,
+                msg.response_topic,
+                msg.correlation_data,
+                time.time(),
+            )
+            for invocation, msg in batch
+        ]
+        try:
+            self._accepted.put_many(records)
+        except StoreError as exc:  # a failing store: degraded, and acknowledged once answered
+            rids = ", ".join(record.request_id for record in records)
+            if not self._faults.failed(exc, f"recording the accepted invokes {rids}"):
+                log.error("cannot record accepted invokes %s: %s", rids, exc)
+            return
+        for invocation, _msg in batch:
+            self.accepted_rids.add(invocation.request.request_id)
+            for pending in invocation.acks:
+                self._uplink.ack(pending)
+            invocation.acks.clear()
 
     def forget_accepted(self, rid: str) -> None:
         try:

@@ -56,7 +56,7 @@ from agent.contract import protocol
 from agent.contract.specindex import IndexFollower
 from agent.edge.deploy_prepare import Deployer, DeployOutcome
 from agent.edge.deploy_reconcile import DeploymentController
-from agent.edge.invocations import Invocation, Invocations, InvokeDone
+from agent.edge.invocations import RECORD_TIMER, Invocation, Invocations, InvokeDone
 from agent.edge.isolation import FunctionIdentities
 from agent.edge.outbox import OutboxPump
 from agent.edge.reload import read_reload
@@ -186,6 +186,7 @@ class Agent:
             threads=threads,
             post=self.post,
             clock=clock,
+            timers=self._timers,
             stopping=lambda: self._stopping,
         )
         self.specs = SpecIntake(
@@ -604,6 +605,8 @@ class Agent:
             interval = self.notifier.watchdog_interval() or 1.0
             timers["watchdog"] = now + interval
             self.notifier.watchdog()  # from the loop only: a stuck loop stops the pings
+        if timers.get(RECORD_TIMER, now + 1) <= now:
+            self.invocations.record_due(now)
         if timers.get("store_retry", now + 1) <= now:
             self.faults.retry()
         if timers.get("rollcall", now + 1) <= now:

@@ -45,6 +45,7 @@ class AcceptedInvoke:
 #: Forgets one answered request; :meth:`AcceptedInvokes.done_statement` hands it to the group
 #: commit of the replies (``Store.record_replies(also=...)``).
 _DONE_SQL = "DELETE FROM accepted_invokes WHERE request_id = ?"
+_PUT_SQL = "INSERT OR REPLACE INTO accepted_invokes VALUES (?, ?, ?, ?, ?)"
 
 
 class AcceptedInvokes:
@@ -61,18 +62,16 @@ class AcceptedInvokes:
 
     def put(self, record: AcceptedInvoke) -> None:
         """Record (or replace) an accepted request; durable when this returns."""
+        self.put_many([record])
+
+    def put_many(self, records: list[AcceptedInvoke]) -> None:
+        """Record (or replace) accepted requests in one transaction; durable when this
+        returns (all of them, or none when it raises)."""
         self._ensure()
-        self._store.db.write(
-            "accepted_invokes put",
-            "INSERT OR REPLACE INTO accepted_invokes VALUES (?, ?, ?, ?, ?)",
-            (
-                record.request_id,
-                record.payload,
-                record.response_topic,
-                record.correlation,
-                record.ts,
-            ),
-        )
+        rows = [(r.request_id, r.payload, r.response_topic, r.correlation, r.ts) for r in records]
+        db = self._store.db
+        with db.lock, db.transaction("accepted_invokes put") as conn:
+            conn.executemany(_PUT_SQL, rows)
 
     def done(self, request_id: str) -> bool:
         """Forget a request once its reply is queued; True when it was recorded."""
