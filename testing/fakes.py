@@ -338,6 +338,10 @@ class FakePool(WorkerPool):
     def unregister(self, function_id: str) -> bool:
         return self.registered.pop(function_id, None) is not None
 
+    def concurrency(self, function_id: str) -> int:
+        config = self.registered.get(function_id)
+        return config.concurrency if config is not None else 1
+
     def check_load(self, config: FunctionConfig) -> Worker:
         self.loads.append(config)
         error = self.load_errors.get(config.function_id)

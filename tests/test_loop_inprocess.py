@@ -71,8 +71,12 @@ class Loop:
                 pytest.fail(f"{message} within {timeout}s")
             self.agent.step(0.05)  # blocks on the event queue: wakes as soon as one is posted
 
-    def deploy(self, fid: str) -> None:
-        spec = source_spec(fid, "def handler(payload):\n    return payload\n")
+    def deploy(self, fid: str, concurrency: int = 2) -> None:
+        """Deploy an echo function; ``concurrency`` 2 (as max_workers): two invocations of
+        it start together, so they finish in one loop step (one group commit)."""
+        spec = source_spec(
+            fid, "def handler(payload):\n    return payload\n", concurrency=concurrency
+        )
         self.mqtt.deliver(self.topics.fleet_function(fid), spec, retain=True)
         self.drive(lambda: self.state_of(fid) == "active", f"{fid} not active")
 
@@ -340,7 +344,7 @@ def _answered_in_one_transaction(
         return record_replies(replies, **kwargs)
 
     monkeypatch.setattr(loop.store, "record_replies", spy)
-    rids = [loop.invoke("echo", n) for n in range(2)]  # max_workers 2: both run at once
+    rids = [loop.invoke("echo", n) for n in range(2)]  # concurrency 2: both run at once
     loop.agent.run_until_idle()
     assert groups == [(rids, 0, deletes)]  # one transaction, nothing handed to MQTT before it
     assert [r["request_id"] for r in loop.replies()] == rids

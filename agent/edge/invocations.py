@@ -54,6 +54,7 @@ from agent.errors import (
 )
 from agent.exec.metrics import EdgeMetrics, InvocationRecord
 from agent.exec.pool import InvokeResult, WorkerPool
+from agent.exec.pool.direct import Started
 from agent.store import ReplyRecord, StateTooLarge, Store
 from agent.store.accepted import AcceptedInvoke, AcceptedInvokes
 
@@ -110,6 +111,8 @@ class Invocations:
         clock: Callable[[], float],
         timers: dict[str, float],
         stopping: Callable[[], bool],
+        watch: Callable[[int], None] | None = None,
+        unwatch: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings  # the running config (a reload replaces it)
         self._topics = topics
@@ -132,11 +135,17 @@ class Invocations:
         #: Accepted, not yet on record nor acknowledged: (when it is due to be, invocation,
         #: its message), in acceptance order. Answered ones are skipped when they come due.
         self._unrecorded: deque[tuple[float, Invocation, mqtt.Message]] = deque()
+        #: The loop's readiness poll: it waits for these fds with its other sources.
+        self._watch = watch
+        self._unwatch = unwatch
+        #: Invocations sent to a warm worker by the loop itself (no executor thread), by
+        #: the worker's result fd.
+        self._direct: dict[int, tuple[Started, Invocation]] = {}
         self.inflight: dict[str, Invocation] = {}
         self.accepted_rids: set[str] = set()
         self.recovered = False
         #: Accepted invocations per function, fairly bounded and dispatched (issue 12).
-        self.queue: FairQueue[Invocation] = FairQueue(self._queue_limits)
+        self.queue: FairQueue[Invocation] = FairQueue(self._queue_limits, pool.concurrency)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -245,9 +254,86 @@ class Invocations:
             self.forget_accepted(rid)
 
     def _start_ready(self) -> None:
-        """Hand every invocation the fair queue lets start to an executor thread."""
+        """Start every invocation the fair queue lets start: sent to an idle warm worker
+        from here when one is free (the loop then waits for its answer with its other
+        sources), else handed to an executor thread (:meth:`run`)."""
         for _fid, invocation in self.queue.ready():
-            self._executor.submit(self.run, invocation)
+            if not self._start_direct(invocation):
+                self._executor.submit(self.run, invocation)
+
+    # -- running on the loop (a warm worker, no thread) -----------------------------------
+
+    def _start_direct(self, invocation: Invocation) -> bool:
+        if self._watch is None:
+            return False
+        request = invocation.request
+        try:
+            started = self._pool.try_start(
+                request.function_id, (request.payload,), request.request_id
+            )
+        except EdgeExecutionError:  # (arguments that cannot be sent) run() answers it
+            return False
+        if started is None:
+            return False
+        self._direct[started.fd] = (started, invocation)
+        self._watch(started.fd)
+        return True
+
+    @property
+    def direct_count(self) -> int:
+        """Invocations whose worker's answer the loop waits for itself."""
+        return len(self._direct)
+
+    def next_direct_deadline(self) -> float | None:
+        """The earliest deadline (``time.monotonic``, the pool's clock) of those, if any."""
+        if not self._direct:
+            return None
+        return min(started.deadline for started, _ in self._direct.values())
+
+    def worker_readable(self, fd: int) -> InvokeDone | None:
+        """The loop saw ``fd`` readable: the finished invocation, once its answer is in."""
+        entry = self._direct.get(fd)
+        if entry is None or not entry[0].poll():
+            return None
+        return self._conclude_direct(fd)
+
+    def expire_direct(self, now: float) -> None:
+        """Invocations past their deadline (``now``: ``time.monotonic``): their workers are
+        killed (on an executor thread) and they are answered as timed out."""
+        for fd in [fd for fd, (s, _) in self._direct.items() if s.deadline <= now]:
+            self._conclude_direct(fd)
+
+    def abandon_direct(self, why: str) -> None:
+        """Stopping: kill the workers still running invocations for the loop, unanswered
+        (unacknowledged too, unless on record: they run again after the restart)."""
+        for fd in list(self._direct):
+            started, _invocation = self._direct.pop(fd)
+            if self._unwatch is not None:
+                self._unwatch(fd)
+            started.abandon(why)
+
+    def _conclude_direct(self, fd: int) -> InvokeDone | None:
+        started, invocation = self._direct.pop(fd)
+        if self._unwatch is not None:
+            self._unwatch(fd)
+        if started.blocks:  # the worker must be killed and reaped: not on the loop
+            self._executor.submit(self._finish_off_loop, started, invocation)
+            return None
+        return self._finished(invocation, started)
+
+    def _finish_off_loop(self, started: Started, invocation: Invocation) -> None:
+        """Executor thread: what :meth:`_conclude_direct` could not finish on the loop."""
+        self._post(self._finished(invocation, started))
+
+    def _finished(self, invocation: Invocation, started: Started) -> InvokeDone:
+        try:
+            result = started.finish(defer=self._executor.submit)
+        except EdgeExecutionError as exc:
+            return InvokeDone(invocation, None, exc)
+        except Exception as exc:  # a bug must still answer the caller
+            log.exception("invocation %s failed unexpectedly", invocation.request.request_id)
+            return InvokeDone(invocation, None, EdgeExecutionError(str(exc)))
+        return InvokeDone(invocation, result, None)
 
     def _queue_limits(self) -> Limits:
         runtime = self._settings().runtime

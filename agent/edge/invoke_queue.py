@@ -4,10 +4,11 @@ Bounds (read at every call, so a SIGHUP reload applies at once):
 
 - ``capacity``: invocations accepted and not yet answered, in all (the payloads they hold);
 - ``max_queue``: of one function, waiting for a thread (``runtime.max_queue``);
-- ``threads``: running at once (each holds an executor thread until its worker answers), and
-  at most ``per_function`` of them one function's (``runtime.max_workers``: more threads
-  than workers would only wait inside the pool). Free threads go to the functions with
-  waiting calls in turn (round robin), so a flood of ``f`` queues behind ``f`` only.
+- ``threads``: running at once (each holds an executor thread or a worker until its worker
+  answers), and at most ``per_function`` of them one function's (``runtime.max_workers``),
+  nor more than its ``concurrency`` (the ``concurrency`` callable): more would only wait
+  inside the pool, holding a thread. Free places go to the functions with waiting calls in
+  turn (round robin), so a flood of ``f`` queues behind ``f`` only.
 
 Fair share: when ``capacity`` is reached, a call of a function holding fewer than
 ``capacity / n`` (``n``: functions with accepted calls, the caller's included) takes the
@@ -47,8 +48,12 @@ class Limits:
 
 
 class FairQueue(Generic[T]):
-    def __init__(self, limits: Callable[[], Limits]) -> None:
+    def __init__(
+        self, limits: Callable[[], Limits], concurrency: Callable[[str], int] | None = None
+    ) -> None:
         self._limits = limits
+        #: How many calls of a function may run at once (its spec's ``concurrency``).
+        self._concurrency = concurrency
         self._functions: dict[str, _Function[T]] = {}
         self._turns: deque[str] = deque()  # functions with waiting calls, next turn first
         self._total = 0
@@ -95,7 +100,10 @@ class FairQueue(Generic[T]):
             function_id = self._turns[0]
             self._turns.rotate(-1)
             fn = self._functions[function_id]
-            if fn.running >= limits.per_function:
+            cap = limits.per_function
+            if self._concurrency is not None:
+                cap = min(cap, max(1, self._concurrency(function_id)))
+            if fn.running >= cap:
                 skipped += 1
                 continue
             skipped = 0

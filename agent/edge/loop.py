@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import queue
+import select
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +138,12 @@ class Agent:
             trust=TrustPolicy.from_config(config),
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: What the loop waits on (from boot): the wake pipe, and the result fds of the
+        #: workers it sent invocations to itself. ``post`` writes the wake pipe only while
+        #: the loop waits there (``_waiting``), so a busy loop costs posters no syscall.
+        self._poller = select.poll()
+        self._wake: tuple[int, int] | None = None
+        self._waiting = False
         threads = config.runtime.max_workers * 2
         self._executor = executor or ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="edge-invoke"
@@ -188,6 +197,8 @@ class Agent:
             clock=clock,
             timers=self._timers,
             stopping=lambda: self._stopping,
+            watch=lambda fd: self._poller.register(fd, select.POLLIN),
+            unwatch=self._poller.unregister,
         )
         self.specs = SpecIntake(
             self._settings,
@@ -249,6 +260,9 @@ class Agent:
     def post(self, event: object) -> None:
         """Hand an event to the loop; safe from any thread and from signal handlers."""
         self._events.put(event)
+        if self._waiting and self._wake is not None:  # put first: see _wait
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                os.write(self._wake[1], b"\0")
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -262,6 +276,9 @@ class Agent:
     def boot(self) -> None:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         repaired = open_store(self.store)  # a damaged file is moved aside: salvaged below
+        if self._wake is None:
+            self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._poller.register(self._wake[0], select.POLLIN)
         self.sync.boot()
         isolation = self.identities.start(self.pool.python)
         if isolation.mode == "uid":
@@ -311,16 +328,20 @@ class Agent:
         Events are handled in their order; a run of finished invocations (or of PUBACKs)
         among them is handled as one, so its writes share one transaction (group commit),
         and the client wakes its network thread once for the whole batch."""
-        try:
-            batch = [self._events.get(timeout=max(0.0, timeout))]
-        except queue.Empty:
-            batch = []
-        take = self._events.get_nowait
-        while batch and len(batch) < BATCH_MAX:  # whatever queued up meanwhile, together
-            try:
-                batch.append(take())
-            except queue.Empty:
-                break
+        batch = self._take([])
+        if self._wake is None:  # not booted: the queue is all there is
+            if not batch:
+                with contextlib.suppress(queue.Empty):
+                    batch = self._take([self._events.get(timeout=max(0.0, timeout))])
+        elif not batch or self.invocations.direct_count:
+            # Workers' answers join the batch (their replies share its transaction).
+            for fd in self._wait(0.0 if batch else timeout):
+                done = self.invocations.worker_readable(fd)
+                if done is not None:
+                    batch.append(done)
+            batch = self._take(batch)
+        if self.invocations.direct_count:
+            self.invocations.expire_direct(time.monotonic())
         if batch:
             client = self.mqtt
             with contextlib.nullcontext() if client is None else client.corked():
@@ -331,6 +352,44 @@ class Agent:
             if not self.faults.failed(exc, "running timers"):
                 log.error("timer: %s", exc)
         return len(batch)
+
+    def _take(self, batch: list[Any]) -> list[Any]:
+        """``batch`` and whatever is queued now, up to :data:`BATCH_MAX` events."""
+        take = self._events.get_nowait
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(take())
+            except queue.Empty:
+                break
+        return batch
+
+    def _wait(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` s (less if a worker's deadline comes first) until an event
+        is posted or a watched worker fd is readable; those fds.
+
+        ``post`` puts its event before it reads ``_waiting``, and we set ``_waiting``
+        before we look at the queue: either we see the event, or it sees us waiting and
+        writes the wake pipe. No event is left waiting for the next timer."""
+        assert self._wake is not None
+        deadline = self.invocations.next_direct_deadline()
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+        self._waiting = True
+        try:
+            if not self._events.empty():
+                timeout = 0.0
+            ready = self._poller.poll(max(0, math.ceil(timeout * 1000)))
+        finally:
+            self._waiting = False
+        fds = []
+        for fd, _mask in ready:
+            if fd == self._wake[0]:
+                with contextlib.suppress(OSError):
+                    while os.read(fd, 512):
+                        pass
+            else:
+                fds.append(fd)
+        return fds
 
     def run_until_idle(self, max_events: int = 10_000) -> int:
         """Handle every event queued now and those their handling queues (no waiting), and
@@ -422,12 +481,17 @@ class Agent:
                 self._await_puback(mid, min(2.0, max(0.1, deadline - clock())))
             self.mqtt.stop()
         self.deployer.stop()
+        self.invocations.abandon_direct("the agent (stopping)")
         self.pool.close()
         self.pool.sweep(self.identities.uids())  # nothing a function started outlives us
         self.sync.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         depth = self.store.outbox_depth()
         self.store.close()
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
         log.info("stopped; %d messages left in the outbox for next time", depth[0])
         return 0
 

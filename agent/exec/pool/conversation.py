@@ -74,26 +74,44 @@ def await_result(
     try:
         header, blob = worker.recv(deadline)
     except _Deadline:
-        worker.kill("the pool at the deadline")
-        raise FunctionTimeout(
-            f"function {config.function_id} timed out after {config.timeout_s:g}s; "
-            f"its worker (pid {worker.pid}) was killed"
-        ) from None
+        raise timed_out(worker, config) from None
     except pipe.FrameError as exc:
-        if exc.eof:
-            worker.kill_closed()
-        else:
-            worker.kill("the pool (it broke the pipe protocol)")
-        if worker.killed_for is not None:
-            raise worker.killed_for from None
-        if exc.eof:
-            raise worker.death_error(config.function_id) from None
-        if isinstance(exc, pipe.FrameTooLarge):
-            raise HandlerError(
-                f"function {config.function_id} sent a result of {exc.size} bytes, over "
-                f"the limit of {exc.limit}; its worker (pid {worker.pid}) was killed"
-            ) from None
-        raise WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}") from None
+        raise broken(worker, config, exc) from None
+    return checked_result(worker, config, header, blob)
+
+
+def timed_out(worker: Worker, config: FunctionConfig) -> FunctionTimeout:
+    """Kill a worker at its invocation's deadline; the error to raise."""
+    worker.kill("the pool at the deadline")
+    return FunctionTimeout(
+        f"function {config.function_id} timed out after {config.timeout_s:g}s; "
+        f"its worker (pid {worker.pid}) was killed"
+    )
+
+
+def broken(worker: Worker, config: FunctionConfig, exc: pipe.FrameError) -> EdgeExecutionError:
+    """A worker whose pipe closed or carried something that is not a frame: killed and
+    reaped; the error its end means."""
+    if exc.eof:
+        worker.kill_closed()
+    else:
+        worker.kill("the pool (it broke the pipe protocol)")
+    if worker.killed_for is not None:
+        return worker.killed_for
+    if exc.eof:
+        return worker.death_error(config.function_id)
+    if isinstance(exc, pipe.FrameTooLarge):
+        return HandlerError(
+            f"function {config.function_id} sent a result of {exc.size} bytes, over "
+            f"the limit of {exc.limit}; its worker (pid {worker.pid}) was killed"
+        )
+    return WorkerCrashed(f"worker of {config.function_id} broke protocol: {exc}")
+
+
+def checked_result(
+    worker: Worker, config: FunctionConfig, header: Mapping[str, Any], blob: bytes
+) -> tuple[pipe.ResultMsg, bytes]:
+    """A frame that must be a ``result``; anything else kills the worker (WorkerCrashed)."""
     if header.get("op") != pipe.RESULT:
         worker.kill("the pool (it broke the pipe protocol)")
         raise WorkerCrashed(

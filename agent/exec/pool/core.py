@@ -26,10 +26,11 @@ Never call user code in this process; never block while holding the pool lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from agent.errors import MemoryLimitExceeded
@@ -41,6 +42,7 @@ from agent.exec.pool.config import (
     InvokeResult,
     OnResult,
 )
+from agent.exec.pool.direct import Started
 from agent.exec.pool.loading import Loader
 from agent.exec.pool.prestart import Prestarter
 from agent.exec.pool.process import (
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 
 #: Room in a frame for its header next to the result.
 _FRAME_SLACK = 64 * 1024
+#: Largest pickled arguments :meth:`WorkerPool.try_start` sends: well under a pipe's buffer
+#: (64 KiB), so its write never waits for the worker to read.
+_DIRECT_MAX_ARGS = 48 * 1024
 
 
 class WorkerPool:
@@ -284,6 +289,11 @@ class WorkerPool:
         """Whether it is deployed: one dict lookup, for the daemon's per-invoke check."""
         return function_id in self._slots
 
+    def concurrency(self, function_id: str) -> int:
+        """How many invocations of it may run at once (1 when it is not deployed)."""
+        slot = self._slots.get(function_id)
+        return slot.config.concurrency if slot is not None else 1
+
     def functions(self) -> list[str]:
         with self._cond:
             return list(self._slots)
@@ -340,41 +350,95 @@ class WorkerPool:
                 header, result_blob = conversation.await_result(worker, slot.config, deadline)
                 worker.invocations += 1
                 healthy = True  # from here on the worker answered: it is fine
-                if header.get("ok"):
-                    raw: bytes | None = None
-                    if self.codec == "json":  # checked: framed into the reply as is
-                        value, raw = conversation.result_json(function_id, result_blob)
-                    else:
-                        value = conversation.result_value(
-                            self.codec, function_id, header, result_blob
-                        )
-                    result = InvokeResult(
-                        value=value,
-                        cold_start=cold,
-                        duration_ms=(time.monotonic() - started) * 1000,
-                        rss_kb=int(header.get("rss_kb", 0)),
-                        worker_pid=worker.pid,
-                        accepts_context=worker.accepts_context,
-                    )
-                    result.raw = raw
-                    changes = header.get("changes")
-                    if changes:
-                        result.changes = changes
-                        result.state_version = state_version
-                        result.checked = header.get("checked") or list(changes)
-                        result.read_all = bool(header.get("read_all"))
-                    if on_result is not None:
-                        on_result(result)
-                    return result
-                error: Mapping[str, Any] = header.get("error") or {}
-                if error.get("type") == "memory_exceeded":
-                    healthy = False
-                    worker.kill("the pool (it reported memory_exceeded and exits)")
-                    raise MemoryLimitExceeded(str(error.get("message")))
-                raise conversation.handler_error(self.codec, error, result_blob)
+                return self._outcome(
+                    function_id,
+                    worker,
+                    header,
+                    result_blob,
+                    cold=cold,
+                    started=started,
+                    state_version=state_version,
+                    on_result=on_result,
+                )
             finally:
-                self._release(slot, worker, healthy and worker is not None)
+                # A worker that reported memory_exceeded was killed: it never goes back.
+                alive = worker is not None and worker.state is not WorkerState.DEAD
+                self._release(slot, worker, healthy and alive)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _outcome(
+        self,
+        function_id: str,
+        worker: Worker,
+        header: pipe.ResultMsg,
+        blob: bytes,
+        *,
+        cold: bool,
+        started: float,
+        state_version: int = 0,
+        on_result: OnResult | None = None,
+    ) -> InvokeResult:
+        """What a worker's ``result`` frame means: the result, or the error raised (a worker
+        that reported memory_exceeded is killed: it exits)."""
+        if header.get("ok"):
+            raw: bytes | None = None
+            if self.codec == "json":  # checked: framed into the reply as is
+                value, raw = conversation.result_json(function_id, blob)
+            else:
+                value = conversation.result_value(self.codec, function_id, header, blob)
+            result = InvokeResult(
+                value=value,
+                cold_start=cold,
+                duration_ms=(time.monotonic() - started) * 1000,
+                rss_kb=int(header.get("rss_kb", 0)),
+                worker_pid=worker.pid,
+                accepts_context=worker.accepts_context,
+            )
+            result.raw = raw
+            changes = header.get("changes")
+            if changes:
+                result.changes = changes
+                result.state_version = state_version
+                result.checked = header.get("checked") or list(changes)
+                result.read_all = bool(header.get("read_all"))
+            if on_result is not None:
+                on_result(result)
+            return result
+        error: Mapping[str, Any] = header.get("error") or {}
+        if error.get("type") == "memory_exceeded":
+            worker.kill("the pool (it reported memory_exceeded and exits)")
+            raise MemoryLimitExceeded(str(error.get("message")))
+        raise conversation.handler_error(self.codec, error, blob)
+
+    def try_start(self, function_id: str, args: tuple[Any, ...], request_id: str) -> Started | None:
+        """Send an invocation to an idle warm worker without waiting for anything, for a
+        caller that waits for the answer itself (the daemon's loop, on ``Started.fd``);
+        None when that cannot be done at once (no idle worker, callers queued, a handler
+        that takes a context, arguments over one pipe buffer, a worker found dead): use
+        :meth:`invoke` then."""
+        slot = self._slots.get(function_id)
+        if slot is None or not slot.idle or slot.waiting:
+            return None
+        blob = conversation.dumps_arguments(function_id, args, {})
+        if len(blob) > _DIRECT_MAX_ARGS:
+            return None  # the write could block until the worker reads: not on a loop
+        with self._cond:
+            current = self._slots.get(function_id)
+            if current is not slot or not slot.idle or slot.waiting or self._closed:
+                return None
+            if slot.idle[-1].accepts_context:
+                return None
+            worker = slot.idle.pop()
+            slot.busy += 1
+        started = time.monotonic()
+        worker.change_state(WorkerState.BUSY)
+        try:
+            worker.send(pipe.invoke_header(request_id), blob)
+        except pipe.FrameError:  # it died while idle: it has exited, so this reaps at once
+            worker.kill("the pool (its pipe had closed)")
+            self._release(slot, worker, False)
+            return None
+        return Started(self, worker, slot, started + slot.config.timeout_s, started)
 
     def _acquire(
         self, function_id: str, queue_timeout: float | None
@@ -382,9 +446,20 @@ class WorkerPool:
         """A warm worker, or (None, slot, generic-or-None) when a cold start is reserved."""
         return self._alloc.acquire(function_id, queue_timeout)
 
-    def _release(self, slot: Slot, worker: Worker | None, healthy: bool) -> None:
+    def _release(
+        self,
+        slot: Slot,
+        worker: Worker | None,
+        healthy: bool,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        """Give the place back; a worker that must go is discarded here, or by ``defer``
+        (a caller that must not block: killing and reaping it, sweeping its uid)."""
         if self._alloc.release(slot, worker, healthy) and worker is not None:
-            self._discard(worker)
+            if defer is None:
+                self._discard(worker)
+            else:
+                defer(functools.partial(self._discard, worker))
 
     def _load(self, slot: Slot, reserved: Worker | None) -> Worker:
         return self._loader.load(slot, reserved, self._load_header(slot.config))

@@ -159,6 +159,20 @@ class Worker:
             self._reader.feed(chunk)
         return frame
 
+    def try_recv(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next frame if all of it is here (non-blocking reads), else None; FrameError
+        when the pipe closed or what came is not a frame. For a caller that waits for
+        ``rfd`` to be readable itself (the daemon's loop)."""
+        while (frame := self._reader.take()) is None:
+            try:
+                chunk = os.read(self.rfd, _READ_CHUNK)
+            except BlockingIOError:
+                return None
+            if not chunk:
+                raise pipe.FrameError(f"worker {self.pid} closed its pipe", eof=True)
+            self._reader.feed(chunk)
+        return frame
+
     def signal_kill(self) -> None:
         """SIGKILL the process group only; the thread that owns the worker reaps it.
 
