@@ -79,6 +79,8 @@ class Invocation:
     #: Its write set applied in memory (StateSync.apply), and the reply that goes with it.
     state_ticket: int = 0
     pending_reply: bytes | None = None
+    #: Its place in the fair queue was given back (its worker is free again).
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ class Invocations:
         if started.blocks:  # the worker must be killed and reaped: not on the loop
             self._executor.submit(self._finish_off_loop, started, invocation)
             return None
+        started.on_loop = True
         return self._finished(invocation, started)
 
     def _finish_off_loop(self, started: Started, invocation: Invocation) -> None:
@@ -333,7 +336,19 @@ class Invocations:
         except Exception as exc:  # a bug must still answer the caller
             log.exception("invocation %s failed unexpectedly", invocation.request.request_id)
             return InvokeDone(invocation, None, EdgeExecutionError(str(exc)))
+        finally:
+            if started.on_loop:
+                # Its worker is free: the next waiting call starts now, and runs while
+                # this one's reply is written (not after the batch's commit).
+                self._release_place(invocation)
         return InvokeDone(invocation, result, None)
+
+    def _release_place(self, invocation: Invocation) -> None:
+        """Give its place in the fair queue back (once) and start what may start now."""
+        if not invocation.released:
+            invocation.released = True
+            self.queue.finished(invocation.request.function_id)
+            self._start_ready()
 
     def _queue_limits(self) -> Limits:
         runtime = self._settings().runtime
@@ -477,8 +492,7 @@ class Invocations:
         request = invocation.request
         rid, fid = request.request_id, request.function_id
         self.inflight.pop(rid, None)
-        self.queue.finished(fid)
-        self._start_ready()
+        self._release_place(invocation)
         duration_ms = (self._clock() - invocation.started) * 1000
         error = done.error
         payload = b""

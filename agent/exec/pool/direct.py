@@ -45,6 +45,8 @@ class Started:
         self._frame: tuple[dict[str, Any], bytes] | None = None
         self._error: pipe.FrameError | None = None
         self._done = False
+        #: Set by a caller that finishes it on its own (non-blocking) thread.
+        self.on_loop = False
 
     def poll(self) -> bool:
         """Read what the worker has written (non-blocking): True once :meth:`finish` can
