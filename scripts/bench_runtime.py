@@ -448,21 +448,22 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
     """Median us of each step of a warm invocation, the pool's own steps replayed with timers.
 
     Uses pool internals (``_acquire``, ``_release``, ``Worker._poll``, ``agent.exec.pipe``); the
-    invoke frame is built the way the pool builds it (``pipe.invoke_header``).
+    invoke frame is built the way the pool builds it (``pipe.invoke_header``), the result is
+    read with a ``pipe.FrameReader`` as the pool's ``Worker.recv`` does, and the record is
+    made the way ``EdgeRuntime.execute`` makes it (``metrics.success_record``).
     ``os.write`` and ``poll`` together are the round trip: the worker's whole share of the
     invocation happens there (on a busy CPU the woken worker preempts the writer, so it may
     show up under either). ``placement`` pins the bench and the worker as the table's rows do.
     """
     import pickle
     import statistics
-    import uuid
 
     from agent.exec import pipe as wire
-    from agent.exec.metrics import InvocationRecord
+    from agent.exec.metrics import success_record
     from agent.exec.pool import InvokeResult, WorkerState
 
     names = [
-        "uuid4 request id",
+        "request id",
         "_acquire",
         "pickle args",
         "encode frame",
@@ -482,6 +483,8 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
         runtime.deploy(EdgeFunction(id="phases", name="phases", handler=identity))
         runtime.invoke("phases", 0)
         pool = runtime.pool
+        prefix = "0123456789abcdef"
+        reader = wire.FrameReader()  # the pool's Worker keeps one per worker
         if cpus is not None:
             pool.wait_prestarted(timeout=30)
             pin(os.getpid(), cpus[0])
@@ -489,7 +492,7 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
                 pin(pid, cpus[1])
         for i in range(count + 500):
             t = [clock()]
-            request_id = uuid.uuid4().hex
+            request_id = f"{prefix}-{i:x}"  # as EdgeRuntime.execute makes it
             t.append(clock())
             worker, slot, _ = pool._acquire("phases", None)
             assert worker is not None, "the function's worker was not warm"
@@ -497,10 +500,7 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
             blob = pickle.dumps(((i,), {}), protocol=pickle.HIGHEST_PROTOCOL)
             worker.change_state(WorkerState.BUSY)
             t.append(clock())
-            if hasattr(wire, "invoke_header"):  # the hot-path header (no JSON)
-                frame = wire.encode_frame(wire.invoke_header(request_id), blob)
-            else:
-                frame = wire.encode_frame({"op": "invoke", "request_id": request_id}, blob)
+            frame = wire.encode_frame(wire.invoke_header(request_id), blob)
             t.append(clock())
             wire.write_all(worker.wfd, frame)
             t.append(clock())
@@ -508,8 +508,10 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
             t.append(clock())
             data = os.read(worker.rfd, 1 << 16)
             t.append(clock())
-            head_len, _blob_len = wire.parse_prefix(data)
-            header, out = wire.decode_body(memoryview(data)[wire.PREFIX_SIZE :], head_len)
+            reader.feed(data)
+            taken = reader.take()
+            assert taken is not None, "the result came in more than one read"
+            header, out = taken
             t.append(clock())
             worker.invocations += 1
             InvokeResult(
@@ -524,14 +526,7 @@ def phases(count: int = 5000, placement: str = UNPINNED) -> dict[str, float]:
             pool._release(slot, worker, True)
             t.append(clock())
             runtime.metrics.record(
-                InvocationRecord(
-                    function_id="phases",
-                    node_id="bench",
-                    start_time=time.time(),
-                    duration_ms=0.0,
-                    success=True,
-                    request_id=request_id,
-                )
+                success_record("phases", "bench", time.time(), 0.0, request_id, False, 0)
             )
             t.append(clock())
             if i >= 500:
