@@ -210,3 +210,13 @@ def test_write_all_writes_a_frame_bigger_than_the_pipe() -> None:
         os.close(wfd)
         os.close(rfd)
     assert got and got[0][1] == frame[pipe.PREFIX_SIZE + len(b"R7") :]
+
+
+def test_parse_prefix_refuses_over_max_frame_whatever_the_limit() -> None:
+    prefix = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+    with pytest.raises(pipe.FrameError) as raised:
+        pipe.parse_prefix(prefix, max_frame=1 << 40)
+    assert not isinstance(raised.value, pipe.FrameTooLarge)
+    with pytest.raises(pipe.FrameTooLarge):
+        pipe.parse_prefix(LOAD, max_frame=4)
+    assert pipe.parse_prefix(LOAD) == (len(LOAD) - pipe.PREFIX_SIZE - len(b"handler"), 7)

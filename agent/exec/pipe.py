@@ -269,10 +269,8 @@ class FrameError(Exception):
 
 def encode_frame(header: Mapping[str, object] | bytes, blob: bytes = b"") -> bytes:
     """A frame; ``header`` is a JSON-able message, or the raw bytes of a hot-path header."""
-    if type(header) is bytes:  # the hot-path headers (isinstance: a bytes subclass too)
+    if isinstance(header, bytes):
         head = header
-    elif isinstance(header, bytes):
-        head = bytes(header)
     else:
         head = json.dumps(header, separators=(",", ":")).encode()
     return _pack(len(head), len(blob)) + head + blob
@@ -312,8 +310,9 @@ def parse_prefix(buf: bytes | bytearray, max_frame: int = MAX_FRAME) -> tuple[in
     reader checks this before it buffers the body, so a huge frame never costs memory.
     """
     head_len, blob_len = _unpack_from(buf)
-    if head_len + blob_len > max_frame:
-        _refuse(head_len + blob_len, max_frame)
+    size = head_len + blob_len
+    if size > max_frame or size > MAX_FRAME:
+        _refuse(size, max_frame)
     return head_len, blob_len
 
 
