@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 
 from agent import EdgeMetrics, InvocationRecord
-from agent.exec.metrics import DEFAULT_HISTORY, DEFAULT_WINDOW, percentile, system_metrics
+from agent.exec.metrics import (
+    DEFAULT_HISTORY,
+    DEFAULT_WINDOW,
+    percentile,
+    success_record,
+    system_metrics,
+)
 
 
 def record(
@@ -191,3 +198,45 @@ def test_system_metrics_has_the_heartbeat_fields() -> None:
     assert 0 < system["memory_used_mb"] <= system["memory_total_mb"]
     assert system["disk_free_mb"] > 0
     assert system_metrics("/no/such/path")["disk_free_mb"] == 0
+
+
+def test_success_record_equals_the_keyword_record() -> None:
+    """metrics.success_record (the runtime's per-invocation path) makes what the dataclass
+    makes from the same values as keywords, field for field."""
+    fast = success_record("f", "gw", 12.5, 3.0, "r-1", True, 2048)
+    slow = InvocationRecord(
+        function_id="f",
+        node_id="gw",
+        start_time=12.5,
+        duration_ms=3.0,
+        success=True,
+        request_id="r-1",
+        cold_start=True,
+        peak_rss_kb=2048,
+    )
+    assert type(fast) is InvocationRecord
+    fields = [f.name for f in dataclasses.fields(InvocationRecord) if f.name != "timestamp"]
+    assert [getattr(fast, name) for name in fields] == [getattr(slow, name) for name in fields]
+    assert abs((fast.timestamp - slow.timestamp).total_seconds()) < 60
+
+
+def test_success_and_failure_counters_per_node_and_timeouts() -> None:
+    """The counters record() keeps for every outcome: errors per node, cold starts, and
+    timeouts (counted by error_type, as before)."""
+    metrics = EdgeMetrics()
+    metrics.record(record("f", node_id="a", cold_start=True))
+    metrics.record(record("f", node_id="a", success=False, error_type="timeout"))
+    metrics.record(record("f", node_id="b", success=False, error_type="handler_error"))
+    metrics.record(record("g", node_id="b"))
+    stats = metrics.function_stats("f")
+    assert (stats["invocations"], stats["errors"], stats["timeouts"], stats["cold_starts"]) == (
+        3,
+        2,
+        1,
+        1,
+    )
+    assert metrics.total_invocations(node_id="a") == 2 and metrics.error_count("a") == 1
+    assert metrics.total_invocations("f", node_id="b") == 1 and metrics.error_count("b") == 1
+    assert metrics.error_count(function_id="g") == 0 and metrics.total_invocations() == 4
+    summary = metrics.summary()
+    assert (summary["total"], summary["error_count"]) == (4, 2)

@@ -68,6 +68,8 @@ if TYPE_CHECKING:
     from typing import Any, Final
 
 _PREFIX = struct.Struct("!II")
+_pack = _PREFIX.pack
+_unpack_from = _PREFIX.unpack_from
 PREFIX_SIZE = _PREFIX.size
 #: Upper bound on one frame; a worker claiming more is treated as broken.
 MAX_FRAME = 256 * 1024 * 1024
@@ -271,7 +273,7 @@ def encode_frame(header: Mapping[str, object] | bytes, blob: bytes = b"") -> byt
         head = header
     else:
         head = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(len(head), len(blob)) + head + blob
+    return _pack(len(head), len(blob)) + head + blob
 
 
 def invoke_header(request_id: str) -> bytes:
@@ -283,7 +285,10 @@ def result_header(rss_kb: int) -> bytes:
 
 
 def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    written = os.write(fd, data)  # a pipe takes a small frame in one write
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]
@@ -304,57 +309,119 @@ def parse_prefix(buf: bytes | bytearray, max_frame: int = MAX_FRAME) -> tuple[in
     Raises FrameTooLarge as soon as the prefix says the frame is over ``max_frame``: a
     reader checks this before it buffers the body, so a huge frame never costs memory.
     """
-    head_len, blob_len = _PREFIX.unpack_from(buf)
+    head_len, blob_len = _unpack_from(buf)
     size = head_len + blob_len
+    if size > max_frame or size > MAX_FRAME:
+        _refuse(size, max_frame)
+    return head_len, blob_len
+
+
+def _refuse(size: int, max_frame: int) -> None:
+    """Raise what a frame of ``size`` bytes means to a reader taking ``max_frame``."""
     if size > MAX_FRAME:  # no frame is that big: the peer is not speaking this protocol
         raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}: not a frame")
-    if size > max_frame:
-        raise FrameTooLarge(size, max_frame)
-    return head_len, blob_len
+    raise FrameTooLarge(size, max_frame)
 
 
 def decode_body(
     body: bytes | bytearray | memoryview, head_len: int
 ) -> tuple[dict[str, Any], bytes]:
-    head = bytes(body[:head_len])
-    blob = bytes(body[head_len:])
+    """A frame's message and blob from its body (the frame without its prefix)."""
+    if type(body) is bytes:
+        return _header(body, 0, head_len), body[head_len:]
+    view = memoryview(body)
+    return _header(bytes(view[:head_len]), 0, head_len), bytes(view[head_len:])
+
+
+def _header(buf: bytes, start: int, end: int) -> dict[str, Any]:
+    """The message whose header is ``buf[start:end]``: a hot-path header, or a JSON object
+    (parsed strictly: anything else is a FrameError)."""
     try:
-        if head[:1] == b"R":
-            return {"op": RESULT, "ok": True, "rss_kb": int(head[1:] or 0)}, blob
-        if head[:1] == b"I":
-            return {"op": INVOKE, "request_id": head[1:].decode()}, blob
-        header = json.loads(head)
+        if end > start:
+            kind = buf[start]
+            if kind == 0x52:  # b"R": the hot-path result
+                return {"op": RESULT, "ok": True, "rss_kb": int(buf[start + 1 : end] or 0)}
+            if kind == 0x49:  # b"I": the hot-path invoke
+                return {"op": INVOKE, "request_id": buf[start + 1 : end].decode()}
+        header = json.loads(buf[start:end])
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise FrameError(f"bad frame header: {exc}") from exc
     if not isinstance(header, dict):
         raise FrameError("frame header is not an object")
-    return header, blob
+    return header
 
 
 class FrameReader:
     """Frames out of a byte stream: ``feed`` what was read, ``take`` whole frames.
 
-    One read usually brings a whole frame, so a round trip costs one read syscall per side.
+    One read usually brings exactly one whole frame, so a round trip costs one read syscall
+    per side, and that read's bytes are kept as they are: the frame is sliced out of them,
+    with no buffer to append to and trim. Only a frame split across reads is gathered in a
+    bytearray. The prefix is checked (FrameTooLarge) as soon as it has arrived, before any
+    more of the frame is buffered.
     """
 
+    __slots__ = ("_buf", "_limit", "_pos")
+
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self.max_frame = min(max_frame, MAX_FRAME)
+        #: bytes: one read's chunk as it came, taken up to ``_pos``; bytearray: a frame
+        #: being gathered from several reads (``_pos`` is 0).
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._limit = min(max_frame, MAX_FRAME)
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame taken (header + blob bytes); never above MAX_FRAME."""
+        return self._limit
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._limit = min(value, MAX_FRAME)
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
+        buf = self._buf
+        if isinstance(buf, bytearray):
+            buf += chunk
+        elif self._pos == len(buf) and type(chunk) is bytes:
+            self._buf = chunk  # the usual case: nothing pending, keep the read as it is
+            self._pos = 0
+        else:  # a frame continues in this chunk: gather it
+            gathered = bytearray(memoryview(buf)[self._pos :])
+            gathered += chunk
+            self._buf = gathered
+            self._pos = 0
 
     def take(self) -> tuple[dict[str, Any], bytes] | None:
         """The next whole frame, or None until more bytes arrive."""
-        if len(self._buf) < PREFIX_SIZE:
+        buf, pos = self._buf, self._pos
+        size = len(buf) - pos
+        if size < PREFIX_SIZE:
             return None
-        head_len, blob_len = parse_prefix(self._buf, self.max_frame)
-        end = PREFIX_SIZE + head_len + blob_len
-        if len(self._buf) < end:
+        head_len, blob_len = _unpack_from(buf, pos)
+        if head_len + blob_len > self._limit:
+            _refuse(head_len + blob_len, self._limit)
+        if size < PREFIX_SIZE + head_len + blob_len:
             return None
-        frame = decode_body(memoryview(self._buf)[PREFIX_SIZE:end], head_len)
-        del self._buf[:end]
-        return frame
+        start = pos + PREFIX_SIZE
+        mid = start + head_len
+        end = mid + blob_len
+        if isinstance(buf, bytes):  # never a subclass: feed keeps only exact bytes
+            header = _header(buf, start, mid)  # a bad header leaves the frame unread
+            if end == len(buf):  # drained: drop the chunk
+                self._buf = b""
+                self._pos = 0
+            else:
+                self._pos = end
+            return header, buf[mid:end]
+        view = memoryview(buf)
+        head, blob = bytes(view[start:mid]), bytes(view[mid:end])
+        view.release()  # before the bytearray is resized
+        header = _header(head, 0, head_len)
+        del buf[:end]
+        if not buf:  # back to keeping reads as they come
+            self._buf = b""
+        return header, blob
 
     def read_blocking(self, fd: int) -> tuple[dict[str, Any], bytes]:
         """The next frame from a blocking ``fd`` (the worker side: it has nothing else to do)."""

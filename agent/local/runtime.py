@@ -20,7 +20,7 @@ import weakref
 from typing import Any
 
 from agent.errors import DeploymentRejected, EdgeExecutionError, FunctionNotFound
-from agent.exec.metrics import EdgeMetrics, InvocationRecord
+from agent.exec.metrics import EdgeMetrics, InvocationRecord, success_record
 from agent.exec.pool import ContextInput, FunctionConfig, InvokeResult, WorkerLimits, WorkerPool
 from agent.local.synchronizer import EdgeSynchronizer
 from agent.models import EdgeFunction, EdgeNode, PackagedHandler
@@ -177,15 +177,14 @@ class EdgeRuntime:
                 )
             raise
         self.metrics.record(
-            InvocationRecord(
-                function_id=function_id,
-                node_id=self.node.id,
-                start_time=started_wall,
-                duration_ms=result.duration_ms,
-                success=True,
-                request_id=request_id,
-                cold_start=result.cold_start,
-                peak_rss_kb=result.rss_kb,
+            success_record(
+                function_id,
+                self.node.id,
+                started_wall,
+                result.duration_ms,
+                request_id,
+                result.cold_start,
+                result.rss_kb,
             )
         )
         return result
