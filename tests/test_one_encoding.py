@@ -139,3 +139,53 @@ def test_a_hostile_result_with_duplicate_keys_is_not_framed_as_is(blob: bytes) -
     value, raw = conversation.result_json("f", blob)
     assert raw is None  # re-encoded from the value: one key each, the last one wins
     assert value == json.loads(blob)
+
+
+def test_now_ts_is_the_datetime_rendering_to_the_millisecond() -> None:
+    """``now_ts`` formats the part up to the second once per second (issue 15); its text
+    must stay datetime's, rounding included (microseconds half-even, then truncated)."""
+    import random
+    from datetime import UTC, datetime
+
+    from agent.contract.fields import now_ts
+
+    def reference(t: float) -> str:
+        when = datetime.fromtimestamp(t, UTC)
+        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    rng = random.Random(15)
+    edges = [0.9995, 0.9999995, 0.9999994, 0.0000005, 0.0000004999, 0.5, 0.0015, 0.0]
+    cases = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    cases += [base + edge for base in (0, 1, 1_700_000_000, 1e9) for edge in edges]
+    cases += [-1.5, -0.0000004, -0.9999996, -86_400.25]
+    wrong = [(t, now_ts(t), reference(t)) for t in cases if now_ts(t) != reference(t)]
+    assert wrong == []
+    assert now_ts().endswith("Z")
+
+
+@pytest.mark.parametrize("rid", ["rid-1", 'q"uote\\back', "ünïcødé-ß", "</script>"])
+@pytest.mark.parametrize("duration_ms", [0.0, 1e-7, 0.1, 2.5, 123456789.123])
+def test_the_framed_reply_matches_byte_for_byte_whatever_the_request_id_and_duration(
+    rid: str, duration_ms: float, fixed_ts: None
+) -> None:
+    """The framed reply writes its scalars with json's own encoders (issue 15): a request id
+    that needs escaping and any duration must come out exactly as ``encode_reply`` writes."""
+    framed = protocol.encode_ok_reply_raw(
+        rid, "echo", b'{"a":[1,2]}', duration_ms=duration_ms, cold_start=False, node_id="gw-1"
+    )
+    encoded = protocol.encode_reply(
+        rid, "echo", ok=True, result={"a": [1, 2]}, duration_ms=duration_ms,
+        cold_start=False, node_id="gw-1",
+    )  # fmt: skip
+    assert framed == encoded
+
+
+def test_a_framed_reply_refuses_a_bad_node_id_and_a_duration_that_is_not_finite() -> None:
+    with pytest.raises(ValueError, match="node_id"):
+        protocol.encode_ok_reply_raw(
+            "r", "echo", b"1", duration_ms=1.0, cold_start=False, node_id="bad node"
+        )
+    with pytest.raises(ValueError, match="finite"):
+        protocol.encode_ok_reply_raw(
+            "r", "echo", b"1", duration_ms=float("nan"), cold_start=False, node_id="gw-1"
+        )

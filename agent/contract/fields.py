@@ -43,9 +43,36 @@ TS_RE = re.compile(
 
 
 def now_ts(t: float | None = None) -> str:
-    """RFC 3339 UTC with milliseconds and ``Z`` from ``t`` or ``time.time()``."""
-    when = datetime.fromtimestamp(time.time() if t is None else t, UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds and ``Z`` from ``t`` or ``time.time()``.
+
+    The same text as ``datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")``
+    (microseconds rounded half-even, then truncated to milliseconds), with the part up to
+    the second formatted once per second: every reply carries one (issue 15).
+    """
+    if t is None:
+        t = time.time()
+    frac, whole = math.modf(t)
+    micros = round(frac * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    cached_second, prefix = _ts_second
+    if cached_second != second:
+        when = datetime.fromtimestamp(second, UTC)
+        prefix = when.isoformat(timespec="seconds").removesuffix("+00:00")
+        _set_ts_second(second, prefix)
+    return f"{prefix}.{micros // 1000:03d}Z"
+
+
+#: (second, its RFC 3339 text up to the seconds) of the last :func:`now_ts`.
+_ts_second: tuple[int, str] = (-(2**62), "")
+
+
+def _set_ts_second(second: int, prefix: str) -> None:
+    global _ts_second
+    _ts_second = (second, prefix)  # one assignment: a reader sees the old pair or the new
 
 
 def parse_ts(s: str) -> datetime:

@@ -15,8 +15,10 @@ Must never: do I/O, or import anything beyond the stdlib, ``agent.errors`` and
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, NoReturn
 
 from agent.contract.fields import (
@@ -191,6 +193,13 @@ def encode_ok_reply_raw(
     is checked. Differs from :func:`encode_reply` only for a message holding lone
     surrogates, where only the value holding them is ``\\u``-escaped (still the same JSON).
     """
+    node_json = _node_json.get(node_id)
+    if node_json is None:
+        node_json = _dumps_value(require_id("reply node_id", node_id))
+        if len(_node_json) < 64:
+            _node_json[node_id] = node_json
+    if not math.isfinite(duration_ms):
+        raise ValueError(f"duration_ms {duration_ms} is not a finite number")
     return b"".join(
         (
             b'{"request_id":',
@@ -200,20 +209,29 @@ def encode_ok_reply_raw(
             b',"ok":true,"result":',
             result_json,
             b',"duration_ms":',
-            _dumps_value(float(duration_ms)),
+            float.__repr__(float(duration_ms)).encode(),  # json.dumps' text for a float
             b',"cold_start":',
             b"true" if cold_start else b"false",
             b',"ts":"',
             now_ts().encode(),
             b'","node_id":',
-            _dumps_value(require_id("reply node_id", node_id)),
+            node_json,
             b"}",
         )
     )
 
 
+#: Node id -> its JSON in a reply (checked once per node id, not per reply).
+_node_json: dict[str, bytes] = {}
+
+
 def _dumps_value(value: str | float) -> bytes:
     """One scalar as :func:`agent.contract.fields.dumps` writes it inside a message."""
+    if isinstance(value, str):  # json.dumps(ensure_ascii=False)'s own encoder, without the call
+        try:
+            return encode_basestring(value).encode()
+        except UnicodeEncodeError:  # lone surrogates: \u escapes
+            return encode_basestring_ascii(value).encode()
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
     except UnicodeEncodeError:

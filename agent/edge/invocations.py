@@ -147,6 +147,7 @@ class Invocations:
         self.accepted_rids: set[str] = set()
         self.recovered = False
         #: Accepted invocations per function, fairly bounded and dispatched (issue 12).
+        self._limits: tuple[Config, Limits] | None = None
         self.queue: FairQueue[Invocation] = FairQueue(self._queue_limits, pool.concurrency)
 
     # -- admission ------------------------------------------------------------------------
@@ -351,13 +352,20 @@ class Invocations:
             self._start_ready()
 
     def _queue_limits(self) -> Limits:
-        runtime = self._settings().runtime
-        return Limits(
+        """The fair queue's bounds from the running config (made again after a reload)."""
+        config = self._settings()
+        cached = self._limits
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        runtime = config.runtime
+        limits = Limits(
             capacity=self._max_inflight(),
             max_queue=runtime.max_queue,
             threads=self._threads,
             per_function=runtime.max_workers,
         )
+        self._limits = (config, limits)
+        return limits
 
     def reply_address(self, msg: mqtt.Message, reply_to: str | None) -> protocol.ReplyAddress:
         mqtt_config = self._settings().mqtt
