@@ -371,10 +371,14 @@ class FakePool(WorkerPool):
         queue_timeout: float | None = None,
         context: ContextSource = None,
         on_result: OnResult | None = None,
+        request_json: bytes | None = None,
     ) -> InvokeResult:
         if function_id not in self.registered:
             raise FunctionNotFound(f"Function not found: {function_id}")
-        payload = args[0] if args else None
+        if request_json is not None:  # as the worker reads it
+            payload = json.loads(request_json.decode("utf-8"))["payload"]
+        else:
+            payload = args[0] if args else None
         self.calls.append((function_id, payload))
         if isinstance(context, ContextInput):
             ctx = context

@@ -6,6 +6,8 @@ what ``encode_reply`` makes of the parsed value."""
 from __future__ import annotations
 
 import json
+import select
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,66 @@ def test_a_framed_reply_refuses_a_bad_node_id_and_a_duration_that_is_not_finite(
         protocol.encode_ok_reply_raw(
             "r", "echo", b"1", duration_ms=float("nan"), cold_start=False, node_id="gw-1"
         )
+
+
+ECHO_PAYLOAD = """\
+def handler(event):
+    return event
+
+
+def with_context(event, context):
+    return {"event": event, "state_version": context.state_version}
+"""
+
+
+@pytest.mark.parametrize("entrypoint", ["echo_payload:handler", "echo_payload:with_context"])
+def test_the_request_json_reaches_the_handler_as_its_payload_without_a_pickle(
+    tmp_path: Path, entrypoint: str
+) -> None:
+    """Issue 15, one encoding: the daemon sends the invoke request's own bytes (checked by
+    decode_invoke) and the worker hands the handler their ``payload``: the same value the
+    agent decoded, through the blocking path, the non-blocking one, and a handler taking
+    a context (its JSON header carries the flag)."""
+    (tmp_path / "echo_payload.py").write_text(ECHO_PAYLOAD)
+    payload = {"é": ["ü", 1, 2.5, None, True, 10**30], "nested": {"a": [{}]}, "s": 'q"\\'}
+    raw = protocol.encode_invoke("rid-1", "f", payload)
+    assert protocol.decode_invoke(raw, 1 << 20).payload == payload
+    pool = WorkerPool(codec="json", prestart=0, sys_path=[])
+    pool.start()
+    try:
+        pool.register(
+            FunctionConfig(
+                function_id="f", memory_mb=64, timeout_s=5, kind="package",
+                path=str(tmp_path), entrypoint=entrypoint,
+            )
+        )  # fmt: skip
+        blocking = pool.invoke("f", ("not this",), request_id="rid-1", request_json=raw)
+        started = pool.try_start("f", ("not this",), "rid-2", raw)
+        direct = None
+        if started is not None:  # a handler taking a context is never started this way
+            waiter = select.poll()
+            waiter.register(started.fd, select.POLLIN)
+            deadline = time.monotonic() + 10
+            while not started.poll():
+                assert time.monotonic() < deadline, "the worker never answered"
+                waiter.poll(1000)
+            direct = started.finish().value
+    finally:
+        pool.close()
+    got = blocking.value if entrypoint.endswith("handler") else blocking.value["event"]
+    assert got == payload
+    if entrypoint.endswith("handler"):
+        assert direct == payload
+    else:
+        assert started is None
+
+
+def test_the_invoke_header_says_when_its_blob_is_the_request_json() -> None:
+    from agent.exec import pipe
+
+    for flag in (False, True):
+        frame = pipe.encode_frame(pipe.invoke_header("rid-é", flag), b"{}")
+        head_len, _ = pipe.parse_prefix(frame)
+        header, blob = pipe.decode_body(frame[pipe.PREFIX_SIZE :], head_len)
+        assert header.get("request_json", False) is flag
+        assert (header["op"], header["request_id"], blob) == ("invoke", "rid-é", b"{}")

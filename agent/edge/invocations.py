@@ -81,6 +81,8 @@ class Invocation:
     pending_reply: bytes | None = None
     #: Its place in the fair queue was given back (its worker is free again).
     released: bool = False
+    #: The request's bytes as they came (checked by ``decode_invoke``): what the worker gets.
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ class Invocations:
             self._replies.error(rid, request.function_id, [target], full, durable=False)
             self._uplink.ack(msg)
             return
-        invocation = Invocation(request, [target], [msg], started=self._clock())
+        invocation = Invocation(request, [target], [msg], started=self._clock(), raw=msg.payload)
         no_room, displaced = self.queue.offer(request.function_id, invocation)
         if no_room is not None:
             busy = Overloaded(no_room)
@@ -272,7 +274,7 @@ class Invocations:
         request = invocation.request
         try:
             started = self._pool.try_start(
-                request.function_id, (request.payload,), request.request_id
+                request.function_id, (request.payload,), request.request_id, invocation.raw
             )
         except EdgeExecutionError:  # (arguments that cannot be sent) run() answers it
             return False
@@ -391,6 +393,7 @@ class Invocations:
                 # Read when the worker gets it, not now: it may wait for a worker first.
                 context=self._sync.current,
                 on_result=functools.partial(self.apply_state, invocation),
+                request_json=invocation.raw,
             )
             # The worker is free again; the reply waits until the state is on disk.
             if invocation.state_ticket:

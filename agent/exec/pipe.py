@@ -15,10 +15,12 @@ Messages (a frame's header; ``blob`` is the frame's opaque payload)::
     loaded       worker  context (takes a context?) rss_kb          -
     load_failed  worker  error{type message traceback}; then it     -
                          exits EX_LOAD_FAILED
-    invoke       agent   request_id [deadline state state_version   pickled (args, kwargs)
-                         desired desired_version] (state, desired:
-                         only when changed since this worker's last;
-                         no context: the hot-path header I<id>)
+    invoke       agent   request_id [deadline state state_version   pickled (args, kwargs),
+                         desired desired_version request_json]      or with request_json
+                         (state, desired: only when changed since   the invoke request's
+                         this worker's last; no context: the hot-   JSON as it came (the
+                         path header I<id>, or J<id> with           handler's argument is
+                         request_json)                              its payload)
     result       worker  ok rss_kb; ok: [changes checked read_all]; result (JSON or pickle);
                          not ok: error{type message [exc_module      not ok: the pickled
                          exc_name traceback]}; type memory_exceeded  exception or nothing
@@ -51,8 +53,14 @@ Headers are JSON so that the agent never has to unpickle what an untrusted worke
 the blob (a pickle) is only read by a parent that runs its own user's code (local mode).
 
 The two frames on the hot path skip JSON (about 8 us per round trip here): an invocation's
-header is ``I`` + the request id, a successful result's is ``R`` + the worker's peak RSS
-in KiB as ASCII digits. :func:`decode_body` returns the same dicts for them.
+header is ``I`` + the request id (``J`` + it when the blob is the request's JSON), a
+successful result's is ``R`` + the worker's peak RSS in KiB as ASCII digits.
+:func:`decode_body` returns the same dicts for them.
+
+``request_json`` (the daemon, JSON codec): the blob is the invoke request exactly as it came
+from MQTT, already checked by the agent (``contract.invoke.decode_invoke``: UTF-8, one JSON
+object, no NaN or Infinity, a ``payload``); the worker parses it the same way and calls the
+handler with its ``payload``. The payload is so parsed once on each side and never pickled.
 """
 
 from __future__ import annotations
@@ -154,6 +162,7 @@ if TYPE_CHECKING:  # the messages' shapes, for mypy; at run time they are plain 
         state_version: NotRequired[int]
         desired: NotRequired[dict[str, Any]]
         desired_version: NotRequired[int]
+        request_json: NotRequired[bool]  # the blob is the invoke request's JSON
 
     class ResultMsg(TypedDict):
         op: Literal["result"]
@@ -276,8 +285,10 @@ def encode_frame(header: Mapping[str, object] | bytes, blob: bytes = b"") -> byt
     return _pack(len(head), len(blob)) + head + blob
 
 
-def invoke_header(request_id: str) -> bytes:
-    return b"I" + request_id.encode()
+def invoke_header(request_id: str, request_json: bool = False) -> bytes:
+    """The hot-path invoke header: ``I`` + the request id, or ``J`` + it when the blob is
+    the invoke request's own JSON (the handler's one argument is its ``payload``)."""
+    return (b"J" if request_json else b"I") + request_id.encode()
 
 
 def result_header(rss_kb: int) -> bytes:
@@ -343,6 +354,9 @@ def _header(buf: bytes, start: int, end: int) -> dict[str, Any]:
                 return {"op": RESULT, "ok": True, "rss_kb": int(buf[start + 1 : end] or 0)}
             if kind == 0x49:  # b"I": the hot-path invoke
                 return {"op": INVOKE, "request_id": buf[start + 1 : end].decode()}
+            if kind == 0x4A:  # b"J": the hot-path invoke of the request's own JSON
+                rid = buf[start + 1 : end].decode()
+                return {"op": INVOKE, "request_id": rid, "request_json": True}
         header = json.loads(buf[start:end])
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise FrameError(f"bad frame header: {exc}") from exc

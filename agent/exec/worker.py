@@ -288,7 +288,12 @@ class WorkerMain:
             return pipe.EX_PROTOCOL
         context = None
         try:
-            args, kwargs = pickle.loads(blob)
+            args: tuple[Any, ...]
+            kwargs: dict[str, Any]
+            if header.get("request_json"):  # the request as the agent checked it
+                args, kwargs = (json.loads(blob.decode("utf-8"))["payload"],), {}
+            else:
+                args, kwargs = pickle.loads(blob)
             if self.context_mode:
                 context = self.make_context(header)
                 if self.context_mode == "keyword":

@@ -51,10 +51,13 @@ def send_with_context(
     deadline: float,
     blob: bytes,
     context: ContextSource,
+    request_json: bool = False,
 ) -> int:
     """Send an invoke with the context as of now; the state version it carries."""
     ctx = (context() if callable(context) else context) or EMPTY_CONTEXT
     header = pipe.invoke(request_id, deadline)
+    if request_json:
+        header["request_json"] = True
     if worker.sent_state_version != ctx.state_version:
         header["state"] = dict(ctx.state)
         header["state_version"] = ctx.state_version

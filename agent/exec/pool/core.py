@@ -310,8 +310,13 @@ class WorkerPool:
         queue_timeout: float | None = None,
         context: ContextSource = None,
         on_result: OnResult | None = None,
+        request_json: bytes | None = None,
     ) -> InvokeResult:
         """Run one invocation in a worker; raises an EdgeExecutionError subclass on failure.
+
+        ``request_json`` (JSON codec only): the invoke request's own bytes, checked by the
+        caller (``decode_invoke``), sent to the worker as they are instead of ``args``: the
+        handler gets its ``payload`` (one encoding from the broker to the worker).
 
         ``context`` is what a handler taking ``context`` sees (empty when None). A callable
         is called when the invocation is handed to its worker, not before it waits for
@@ -322,7 +327,12 @@ class WorkerPool:
         commits the write set there. What it raises is raised from here; the worker stays.
         """
         started = time.monotonic()
-        blob = conversation.dumps_arguments(function_id, args, kwargs or {})
+        as_json = request_json is not None and self.codec == "json"
+        if as_json:
+            assert request_json is not None
+            blob = request_json
+        else:
+            blob = conversation.dumps_arguments(function_id, args, kwargs or {})
         state_version = 0
         # A warm worker found dead at send time never started the invocation: retry once.
         for attempt in (1, 2):
@@ -337,10 +347,10 @@ class WorkerPool:
                 try:
                     if worker.accepts_context:
                         state_version = conversation.send_with_context(
-                            worker, request_id, deadline, blob, context
+                            worker, request_id, deadline, blob, context, as_json
                         )
                     else:
-                        worker.send(pipe.invoke_header(request_id), blob)
+                        worker.send(pipe.invoke_header(request_id, as_json), blob)
                 except pipe.FrameError:
                     worker.kill_closed()
                     if attempt == 1 and not cold:
@@ -410,16 +420,27 @@ class WorkerPool:
             raise MemoryLimitExceeded(str(error.get("message")))
         raise conversation.handler_error(self.codec, error, blob)
 
-    def try_start(self, function_id: str, args: tuple[Any, ...], request_id: str) -> Started | None:
+    def try_start(
+        self,
+        function_id: str,
+        args: tuple[Any, ...],
+        request_id: str,
+        request_json: bytes | None = None,
+    ) -> Started | None:
         """Send an invocation to an idle warm worker without waiting for anything, for a
         caller that waits for the answer itself (the daemon's loop, on ``Started.fd``);
         None when that cannot be done at once (no idle worker, callers queued, a handler
         that takes a context, arguments over one pipe buffer, a worker found dead): use
-        :meth:`invoke` then."""
+        :meth:`invoke` then. ``request_json`` as for :meth:`invoke`."""
         slot = self._slots.get(function_id)
         if slot is None or not slot.idle or slot.waiting:
             return None
-        blob = conversation.dumps_arguments(function_id, args, {})
+        as_json = request_json is not None and self.codec == "json"
+        if as_json:
+            assert request_json is not None
+            blob = request_json
+        else:
+            blob = conversation.dumps_arguments(function_id, args, {})
         if len(blob) > _DIRECT_MAX_ARGS:
             return None  # the write could block until the worker reads: not on a loop
         with self._cond:
@@ -433,7 +454,7 @@ class WorkerPool:
         started = time.monotonic()
         worker.change_state(WorkerState.BUSY)
         try:
-            worker.send(pipe.invoke_header(request_id), blob)
+            worker.send(pipe.invoke_header(request_id, as_json), blob)
         except pipe.FrameError:  # it died while idle: it has exited, so this reaps at once
             worker.kill("the pool (its pipe had closed)")
             self._release(slot, worker, False)
