@@ -57,6 +57,31 @@ def test_record_replies_refuses_only_what_does_not_fit(store: Store) -> None:
     assert [i.payload for i in store.outbox_peek(10)] == [b"0", b"1", b"2"]
 
 
+def test_record_replies_gives_each_reply_its_own_outbox_id(tmp_path: Path) -> None:
+    """The replies go in with one statement (issue 15) and their ids are worked out from
+    the last one: each id must still be its own reply's, also around one refused in the
+    middle (over the byte bound) and after deletes left gaps in the ids."""
+    with Store(tmp_path / "state.db", max_bytes=100) as store:
+        old = [store.outbox_put("x", b"o", kind="reply") for _ in range(3)]
+        store.outbox_ack_many(old[1:])  # ids 2 and 3 gone: the next are not max + 1 of a run
+        replies = [
+            ("r1", "t", b"a" * 10, None),
+            ("r2", "t", b"b" * 95, None),  # does not fit
+            ("r3", "t", b"c" * 20, b"corr"),
+            (None, "u", b"d" * 5, None),
+        ]
+        ids = store.record_replies(replies, ts=1.0)
+        assert ids[1] is None
+        by_id = {item.id: item for item in store.outbox_peek(10)}
+        for (rid, topic, payload, corr), item_id in zip(replies, ids, strict=True):
+            if item_id is None:
+                continue
+            item = by_id[item_id]
+            assert (item.topic, item.payload, item.correlation) == (topic, payload, corr), rid
+        assert store.dedupe_get("r2") is None and store.dedupe_get("r3") is not None
+        assert store.outbox_depth() == (4, 1 + 10 + 20 + 5)
+
+
 def test_record_replies_deletes_accepted_records_in_its_own_transaction(store: Store) -> None:
     accepted = AcceptedInvokes(store)
     for rid in ("r1", "r2"):

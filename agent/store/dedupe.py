@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import OutboxFull
 from agent.store.db import Database
 from agent.store.outbox import Outbox, check_qos
 
@@ -122,22 +121,19 @@ class Dedupe:
         same transaction (the deletes of the accepted invokes these replies answer). Any
         other failure rolls everything back and raises StoreError: nothing is written.
         """
-        out: list[int | None] = []
         with self._db.lock:
             with self._db.transaction("record_replies") as conn:
-                depth = self._outbox.depth
-                for request_id, topic, payload, correlation in replies:
-                    try:
-                        item_id, depth = self._outbox.enqueue(
-                            conn, topic, payload, 1, False, "reply", None, ts, correlation,
-                            base=depth,
-                        )  # fmt: skip
-                    except OutboxFull:
-                        out.append(None)
-                        continue
-                    if request_id is not None:
-                        conn.execute(_DEDUPE_UPSERT, (request_id, topic, payload, ts))
-                    out.append(item_id)
+                out, depth = self._outbox.enqueue_many(
+                    conn, [(topic, payload, corr) for _, topic, payload, corr in replies],
+                    "reply", ts,
+                )  # fmt: skip
+                remembered = [
+                    (request_id, topic, payload, ts)
+                    for (request_id, topic, payload, _), item_id in zip(replies, out, strict=True)
+                    if request_id is not None and item_id is not None
+                ]
+                if remembered:
+                    conn.executemany(_DEDUPE_UPSERT, remembered)
                 for sql, params in also:
                     conn.execute(sql, params)
             self._outbox.depth = depth

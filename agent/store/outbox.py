@@ -174,13 +174,8 @@ class Outbox:
             ).fetchone()
         new_count = count - gone_count + 1
         new_bytes = nbytes - gone_bytes + len(payload)
-        if not force and (new_count > self.max_messages or new_bytes > self.max_bytes):
-            raise OutboxFull(
-                f"outbox of {self._db.path} is full: {count} messages, {nbytes} bytes queued"
-                f" (limits {self.max_messages} messages, {self.max_bytes} bytes);"
-                f" refused a {len(payload)}-byte {kind} message for {topic}",
-                depth=(count, nbytes),
-            )
+        if not force:
+            self._check_room((count, nbytes), (new_count, new_bytes), len(payload), kind, topic)
         if gone_count:
             conn.execute("DELETE FROM outbox WHERE key = ?", (key,))
         cursor = conn.execute(
@@ -188,6 +183,52 @@ class Outbox:
         )
         assert cursor.lastrowid is not None  # an INSERT into a rowid table always sets it
         return cursor.lastrowid, (new_count, new_bytes)
+
+    def _check_room(
+        self, depth: tuple[int, int], new: tuple[int, int], size: int, kind: str, topic: str
+    ) -> None:
+        """OutboxFull unless the depth ``new`` is within the bounds (``depth``: before)."""
+        if new[0] > self.max_messages or new[1] > self.max_bytes:
+            raise OutboxFull(
+                f"outbox of {self._db.path} is full: {depth[0]} messages, {depth[1]} bytes "
+                f"queued (limits {self.max_messages} messages, {self.max_bytes} bytes);"
+                f" refused a {size}-byte {kind} message for {topic}",
+                depth=depth,
+            )
+
+    def enqueue_many(
+        self,
+        conn: sqlite3.Connection,
+        messages: Sequence[tuple[str, bytes, bytes | None]],
+        kind: str,
+        created_ts: float,
+        *,
+        base: tuple[int, int] | None = None,
+    ) -> tuple[list[int | None], tuple[int, int]]:
+        """Insert QoS 1 messages without a key, ``(topic, payload, correlation)`` each,
+        inside the caller's transaction with one statement (group commit: one call into
+        SQLite for the lot, not one per message); each one's id, or None for one the bounds
+        refused (the others are still queued), and the depth once committed."""
+        depth = self.depth if base is None else base
+        rows: list[tuple[Any, ...]] = []
+        slots: list[int | None] = []
+        for topic, payload, correlation in messages:
+            new = (depth[0] + 1, depth[1] + len(payload))
+            try:
+                self._check_room(depth, new, len(payload), kind, topic)
+            except OutboxFull:
+                slots.append(None)
+                continue
+            depth = new
+            slots.append(len(rows))
+            rows.append((topic, payload, 1, 0, kind, None, created_ts, correlation))
+        if not rows:
+            return slots, depth
+        conn.executemany(_OUTBOX_INSERT, rows)
+        # AUTOINCREMENT ids, one writer inside one transaction: consecutive, the last known.
+        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        first = int(last) - len(rows) + 1
+        return [None if slot is None else first + slot for slot in slots], depth
 
     def peek(self, limit: int, after_id: int = 0, *, claim: bool = False) -> list[OutboxItem]:
         """Up to ``limit`` queued items with ids above ``after_id``, in delivery order.
