@@ -695,12 +695,10 @@ def run(quick: bool = False) -> dict[str, Any]:
 STAGES = (
     "received (paho thread)",
     "picked up by the loop",
-    "handed to the executor",
-    "executor thread runs it",
-    "worker answered",
-    "loop has the result",
-    "reply encoded, metrics kept",
-    "reply + dedupe row committed (group commit)",
+    "sent to its worker (by the loop; else an executor thread)",
+    "its answer read (by the loop; else posted by the thread)",
+    "the loop answers it",
+    "reply encoded, reply + dedupe row committed (group commit)",
     "reply handed to paho (the drain after it)",
     "invoke acknowledged",
 )
@@ -745,6 +743,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
     agent_cls = daemon.Agent
     post, handle_invoke = agent_cls.post, agent_cls.handle_invoke
     run_invocation, invoke_done = invocations.Invocations.run, agent_cls.handle_invoke_done
+    finished = invocations.Invocations._finished
     send_reply, record_replies = replies.Replies.send, store.Store.record_replies
     drain = OutboxPump.drain
     awaiting: set[str] = set()  # answered, reply not yet handed to paho (the next drain)
@@ -753,7 +752,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         if isinstance(event, mqtt.Message):
             received[event] = clock()
         elif isinstance(event, invocations.InvokeDone):
-            stamp(event.invocation.request.request_id, 4)
+            stamp(event.invocation.request.request_id, 3)
         post(self, event)
 
     def handle_invoke_w(self: Any, msg: Any) -> None:
@@ -766,40 +765,43 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
             marks[rid][0], marks[rid][1] = received.pop(msg, picked), picked
 
     def run_invocation_w(self: Any, invocation: Any) -> None:
-        stamp(invocation.request.request_id, 3)
+        stamp(invocation.request.request_id, 2)
         run_invocation(self, invocation)
+
+    def finished_w(self: Any, invocation: Any, started: Any) -> Any:
+        stamp(invocation.request.request_id, 3)
+        return finished(self, invocation, started)
 
     def invoke_done_w(self: Any, done: Any) -> None:
         rid = done.invocation.request.request_id
-        stamp(rid, 5)
+        stamp(rid, 4)
         awaiting.add(rid)
         invoke_done(self, done)
-        stamp(rid, 9)
+        stamp(rid, 7)
 
     def send_reply_w(self: Any, rid: Any, *args: Any, **kwargs: Any) -> None:
         send_reply(self, rid, *args, **kwargs)
         if rid in marks:
-            stamp(rid, 8)
+            stamp(rid, 6)
 
     def record_replies_w(self: Any, rows: Any, *args: Any, **kwargs: Any) -> list[Any]:
-        rids = [row[0] for row in rows if row[0] in marks]
-        for rid in rids:
-            stamp(rid, 6)
         out: list[Any] = record_replies(self, rows, *args, **kwargs)
-        for rid in rids:
-            stamp(rid, 7)
+        for row in rows:
+            if row[0] in marks:
+                stamp(row[0], 5)
         return out
 
     def drain_w(self: Any) -> None:  # the group commit's replies go to paho in this drain
         drain(self)
         for rid in awaiting:
             if rid in marks:
-                stamp(rid, 8)
+                stamp(rid, 6)
         awaiting.clear()
 
     agent_cls.post = post_w  # type: ignore[method-assign]
     agent_cls.handle_invoke = handle_invoke_w  # type: ignore[method-assign]
     invocations.Invocations.run = run_invocation_w  # type: ignore[method-assign]
+    invocations.Invocations._finished = finished_w  # type: ignore[method-assign]
     agent_cls.handle_invoke_done = invoke_done_w  # type: ignore[method-assign]
     replies.Replies.send = send_reply_w  # type: ignore[method-assign]
     store.Store.record_replies = record_replies_w  # type: ignore[method-assign,assignment]
@@ -813,6 +815,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         (mqtt.MqttClient, "publish"),
         (mqtt.MqttClient, "ack"),
         (pool.WorkerPool, "invoke"),
+        (pool.WorkerPool, "try_start"),
         (protocol, "decode_invoke"),
         (protocol, "encode_reply"),
         (protocol, "encode_ok_reply_raw"),
@@ -833,7 +836,7 @@ def agent_with_timers(out_path: str, config_path: str) -> int:
         )
         if complete:
             steps["TOTAL received -> handed to paho"] = (
-                statistics.median(m[8] - m[0] for m in complete) / 1000
+                statistics.median(m[6] - m[0] for m in complete) / 1000
             )
         per_call = {name: [len(v), statistics.median(v) / 1000] for name, v in calls.items() if v}
         Path(out_path).write_text(

@@ -138,11 +138,11 @@ class Agent:
             trust=TrustPolicy.from_config(config),
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        #: What the loop waits on (from boot): the wake pipe, and the result fds of the
-        #: workers it sent invocations to itself. ``post`` writes the wake pipe only while
-        #: the loop waits there (``_waiting``), so a busy loop costs posters no syscall.
+        #: What the loop waits on (from boot): an eventfd that wakes it, and the result fds
+        #: of the workers it sent invocations to itself. ``post`` writes the eventfd only
+        #: while the loop waits there (``_waiting``): a busy loop costs posters no syscall.
         self._poller = select.poll()
-        self._wake: tuple[int, int] | None = None
+        self._wake: int | None = None
         self._waiting = False
         threads = config.runtime.max_workers * 2
         self._executor = executor or ThreadPoolExecutor(
@@ -261,8 +261,8 @@ class Agent:
         """Hand an event to the loop; safe from any thread and from signal handlers."""
         self._events.put(event)
         if self._waiting and self._wake is not None:  # put first: see _wait
-            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-                os.write(self._wake[1], b"\0")
+            with contextlib.suppress(OSError):  # closed: the loop has stopped
+                os.eventfd_write(self._wake, 1)
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -277,8 +277,8 @@ class Agent:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         repaired = open_store(self.store)  # a damaged file is moved aside: salvaged below
         if self._wake is None:
-            self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._poller.register(self._wake[0], select.POLLIN)
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._poller.register(self._wake, select.POLLIN)
         self.sync.boot()
         isolation = self.identities.start(self.pool.python)
         if isolation.mode == "uid":
@@ -369,7 +369,7 @@ class Agent:
 
         ``post`` puts its event before it reads ``_waiting``, and we set ``_waiting``
         before we look at the queue: either we see the event, or it sees us waiting and
-        writes the wake pipe. No event is left waiting for the next timer."""
+        writes the eventfd. No event is left waiting for the next timer."""
         assert self._wake is not None
         deadline = self.invocations.next_direct_deadline()
         if deadline is not None:
@@ -383,10 +383,9 @@ class Agent:
             self._waiting = False
         fds = []
         for fd, _mask in ready:
-            if fd == self._wake[0]:
+            if fd == self._wake:
                 with contextlib.suppress(OSError):
-                    while os.read(fd, 512):
-                        pass
+                    os.eventfd_read(fd)  # back to 0: not readable until the next post
             else:
                 fds.append(fd)
         return fds
@@ -489,8 +488,7 @@ class Agent:
         depth = self.store.outbox_depth()
         self.store.close()
         if self._wake is not None:
-            for fd in self._wake:
-                os.close(fd)
+            os.close(self._wake)
             self._wake = None
         log.info("stopped; %d messages left in the outbox for next time", depth[0])
         return 0
