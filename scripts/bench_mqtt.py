@@ -641,7 +641,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "and agent alternating in 5 blocks (rate = requests / summed block times). `echo` "
         "is deployed with `concurrency: 2`, so two warm workers serve it (the default is 1). "
         "mosquitto's default max_inflight_messages (20 per client) bounds how many invokes "
-        "the agent holds unacknowledged (it acks each once its reply is queued).",
+        "the agent holds unacknowledged (it acks each once its reply is queued: none runs "
+        "past `agent.record_accepted_after_s` here).",
         "CPU per 1,000 invocations: psutil cpu_times() (user + system) read before and "
         "after each throughput block: the agent process alone (all its threads), its worker "
         "processes apart; the floor row is this benchmark process during the floor blocks "

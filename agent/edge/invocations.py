@@ -123,7 +123,8 @@ class Invocations:
         self._store = store
         self._pool = pool
         self._sync = sync
-        #: Accepted invokes recorded durably (acknowledged at once) until answered.
+        #: Accepted invokes still running after record_accepted_after_s, recorded durably
+        #: (and acknowledged then) until answered.
         self._accepted = accepted
         self._replies = replies
         self._uplink = uplink

@@ -148,7 +148,8 @@ class Agent:
         self._executor = executor or ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="edge-invoke"
         )
-        #: Accepted invokes recorded durably (acknowledged at once) until answered.
+        #: Accepted invokes still running after record_accepted_after_s, recorded durably
+        #: (and acknowledged then) until answered.
         self.accepted = AcceptedInvokes(store)
         self.outbox = OutboxPump(
             store,

@@ -1,12 +1,13 @@
 """Invocations accepted and not yet answered: the durable record that lets the agent
-acknowledge an invoke to the broker as soon as it is accepted (issue 13).
+acknowledge an invoke to the broker before it is answered (issue 13).
 
 Brokers with an ack deadline (NATS's MQTT listener: ``ack_wait``, 30 s by default) deliver
 again a QoS 1 message left unacknowledged that long, so acknowledging only once the reply
 is ready made a 40 s invocation come back while it ran. Instead the agent writes the request
-here, then acknowledges it; the record goes when the reply is in the outbox (or the dedupe
-table), and an agent that starts finds what a crash left here and runs it again, so every
-accepted request is still answered (at least once, as before).
+here (once it has run ``agent.record_accepted_after_s``: a faster one is acknowledged with
+its reply, issue 15), then acknowledges it; the record goes when the reply is in the outbox
+(or the dedupe table), and an agent that starts finds what a crash left here and runs it
+again, so every accepted request is still answered (at least once, as before).
 
 Uses the :class:`~agent.store.core.Store`'s database (:mod:`agent.store.db`: connection,
 lock and transactions); its table is created on first use (``CREATE TABLE IF NOT EXISTS``),
