@@ -279,7 +279,9 @@ def test_pool_reports_ex_protocol(
     EX_PROTOCOL, and the caller is told so."""
     pool.register(_config(tmp_path, "exits:echo"))
     assert pool.invoke("f", (1,)).value == 1
-    monkeypatch.setattr(pipe, "invoke_header", lambda request_id: b"\xff corrupted")
+    monkeypatch.setattr(
+        pipe, "invoke_header", lambda request_id, request_json=False: b"\xff corrupted"
+    )
     with pytest.raises(WorkerCrashed) as info:
         pool.invoke("f", (2,))
     assert info.value.exit_code == pipe.EX_PROTOCOL and info.value.type == "worker_crashed"

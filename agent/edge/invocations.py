@@ -137,9 +137,10 @@ class Invocations:
         self._clock = clock
         self._timers = timers
         self._stopping = stopping
-        #: Accepted, not yet on record nor acknowledged: (when it is due to be, invocation,
-        #: its message), in acceptance order. Answered ones are skipped when they come due.
-        self._unrecorded: deque[tuple[float, Invocation, mqtt.Message]] = deque()
+        #: Accepted, not yet on record nor acknowledged: (invocation, its message), in
+        #: acceptance order, so the oldest is due first whatever the running setting (a
+        #: reload may change it). Answered ones are skipped when they come due.
+        self._unrecorded: deque[tuple[Invocation, mqtt.Message]] = deque()
         #: The loop's readiness poll: it waits for these fds with its other sources.
         self._watch = watch
         self._unwatch = unwatch
@@ -303,11 +304,18 @@ class Invocations:
             return None
         return self._conclude_direct(fd)
 
-    def expire_direct(self, now: float) -> None:
-        """Invocations past their deadline (``now``: ``time.monotonic``): their workers are
-        killed (on an executor thread) and they are answered as timed out."""
+    def expire_direct(self, now: float) -> list[InvokeDone]:
+        """Invocations past their deadline (``now``: ``time.monotonic``): what their workers
+        wrote is read first (an answer that came in time is an answer, as in
+        ``Worker.recv``); the others' workers are killed (on an executor thread) and they
+        are answered as timed out. The answers read here, for the loop's batch."""
+        out: list[InvokeDone] = []
         for fd in [fd for fd, (s, _) in self._direct.items() if s.deadline <= now]:
-            self._conclude_direct(fd)
+            self._direct[fd][0].poll()
+            done = self._conclude_direct(fd)
+            if done is not None:
+                out.append(done)
+        return out
 
     def abandon_direct(self, why: str) -> None:
         """Stopping: kill the workers still running invocations for the loop, unanswered
@@ -556,28 +564,38 @@ class Invocations:
         """
         if msg.qos == 0:  # nothing to acknowledge (a recovered request is on record already)
             return
-        after = self._settings().agent.record_accepted_after_s
-        if after <= 0:
+        if self._record_after() <= 0:
             self._accept([(invocation, msg)])
             return
-        due = self._clock() + after
-        self._unrecorded.append((due, invocation, msg))
-        self._timers.setdefault(RECORD_TIMER, due)
+        self._unrecorded.append((invocation, msg))
+        if len(self._unrecorded) == 1:
+            self.arm_record_timer()
+
+    def _record_after(self) -> float:
+        return self._settings().agent.record_accepted_after_s
+
+    def arm_record_timer(self) -> None:
+        """Set the record timer to when the oldest unrecorded invocation is due under the
+        running setting (the loop calls this after a reload too: a lower setting applies
+        to what already waits)."""
+        if self._unrecorded:
+            started = self._unrecorded[0][0].started
+            self._timers[RECORD_TIMER] = started + max(0.0, self._record_after())
+        else:
+            self._timers.pop(RECORD_TIMER, None)
 
     def record_due(self, now: float) -> None:
-        """Timer: put every invocation still running past its due time on record, in one
-        transaction, and acknowledge them."""
+        """Timer: put every invocation still running ``record_accepted_after_s`` after it
+        was accepted on record, in one transaction, and acknowledge them."""
+        after = max(0.0, self._record_after())
         pending = self._unrecorded
         due: list[tuple[Invocation, mqtt.Message]] = []
-        while pending and pending[0][0] <= now:
-            _, invocation, msg = pending.popleft()
+        while pending and pending[0][0].started + after <= now:
+            invocation, msg = pending.popleft()
             rid = invocation.request.request_id
             if self.inflight.get(rid) is invocation and rid not in self.accepted_rids:
                 due.append((invocation, msg))
-        if pending:
-            self._timers[RECORD_TIMER] = pending[0][0]
-        else:
-            self._timers.pop(RECORD_TIMER, None)
+        self.arm_record_timer()
         if due:
             self._accept(due)
 

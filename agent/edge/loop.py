@@ -336,13 +336,16 @@ class Agent:
                     batch = self._take([self._events.get(timeout=max(0.0, timeout))])
         elif not batch or self.invocations.direct_count:
             # Workers' answers join the batch (their replies share its transaction).
-            for fd in self._wait(0.0 if batch else timeout):
-                done = self.invocations.worker_readable(fd)
-                if done is not None:
-                    batch.append(done)
+            ready = self._wait(0.0 if batch else timeout)
+            with self._guarded("a worker's answer"):
+                for fd in ready:
+                    done = self.invocations.worker_readable(fd)
+                    if done is not None:
+                        batch.append(done)
             batch = self._take(batch)
         if self.invocations.direct_count:
-            self.invocations.expire_direct(time.monotonic())
+            with self._guarded("a worker's deadline"):
+                batch += self.invocations.expire_direct(time.monotonic())
         if batch:
             client = self.mqtt
             with contextlib.nullcontext() if client is None else client.corked():
@@ -732,6 +735,7 @@ class Agent:
         self.deployer.runtime = running.runtime
         self.deployments.set_trust(change.trust)  # a removed key is revoked now
         self.config = running
+        self.invocations.arm_record_timer()  # record_accepted_after_s applies to what waits
         if self.uplink.connected:
             self.telemetry.publish_status("online")  # its retained "trust" may have changed
         if self._timers.get("heartbeat"):

@@ -56,6 +56,8 @@ class Started:
                 self._frame = self.worker.try_recv()
             except pipe.FrameError as exc:
                 self._error = exc
+            except OSError as exc:  # the pipe itself failed: as if it had closed
+                self._error = pipe.FrameError(f"worker {self.worker.pid} pipe: {exc}", eof=True)
         return self._frame is not None or self._error is not None
 
     @property
