@@ -342,7 +342,10 @@ class Invocations:
 
     def _finished(self, invocation: Invocation, started: Started) -> InvokeDone:
         try:
-            result = started.finish(defer=self._executor.submit)
+            # On the loop a worker to discard (a recycle) is killed and its uid swept on an
+            # executor thread; off the loop here, before the answer, as WorkerPool.invoke.
+            defer = self._executor.submit if started.on_loop else None
+            result = started.finish(defer=defer)
         except EdgeExecutionError as exc:
             return InvokeDone(invocation, None, exc)
         except Exception as exc:  # a bug must still answer the caller
