@@ -27,8 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -83,6 +82,8 @@ class Invocation:
     released: bool = False
     #: The request's bytes as they came (checked by ``decode_invoke``): what the worker gets.
     raw: bytes | None = None
+    #: Its accepted record was tried (written, or the store failed: not tried again).
+    record_tried: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,6 @@ class Invocations:
         self._clock = clock
         self._timers = timers
         self._stopping = stopping
-        #: Accepted, not yet on record nor acknowledged: (invocation, its message), in
-        #: acceptance order, so the oldest is due first whatever the running setting (a
-        #: reload may change it). Answered ones are skipped when they come due.
-        self._unrecorded: deque[tuple[Invocation, mqtt.Message]] = deque()
         #: The loop's readiness poll: it waits for these fds with its other sources.
         self._watch = watch
         self._unwatch = unwatch
@@ -567,44 +564,56 @@ class Invocations:
         """
         if msg.qos == 0:  # nothing to acknowledge (a recovered request is on record already)
             return
-        if self._record_after() <= 0:
+        after = self._record_after()
+        if after <= 0:
             self._accept([(invocation, msg)])
             return
-        self._unrecorded.append((invocation, msg))
-        if len(self._unrecorded) == 1:
-            self.arm_record_timer()
+        if RECORD_TIMER not in self._timers:  # else it is due sooner, for an older one
+            self._timers[RECORD_TIMER] = invocation.started + after
 
     def _record_after(self) -> float:
-        return self._settings().agent.record_accepted_after_s
+        return max(0.0, self._settings().agent.record_accepted_after_s)
+
+    def _awaiting_record(self) -> Iterator[tuple[Invocation, mqtt.Message]]:
+        """Accepted invocations still running, neither on record nor acknowledged, with
+        the message they came in, oldest first (``inflight`` keeps acceptance order, so
+        whatever the running setting the first is due first). Nothing is kept for one
+        answered before it was due."""
+        for invocation in self.inflight.values():
+            if invocation.record_tried or not invocation.acks:
+                continue
+            msg = invocation.acks[0]  # the request as it came (then its duplicates)
+            if msg.qos > 0 and invocation.request.request_id not in self.accepted_rids:
+                yield invocation, msg
 
     def arm_record_timer(self) -> None:
-        """Set the record timer to when the oldest unrecorded invocation is due under the
-        running setting (the loop calls this after a reload too: a lower setting applies
-        to what already waits)."""
-        if self._unrecorded:
-            started = self._unrecorded[0][0].started
-            self._timers[RECORD_TIMER] = started + max(0.0, self._record_after())
-        else:
+        """Set the record timer to when the oldest invocation awaiting its record is due
+        under the running setting (the loop calls this after a reload too: a lower setting
+        applies to what already waits)."""
+        first = next(self._awaiting_record(), None)
+        if first is None:
             self._timers.pop(RECORD_TIMER, None)
+        else:
+            self._timers[RECORD_TIMER] = first[0].started + self._record_after()
 
     def record_due(self, now: float) -> None:
         """Timer: put every invocation still running ``record_accepted_after_s`` after it
         was accepted on record, in one transaction, and acknowledge them."""
-        after = max(0.0, self._record_after())
-        pending = self._unrecorded
+        after = self._record_after()
         due: list[tuple[Invocation, mqtt.Message]] = []
-        while pending and pending[0][0].started + after <= now:
-            invocation, msg = pending.popleft()
-            rid = invocation.request.request_id
-            if self.inflight.get(rid) is invocation and rid not in self.accepted_rids:
-                due.append((invocation, msg))
-        self.arm_record_timer()
+        for invocation, msg in self._awaiting_record():
+            if invocation.started + after > now:
+                break
+            due.append((invocation, msg))
         if due:
             self._accept(due)
+        self.arm_record_timer()
 
     def _accept(self, batch: list[tuple[Invocation, mqtt.Message]]) -> None:
         """Record accepted invokes durably (one transaction), then acknowledge them to the
         broker. A record that cannot be written leaves the ack for the answer, as before."""
+        for invocation, _msg in batch:
+            invocation.record_tried = True
         records = [
             AcceptedInvoke(
                 invocation.request.request_id,
