@@ -243,3 +243,18 @@ def test_a_wake_up_wanted_while_the_cork_is_released_is_not_lost() -> None:
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["delete-returning", "select-then-delete"])
+def test_outbox_ack_many_counts_what_it_deleted_either_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch, returning: bool
+) -> None:
+    """One DELETE ... RETURNING where SQLite has it (3.35+), a SELECT and a DELETE before:
+    both must delete the same items and keep the same depth."""
+    from agent.store import outbox
+
+    monkeypatch.setattr(outbox, "_RETURNING", returning)
+    ids = [store.outbox_put("t", b"x" * n, kind="reply") for n in (1, 2, 3)]
+    assert store.outbox_ack_many([ids[0], ids[2], 999_999]) == 2
+    assert store.outbox_depth() == (1, 2)
+    assert [i.id for i in store.outbox_peek(10)] == [ids[1]]

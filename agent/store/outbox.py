@@ -60,6 +60,8 @@ _OUTBOX_INSERT = (
 #: Ids bound per statement by :meth:`Outbox.ack_many` (old SQLite builds allow 999 variables).
 _IDS_PER_STATEMENT = 500
 _OUTBOX_COLUMNS = "id, topic, payload, qos, retain, kind, key, created_ts, correlation"
+#: ``DELETE ... RETURNING`` (SQLite 3.35+; Debian 12 has 3.40): one statement per PUBACK run.
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 
 
 @dataclass(frozen=True)
@@ -264,14 +266,18 @@ class Outbox:
                 for start in range(0, len(item_ids), _IDS_PER_STATEMENT):
                     ids = tuple(item_ids[start : start + _IDS_PER_STATEMENT])
                     marks = ",".join("?" * len(ids))
-                    count, nbytes = conn.execute(
-                        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
-                        f" WHERE id IN ({marks})",
-                        ids,
-                    ).fetchone()
-                    if count:
+                    if _RETURNING:  # one statement: what it deleted, and how big
+                        sizes = conn.execute(
+                            f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",
+                            ids,
+                        ).fetchall()
+                    else:
+                        sizes = conn.execute(
+                            f"SELECT length(payload) FROM outbox WHERE id IN ({marks})", ids
+                        ).fetchall()
                         conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
-                    found, found_bytes = found + int(count), found_bytes + int(nbytes)
+                    found += len(sizes)
+                    found_bytes += sum(int(size) for (size,) in sizes)
             count, nbytes = self.depth
             self.depth = (count - found, nbytes - found_bytes)
         return found
