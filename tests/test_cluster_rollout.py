@@ -61,10 +61,19 @@ def test_staged_rollout_completes_with_a_broker_node_lost_midway(
             assert result.fleet.ok, {
                 node: (r.state, r.error) for node, r in result.fleet.results.items()
             }
-            assert set(result.fleet.results) == {"gw-0", "gw-1", "gw-2"}
-            print(f"\nstaged rollout with node {victim} killed in the canary phase: {elapsed:.1f}s")
+            # The fleet phase waits for the nodes it sees as not offline when it starts; a
+            # node still behind the dead broker node for 3 missed heartbeats (a slow
+            # failover: 2 of 6 full-suite runs here) is not waited for, and must still end
+            # on the new version from the retained fleet spec, checked below for all three.
+            assert set(result.fleet.results) <= {"gw-0", "gw-1", "gw-2"}
+            assert set(result.canary.results) <= set(result.fleet.results), result.notes
+            missed = sorted({"gw-0", "gw-1", "gw-2"} - set(result.fleet.results))
+            print(
+                f"\nstaged rollout with node {victim} killed in the canary phase: "
+                f"{elapsed:.1f}s; seen offline when the fleet phase began: {missed or 'none'}"
+            )
             for n in range(3):
-                assert controller.invoke(f"gw-{n}", "versioned", None, timeout=30).value == "v2"
+                assert controller.invoke(f"gw-{n}", "versioned", None, timeout=60).value == "v2"
     finally:
         for agent in agents:
             agent.stop()
