@@ -14,7 +14,6 @@ Must never: do I/O, or import anything beyond the stdlib, ``agent.errors`` and
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -225,17 +224,13 @@ def encode_ok_reply_raw(
 _node_json: dict[str, bytes] = {}
 
 
-def _dumps_value(value: str | float) -> bytes:
-    """One scalar as :func:`agent.contract.fields.dumps` writes it inside a message."""
-    if isinstance(value, str):  # json.dumps(ensure_ascii=False)'s own encoder, without the call
-        try:
-            return encode_basestring(value).encode()
-        except UnicodeEncodeError:  # lone surrogates: \u escapes
-            return encode_basestring_ascii(value).encode()
+def _dumps_value(value: str) -> bytes:
+    """A string as :func:`agent.contract.fields.dumps` writes it inside a message (json's
+    own ``ensure_ascii=False`` encoder, without a ``json.dumps`` call)."""
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(value, ensure_ascii=True, allow_nan=False).encode()
+        return encode_basestring(value).encode()
+    except UnicodeEncodeError:  # lone surrogates: \u escapes
+        return encode_basestring_ascii(value).encode()
 
 
 def decode_reply(payload: bytes) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class Agent:
             trust=TrustPolicy.from_config(config),
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        #: What the loop waits on (from boot): an eventfd that wakes it, and the result fds
+        #: What the loop waits on (from its first wait): an eventfd that wakes it, and the fds
         #: of the workers it sent invocations to itself. ``post`` writes the eventfd only
         #: while the loop waits there (``_waiting``): a busy loop costs posters no syscall.
         self._poller = select.poll()
@@ -277,9 +277,6 @@ class Agent:
     def boot(self) -> None:
         """Load local state and serve it: no broker needed. Sends READY=1."""
         repaired = open_store(self.store)  # a damaged file is moved aside: salvaged below
-        if self._wake is None:
-            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._poller.register(self._wake, select.POLLIN)
         self.sync.boot()
         isolation = self.identities.start(self.pool.python)
         if isolation.mode == "uid":
@@ -330,11 +327,7 @@ class Agent:
         among them is handled as one, so its writes share one transaction (group commit),
         and the client wakes its network thread once for the whole batch."""
         batch = self._take([])
-        if self._wake is None:  # not booted: the queue is all there is
-            if not batch:
-                with contextlib.suppress(queue.Empty):
-                    batch = self._take([self._events.get(timeout=max(0.0, timeout))])
-        elif not batch or self.invocations.direct_count:
+        if not batch or self.invocations.direct_count:
             # Workers' answers join the batch (their replies share its transaction).
             ready = self._wait(0.0 if batch else timeout)
             with self._guarded("a worker's answer"):
@@ -374,7 +367,9 @@ class Agent:
         ``post`` puts its event before it reads ``_waiting``, and we set ``_waiting``
         before we look at the queue: either we see the event, or it sees us waiting and
         writes the eventfd. No event is left waiting for the next timer."""
-        assert self._wake is not None
+        if self._wake is None:  # the first wait (the constructor touches no fd)
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._poller.register(self._wake, select.POLLIN)
         deadline = self.invocations.next_direct_deadline()
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())

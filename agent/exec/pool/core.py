@@ -327,12 +327,7 @@ class WorkerPool:
         commits the write set there. What it raises is raised from here; the worker stays.
         """
         started = time.monotonic()
-        as_json = request_json is not None and self.codec == "json"
-        if as_json:
-            assert request_json is not None
-            blob = request_json
-        else:
-            blob = conversation.dumps_arguments(function_id, args, kwargs or {})
+        blob, as_json = self._arguments(function_id, args, kwargs or {}, request_json)
         state_version = 0
         # A warm worker found dead at send time never started the invocation: retry once.
         for attempt in (1, 2):
@@ -375,6 +370,19 @@ class WorkerPool:
                 alive = worker is not None and worker.state is not WorkerState.DEAD
                 self._release(slot, worker, healthy and alive)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _arguments(
+        self,
+        function_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        request_json: bytes | None,
+    ) -> tuple[bytes, bool]:
+        """The invoke frame's blob, and whether it is the request's own JSON (JSON codec
+        with ``request_json``) rather than the pickled arguments."""
+        if request_json is not None and self.codec == "json":
+            return request_json, True
+        return conversation.dumps_arguments(function_id, args, kwargs), False
 
     def _outcome(
         self,
@@ -435,12 +443,7 @@ class WorkerPool:
         slot = self._slots.get(function_id)
         if slot is None or not slot.idle or slot.waiting:
             return None
-        as_json = request_json is not None and self.codec == "json"
-        if as_json:
-            assert request_json is not None
-            blob = request_json
-        else:
-            blob = conversation.dumps_arguments(function_id, args, {})
+        blob, as_json = self._arguments(function_id, args, {}, request_json)
         if len(blob) > _DIRECT_MAX_ARGS:
             return None  # the write could block until the worker reads: not on a loop
         with self._cond:

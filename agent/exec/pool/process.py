@@ -141,22 +141,18 @@ class Worker:
             raise pipe.FrameError(f"worker {self.pid} pipe closed: {exc}", eof=True) from exc
 
     def recv(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
-        """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof)."""
-        while (frame := self._reader.take()) is None:
-            try:
-                chunk = os.read(self.rfd, _READ_CHUNK)
-            except BlockingIOError:
-                if deadline is None:
-                    self._poll.poll()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Deadline from None
-                self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
+        """One frame, or ``_Deadline`` at the monotonic deadline, or FrameError(eof).
+
+        Reads first (:meth:`try_recv`) and polls only when nothing more is there: the answer
+        is often in when our write returns (the worker ran on wake-up)."""
+        while (frame := self.try_recv()) is None:
+            if deadline is None:
+                self._poll.poll()
                 continue
-            if not chunk:
-                raise pipe.FrameError(f"worker {self.pid} closed its pipe", eof=True)
-            self._reader.feed(chunk)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Deadline
+            self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
         return frame
 
     def try_recv(self) -> tuple[dict[str, Any], bytes] | None:
