@@ -363,15 +363,32 @@ def test_undeploy_while_the_loop_holds_its_worker(served: Served, cloud: Cloud) 
 MARK_ENV = "MARK_DIR"
 
 
-def own_agent(tmp_path: Path, broker: Mosquitto, cloud: Cloud, **agent: Any) -> AgentProcess:
-    started = agent_config(tmp_path, broker.port, **agent).start()
-    cloud.wait_message(STATUS, lambda m: m["status"] == "online")
-    spec = source_spec(
-        "marked", marked(), timeout_seconds=30, environment={MARK_ENV: str(tmp_path)}
-    )
-    cloud.deploy(NODE, spec)
-    wait_active(cloud, "marked")
-    return started
+OwnAgent = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def own_agent(tmp_path: Path, broker: Mosquitto, own_cloud: Cloud) -> Iterator[OwnAgent]:
+    """An agent of the test's own (``[agent]`` settings as keywords), stopped at teardown:
+    started, online and with ``marked`` deployed; ``start=False`` returns it unstarted."""
+    agents: list[AgentProcess] = []
+
+    def make(*, start: bool = True, **agent: Any) -> AgentProcess:
+        made = agent_config(tmp_path, broker.port, **agent)
+        agents.append(made)
+        if not start:
+            return made
+        made.start()
+        own_cloud.wait_message(STATUS, lambda m: m["status"] == "online")
+        spec = source_spec(
+            "marked", marked(), timeout_seconds=30, environment={MARK_ENV: str(tmp_path)}
+        )
+        own_cloud.deploy(NODE, spec)
+        wait_active(own_cloud, "marked")
+        return made
+
+    yield make
+    for agent in agents:
+        agent.stop()
 
 
 @pytest.fixture
@@ -382,30 +399,27 @@ def own_cloud(broker: Mosquitto) -> Iterator[Cloud]:
 
 
 def test_sigterm_past_the_grace_kills_the_direct_worker_and_a_recorded_call_runs_again(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud
 ) -> None:
     """A direct call on record (ran past 0.2 s) still running when the 1 s grace ends: the
     agent exits 0 without a worker left, and after the restart the call runs again and is
     answered exactly once."""
     cloud = own_cloud
-    agent = own_agent(tmp_path, broker, cloud, record_accepted_after_s=0.2)
-    try:
-        warm(cloud, "marked")
-        name = f"term-{uuid.uuid4().hex}"
-        rid = send(cloud, "marked", {"name": name, "sleep": 4})
-        wait_for((tmp_path / name).exists, 10, "the call never started")
-        wait_for(lambda: rid in agent.accepted_on_record(), 10, "never put on record")
-        pid = int((tmp_path / name).read_text().split()[0])
-        agent.signal(signal.SIGTERM)
-        assert agent.wait_exit() == 0
-        wait_for(lambda: not psutil.pid_exists(pid), 5, "the direct worker outlived the agent")
-        assert replies_to(cloud, rid) == []
-        agent.start()
-        reply = reply_to(cloud, rid, timeout=20)
-        assert reply["ok"] is True and reply["result"]["runs"] == 2, reply
-        assert_answered_once_after(cloud, agent, rid)
-    finally:
-        agent.stop()
+    agent = own_agent(record_accepted_after_s=0.2)
+    warm(cloud, "marked")
+    name = f"term-{uuid.uuid4().hex}"
+    rid = send(cloud, "marked", {"name": name, "sleep": 4})
+    wait_for((tmp_path / name).exists, 10, "the call never started")
+    wait_for(lambda: rid in agent.accepted_on_record(), 10, "never put on record")
+    pid = int((tmp_path / name).read_text().split()[0])
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit() == 0
+    wait_for(lambda: not psutil.pid_exists(pid), 5, "the direct worker outlived the agent")
+    assert replies_to(cloud, rid) == []
+    agent.start()
+    reply = reply_to(cloud, rid, timeout=20)
+    assert reply["ok"] is True and reply["result"]["runs"] == 2, reply
+    assert_answered_once_after(cloud, agent, rid)
 
 
 def assert_answered_once_after(cloud: Cloud, agent: AgentProcess, rid: str) -> None:
@@ -420,49 +434,43 @@ def assert_answered_once_after(cloud: Cloud, agent: AgentProcess, rid: str) -> N
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_a_call_not_yet_on_record_comes_back_from_the_broker_after_a_stop(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud, how: str
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud, how: str
 ) -> None:
     """The lazy record's window: a call still running, not yet due to go on record (30 s),
     when the agent goes (grace over, or kill -9). Unacknowledged, the broker delivers it
     again to the restarted agent: answered, once."""
     cloud = own_cloud
-    agent = own_agent(tmp_path, broker, cloud, record_accepted_after_s=30.0)
-    try:
-        warm(cloud, "marked")
-        name = f"{how}-{uuid.uuid4().hex}"
-        rid = send(cloud, "marked", {"name": name, "sleep": 3})
-        wait_for((tmp_path / name).exists, 10, "the call never started")
-        assert rid not in agent.accepted_on_record()
-        if how == "kill9":
-            agent.kill9()
-        else:
-            agent.signal(signal.SIGTERM)
-            assert agent.wait_exit() == 0
-        assert replies_to(cloud, rid) == []
-        agent.start()
-        reply = reply_to(cloud, rid, timeout=20)
-        assert reply["ok"] is True and reply["result"]["runs"] == 2, reply
-        assert_answered_once_after(cloud, agent, rid)
-    finally:
-        agent.stop()
+    agent = own_agent(record_accepted_after_s=30.0)
+    warm(cloud, "marked")
+    name = f"{how}-{uuid.uuid4().hex}"
+    rid = send(cloud, "marked", {"name": name, "sleep": 3})
+    wait_for((tmp_path / name).exists, 10, "the call never started")
+    assert rid not in agent.accepted_on_record()
+    if how == "kill9":
+        agent.kill9()
+    else:
+        agent.signal(signal.SIGTERM)
+        assert agent.wait_exit() == 0
+    assert replies_to(cloud, rid) == []
+    agent.start()
+    reply = reply_to(cloud, rid, timeout=20)
+    assert reply["ok"] is True and reply["result"]["runs"] == 2, reply
+    assert_answered_once_after(cloud, agent, rid)
 
 
 def test_a_long_call_goes_on_record_once_due_and_off_once_answered(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud
 ) -> None:
     cloud = own_cloud
-    agent = own_agent(tmp_path, broker, cloud, record_accepted_after_s=0.3)
-    try:
-        warm(cloud, "marked")
-        name = f"rec-{uuid.uuid4().hex}"
-        rid = send(cloud, "marked", {"name": name, "sleep": 1.5})
-        wait_for(lambda: rid in agent.accepted_on_record(), 10, "never put on record")
-        assert replies_to(cloud, rid) == []
-        reply = reply_to(cloud, rid)
-        assert reply["ok"] is True and reply["result"]["runs"] == 1
-        wait_for(lambda: rid not in agent.accepted_on_record(), 10, "the record stayed")
-    finally:
-        agent.stop()
+    agent = own_agent(record_accepted_after_s=0.3)
+    warm(cloud, "marked")
+    name = f"rec-{uuid.uuid4().hex}"
+    rid = send(cloud, "marked", {"name": name, "sleep": 1.5})
+    wait_for(lambda: rid in agent.accepted_on_record(), 10, "never put on record")
+    assert replies_to(cloud, rid) == []
+    reply = reply_to(cloud, rid)
+    assert reply["ok"] is True and reply["result"]["runs"] == 1
+    wait_for(lambda: rid not in agent.accepted_on_record(), 10, "the record stayed")
 
 
 def rewrite_config(agent: AgentProcess, edit: Callable[[dict[str, Any]], None]) -> None:
@@ -472,61 +480,53 @@ def rewrite_config(agent: AgentProcess, edit: Callable[[dict[str, Any]], None]) 
 
 
 def test_recycling_every_call_with_concurrency_answers_every_call_once_and_leaks_nothing(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud
 ) -> None:
     cloud = own_cloud
-    agent = agent_config(tmp_path, broker.port)
+    agent = own_agent(start=False)
     rewrite_config(agent, lambda c: c["runtime"].update(worker_max_invocations=1))
     agent.start()
-    try:
-        cloud.wait_message(STATUS, lambda m: m["status"] == "online")
-        cloud.deploy(NODE, source_spec("pid", PID, concurrency=3))
-        wait_active(cloud, "pid")
-        rids = [send(cloud, "pid", n) for n in range(15)]
-        wait_for(lambda: all(replies_to(cloud, r) for r in rids), 60, "calls unanswered")
-        errors = [replies_to(cloud, r)[0] for r in rids if not replies_to(cloud, r)[0]["ok"]]
-        assert not errors, errors
-        pids = [replies_to(cloud, r)[0]["result"] for r in rids]
-        assert all(len(replies_to(cloud, r)) == 1 for r in rids)
-        assert len(set(pids)) == 15, "a worker served twice with worker_max_invocations 1"
-        wait_for(lambda: not set(pids) & workers_of(agent), 10, "recycled workers were not reaped")
-        wait_for(lambda: len(workers_of(agent)) <= 4 + 1 + 1, 10, "more workers than allowed")
-    finally:
-        agent.stop()
+    cloud.wait_message(STATUS, lambda m: m["status"] == "online")
+    cloud.deploy(NODE, source_spec("pid", PID, concurrency=3))
+    wait_active(cloud, "pid")
+    rids = [send(cloud, "pid", n) for n in range(15)]
+    wait_for(lambda: all(replies_to(cloud, r) for r in rids), 60, "calls unanswered")
+    errors = [replies_to(cloud, r)[0] for r in rids if not replies_to(cloud, r)[0]["ok"]]
+    assert not errors, errors
+    pids = [replies_to(cloud, r)[0]["result"] for r in rids]
+    assert all(len(replies_to(cloud, r)) == 1 for r in rids)
+    assert len(set(pids)) == 15, "a worker served twice with worker_max_invocations 1"
+    wait_for(lambda: not set(pids) & workers_of(agent), 10, "recycled workers were not reaped")
+    wait_for(lambda: len(workers_of(agent)) <= 4 + 1 + 1, 10, "more workers than allowed")
 
 
 def test_sighup_lowering_max_workers_while_direct_calls_run(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud
 ) -> None:
     cloud = own_cloud
-    agent = own_agent(tmp_path, broker, cloud)
-    try:
-        cloud.deploy(
-            NODE,
-            source_spec(
-                "marked",
-                marked(),
-                version="2",
-                concurrency=4,
-                environment={MARK_ENV: str(tmp_path)},
-            ),
-        )
-        wait_active(cloud, "marked", "2")
-        names = [f"hup-{n}-{uuid.uuid4().hex}" for n in range(4)]
-        rids = [send(cloud, "marked", {"name": name, "sleep": 1.0}) for name in names]
-        wait_for(
-            lambda: sum((tmp_path / n).exists() for n in names) >= 2, 10, "calls never started"
-        )
-        rewrite_config(agent, lambda c: c["runtime"].update(max_workers=1))
-        agent.signal(signal.SIGHUP)
-        agent.wait_log(f"reloaded {agent.config_path}")
-        more = [send(cloud, "marked", {"name": f"after-{n}", "sleep": 0}) for n in range(6)]
-        wait_for(lambda: all(replies_to(cloud, r) for r in rids + more), 30, "unanswered")
-        for rid in rids + more:
-            [reply] = replies_to(cloud, rid)
-            assert reply["ok"] is True, reply
-    finally:
-        agent.stop()
+    agent = own_agent()
+    cloud.deploy(
+        NODE,
+        source_spec(
+            "marked",
+            marked(),
+            version="2",
+            concurrency=4,
+            environment={MARK_ENV: str(tmp_path)},
+        ),
+    )
+    wait_active(cloud, "marked", "2")
+    names = [f"hup-{n}-{uuid.uuid4().hex}" for n in range(4)]
+    rids = [send(cloud, "marked", {"name": name, "sleep": 1.0}) for name in names]
+    wait_for(lambda: sum((tmp_path / n).exists() for n in names) >= 2, 10, "calls never started")
+    rewrite_config(agent, lambda c: c["runtime"].update(max_workers=1))
+    agent.signal(signal.SIGHUP)
+    agent.wait_log(f"reloaded {agent.config_path}")
+    more = [send(cloud, "marked", {"name": f"after-{n}", "sleep": 0}) for n in range(6)]
+    wait_for(lambda: all(replies_to(cloud, r) for r in rids + more), 30, "unanswered")
+    for rid in rids + more:
+        [reply] = replies_to(cloud, rid)
+        assert reply["ok"] is True, reply
 
 
 def test_the_handler_gets_the_payload_only_not_the_request(cloud: Cloud) -> None:
@@ -545,34 +545,31 @@ def test_the_reply_is_valid_json_with_a_timestamp(cloud: Cloud) -> None:
 
 
 def test_a_reload_lowering_record_after_applies_to_new_calls_at_once(
-    tmp_path: Path, broker: Mosquitto, own_cloud: Cloud
+    tmp_path: Path, own_agent: OwnAgent, own_cloud: Cloud
 ) -> None:
     """The reviewer's bug: the unrecorded calls were a FIFO of due times set at acceptance
     and the timer was only ever set once, so after a reload lowered the setting a new long
     call waited behind an older call's (later) due time. Now due times come from the
     running setting: both calls go on record soon after the reload."""
     cloud = own_cloud
-    agent = own_agent(tmp_path, broker, cloud, record_accepted_after_s=25.0)
-    try:
-        env = {MARK_ENV: str(tmp_path)}
-        two = source_spec("marked", marked(), version="2", concurrency=2, environment=env)
-        cloud.deploy(NODE, two)
-        wait_active(cloud, "marked", "2")
-        warm(cloud, "marked")
-        first = f"a-{uuid.uuid4().hex}"
-        first_rid = send(cloud, "marked", {"name": first, "sleep": 20})
-        wait_for((tmp_path / first).exists, 10, "the first call never started")
-        rewrite_config(agent, lambda c: c["agent"].update(record_accepted_after_s=0.2))
-        agent.signal(signal.SIGHUP)
-        agent.wait_log(f"reloaded {agent.config_path}")
-        second = f"b-{uuid.uuid4().hex}"
-        rid = send(cloud, "marked", {"name": second, "sleep": 10})
-        wait_for((tmp_path / second).exists, 10, "the second call never started")
-        wait_for(
-            lambda: rid in agent.accepted_on_record(),
-            3,
-            "a call accepted after the reload was not put on record 0.2 s later",
-        )
-        assert first_rid in agent.accepted_on_record(), "the older call still waits"
-    finally:
-        agent.stop()
+    agent = own_agent(record_accepted_after_s=25.0)
+    env = {MARK_ENV: str(tmp_path)}
+    two = source_spec("marked", marked(), version="2", concurrency=2, environment=env)
+    cloud.deploy(NODE, two)
+    wait_active(cloud, "marked", "2")
+    warm(cloud, "marked")
+    first = f"a-{uuid.uuid4().hex}"
+    first_rid = send(cloud, "marked", {"name": first, "sleep": 20})
+    wait_for((tmp_path / first).exists, 10, "the first call never started")
+    rewrite_config(agent, lambda c: c["agent"].update(record_accepted_after_s=0.2))
+    agent.signal(signal.SIGHUP)
+    agent.wait_log(f"reloaded {agent.config_path}")
+    second = f"b-{uuid.uuid4().hex}"
+    rid = send(cloud, "marked", {"name": second, "sleep": 10})
+    wait_for((tmp_path / second).exists, 10, "the second call never started")
+    wait_for(
+        lambda: rid in agent.accepted_on_record(),
+        3,
+        "a call accepted after the reload was not put on record 0.2 s later",
+    )
+    assert first_rid in agent.accepted_on_record(), "the older call still waits"
