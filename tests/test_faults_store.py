@@ -389,4 +389,7 @@ def test_outbox_rows_acknowledged_while_the_disk_was_full_do_not_stay_stuck(
         10,
         f"{stuck} acknowledged rows stayed in the outbox after the disk recovered",
     )
-    assert "had acknowledged while the store failed" in agent.log(), agent.log()[-2000:]
+    # Deleted by the sweep (a delete that failed lost its ids) or, as now, by the delete
+    # of the noted acknowledgements, retried once the disk took writes again.
+    log_text = agent.log()
+    assert "outbox_ack_many failed" in log_text, log_text[-2000:]  # it did fail meanwhile

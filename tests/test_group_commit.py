@@ -5,14 +5,17 @@ thread (``MqttClient.corked``, ``agent.mqtt.wake``)."""
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.edge.outbox import OutboxPump
-from agent.errors import StoreError
+from agent.errors import OutboxFull, StoreError
 from agent.mqtt import MqttSettings
 from agent.mqtt.client import MqttClient
 from agent.mqtt.wake import HeldWake
@@ -258,3 +261,176 @@ def test_outbox_ack_many_counts_what_it_deleted_either_way(
     assert store.outbox_ack_many([ids[0], ids[2], 999_999]) == 2
     assert store.outbox_depth() == (1, 2)
     assert [i.id for i in store.outbox_peek(10)] == [ids[1]]
+
+
+# -- the outbox's tail: a group commit's replies are not read back (issue 15) ------------
+
+
+def _truth(path: Path, after_id: int, limit: int) -> list[tuple[int, str, bytes]]:
+    """What the table holds above ``after_id``, read on a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+    return [(int(i), str(t), bytes(p)) for i, t, p in rows]
+
+
+def _reads(store: Store) -> list[str]:
+    """The SELECTs from the outbox the store's connection runs from now on."""
+    seen: list[str] = []
+    store.db.connection().set_trace_callback(
+        lambda sql: seen.append(sql) if sql.startswith("SELECT") and "outbox" in sql else None
+    )
+    return seen
+
+
+def test_peek_hands_out_a_group_commits_replies_without_reading_them_back(
+    tmp_path: Path,
+) -> None:
+    with Store(tmp_path / "state.db") as store:
+        first = store.record_replies([("r1", "t/a", b"1", None), (None, "t/b", b"2", b"c")], ts=1.0)
+        reads = _reads(store)
+        items = store.outbox_peek(64, after_id=0, claim=True)  # ids start at 1: the tail
+        assert reads == []
+        assert [(i.id, i.topic, i.payload, i.correlation) for i in items] == [
+            (first[0], "t/a", b"1", None),
+            (first[1], "t/b", b"2", b"c"),
+        ]
+        assert all((i.kind, i.qos, i.retain, i.key) == ("reply", 1, False, None) for i in items)
+        more = store.record_replies([("r2", "t/a", b"3", None)], ts=2.0)
+        assert [i.id for i in store.outbox_peek(64, after_id=first[1], claim=True)] == more
+        assert reads == []
+        assert store.outbox_peek(64, after_id=more[0], claim=True) == []  # nothing above
+        assert reads == []
+        assert store.outbox_peek(64, after_id=0) != []  # below the tail: the table says
+        assert len(reads) == 1
+
+
+def test_peek_reads_the_table_when_anything_else_was_queued_after_the_tail(
+    tmp_path: Path,
+) -> None:
+    """A message queued another way (a status, a state, a keyed supersede) after a group
+    commit is not in the tail: the peek must read, and must not skip it."""
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        ids = store.record_replies([("r1", "t", b"1", None)], ts=1.0)
+        status = store.outbox_put("status", b"s", kind="status", key="status")
+        later = store.record_replies([("r2", "t", b"2", None)], ts=1.0)
+        got = [(i.id, i.topic, i.payload) for i in store.outbox_peek(64, after_id=0, claim=True)]
+        assert got == _truth(path, 0, 64)
+        assert got == [(ids[0], "t", b"1"), (status, "status", b"s"), (later[0], "t", b"2")]
+
+
+def test_a_rolled_back_group_commit_leaves_nothing_in_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        kept = store.record_replies([("r1", "t", b"1", None)], ts=1.0)
+        with pytest.raises(StoreError):
+            store.record_replies(
+                [("r2", "t", b"2", None)], ts=1.0, also=[("INSERT INTO nope VALUES (1)", ())]
+            )
+        assert [i.id for i in store.outbox_peek(64, after_id=0, claim=True)] == kept
+        again = store.record_replies([("r3", "t", b"3", None)], ts=1.0)  # may reuse the id
+        got = [(i.id, i.payload) for i in store.outbox_peek(64, after_id=kept[0], claim=True)]
+        assert got == [(again[0], b"3")] == [(i, p) for i, _, p in _truth(path, kept[0], 64)]
+
+
+def test_peek_matches_the_table_through_a_random_mix_of_writes(tmp_path: Path) -> None:
+    """Group commits, keyed and plain puts, refusals of a full outbox, failed group
+    commits, acknowledgements (now and noted), reopen: every claim-peek the pump would make
+    returns exactly what the table holds above its last id."""
+    path = tmp_path / "state.db"
+    rng = random.Random(15)
+    store = Store(path, max_messages=60)
+    store.open()
+    last = 0
+    peeks = served = 0
+    try:
+        for step in range(1500):
+            op = rng.random()
+            if op < 0.3:
+                n = rng.randint(1, 6)
+                store.record_replies(
+                    [(f"r{step}-{k}", "t", f"{step}-{k}".encode(), None) for k in range(n)],
+                    ts=float(step),
+                )
+            elif op < 0.38:
+                key = rng.choice([None, "status", "state/a"])
+                with contextlib.suppress(OutboxFull):
+                    store.outbox_put("o", f"p{step}".encode(), kind="status", key=key)
+            elif op < 0.42:
+                with pytest.raises(StoreError):
+                    store.record_replies(
+                        [(f"x{step}", "t", b"x", None)],
+                        ts=1.0,
+                        also=[("INSERT INTO nope VALUES (1)", ())],
+                    )
+            elif op < 0.72:
+                limit = rng.randint(1, 8)
+                reads = _reads(store)
+                got = [
+                    (i.id, i.topic, i.payload)
+                    for i in store.outbox_peek(limit, after_id=last, claim=True)
+                ]
+                peeks, served = peeks + 1, served + (not reads)
+                assert got == _truth(path, last, limit), f"step {step}"
+                if got:
+                    last = got[-1][0]
+            elif op < 0.97:
+                sent = [i for i, _, _ in _truth(path, 0, 64) if i <= last]
+                done = rng.sample(sent, k=min(len(sent), rng.randint(0, 8)))
+                if rng.random() < 0.5:
+                    store.outbox_ack_later(done)
+                else:
+                    store.outbox_ack_many(done)
+            elif op < 0.99:
+                store.outbox_flush_acked()
+            else:
+                store.outbox_flush_acked()
+                store.close()
+                store = Store(path, max_messages=60)
+                store.open()
+                last = 0  # a restart sends the whole outbox again
+            count = len(_truth(path, 0, 10_000))
+            assert store.outbox_depth()[0] == count, f"step {step}: depth"
+    finally:
+        store.close()
+    assert peeks > 300 and peeks - 50 > served > 50, (peeks, served)  # both paths ran
+
+
+def test_noted_acks_go_with_the_next_group_commit_and_survive_its_failure(
+    tmp_path: Path,
+) -> None:
+    with Store(tmp_path / "state.db") as store:
+        sent = store.record_replies([("r1", "t", b"11", None), ("r2", "t", b"2", None)], ts=1.0)
+        store.outbox_ack_later(sent)
+        assert store.outbox_depth() == (2, 3) and store.outbox_acks_noted() == 2
+        with pytest.raises(StoreError):  # rolled back: the deletes too, still noted
+            store.record_replies(
+                [("r3", "t", b"3", None)], ts=1.0, also=[("INSERT INTO nope VALUES (1)", ())]
+            )
+        assert store.outbox_depth() == (2, 3) and store.outbox_acks_noted() == 2
+        new = store.record_replies([("r4", "t", b"444", None)], ts=1.0)
+        assert store.outbox_acks_noted() == 0
+        assert [i.id for i in store.outbox_peek(10)] == new
+        assert store.outbox_depth() == (1, 3)
+        store.outbox_ack_later(new)
+        assert store.outbox_flush_acked() == 1
+        assert store.outbox_flush_acked() == 0  # nothing noted: no transaction
+        assert store.outbox_depth() == (0, 0)
+
+
+def test_the_pump_notes_delivered_items_when_it_lingers(store: Store) -> None:
+    """With ``ack_linger_s`` a run of PUBACKs is only noted; ``flush_acked`` deletes it, and
+    ``idle`` counts nothing as queued that the broker took."""
+    clock = [10.0]
+    pump = OutboxPump(store, lambda *a: next(mids), ack_linger_s=0.1, clock=lambda: clock[0])
+    mids = iter(range(1, 100))
+    pump.connected = True
+    store.record_replies([("r1", "t", b"1", None), ("r2", "t", b"2", None)], ts=1.0)
+    pump.drain()
+    assert pump.acknowledged_many([(1, 0, "Success"), (2, 0, "Success")]) == []
+    assert store.outbox_depth()[0] == 2 and pump.acked_due_at() == pytest.approx(10.1)
+    assert pump.idle()  # deletes what is noted first
+    assert store.outbox_depth() == (0, 0) and pump.acked_due_at() is None

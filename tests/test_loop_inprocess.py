@@ -25,7 +25,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.contract import protocol
-from agent.edge.loop import Agent
+from agent.edge.loop import ACK_LINGER_S, Agent
 from agent.edge.store_faults import STORE_RETRY_S
 from agent.edge.systemd import Notifier
 from agent.errors import MqttError, StoreError
@@ -96,8 +96,11 @@ class Loop:
         return [item.kind for item in self.store.outbox_peek(100)]
 
     def settle(self) -> None:
-        """Every PUBACK for what was sent so far, handled: an empty outbox."""
+        """Every PUBACK for what was sent so far, handled, and their rows' linger over (no
+        group commit took them): an empty outbox."""
         self.mqtt.puback_all()
+        self.agent.run_until_idle()
+        self.clock.advance(ACK_LINGER_S)
         self.agent.run_until_idle()
         assert self.store.outbox_depth()[0] == 0, self.outbox_kinds()
 
@@ -185,8 +188,40 @@ def test_a_reply_is_durable_in_the_outbox_until_its_puback(loop: Loop) -> None:
     assert any(m.topic == loop.topics.invoke for m in loop.mqtt.acked)
     loop.mqtt.puback(sent.mid)
     loop.agent.run_until_idle()
-    assert loop.outbox_kinds() == []  # deleted on the broker's PUBACK
+    assert loop.outbox_kinds() == ["reply"]  # delivered: deleted with the next group commit
+    loop.clock.advance(ACK_LINGER_S)  # none came within the linger: deleted on its own
+    loop.agent.run_until_idle()
+    assert loop.outbox_kinds() == []
     assert loop.agent.store.dedupe_get(rid) is not None  # remembered for duplicates
+
+
+def test_a_delivered_reply_is_deleted_in_the_next_group_commit(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a PUBACK costs no transaction of its own: the row of a delivered reply
+    goes in the transaction that queues the next replies, and the depth stays exact."""
+    loop.deploy("echo")
+    loop.settle()
+    first = loop.invoke("echo", 1)
+    loop.agent.run_until_idle()
+    loop.mqtt.puback_all()
+    loop.agent.run_until_idle()
+    assert loop.store.outbox_depth()[0] == 1 and loop.store.outbox_acks_noted() == 1
+    flushed: list[int] = []
+    flush = loop.store.outbox_flush_acked
+    monkeypatch.setattr(loop.store, "outbox_flush_acked", lambda: flushed.append(flush()) or 0)
+    second = loop.invoke("echo", 2)
+    loop.agent.run_until_idle()
+    assert [r["request_id"] for r in loop.replies()] == [first, second]
+    assert loop.store.outbox_acks_noted() == 0  # taken by the second reply's transaction
+    [item] = loop.store.outbox_peek(10)
+    assert loop.store.outbox_depth() == (1, len(item.payload))
+    assert json.loads(item.payload)["request_id"] == second
+    loop.clock.advance(ACK_LINGER_S)
+    loop.agent.run_until_idle()
+    assert flushed in ([], [0])  # nothing was left for a transaction of its own
+    loop.settle()
+    assert loop.store.outbox_depth() == (0, 0)
 
 
 def test_invokes_answered_while_offline_wait_in_the_outbox_and_drain_in_order(
@@ -325,7 +360,8 @@ def test_a_run_of_finished_invocations_is_answered_in_one_transaction(
     """Group commit (issue 15): the replies of invocations that finished together, their
     dedupe rows and the deletes of their accepted records (when they were put on record:
     ``record_accepted_after_s`` 0) go in ONE transaction, before any reply is handed to the
-    client; then a run of PUBACKs deletes them all in one more."""
+    client; then a run of PUBACKs is noted, and deleted in one more transaction when no
+    group commit took it within its linger."""
     with started_loop(tmp_path, record_accepted_after_s=record_after_s) as loop:
         _answered_in_one_transaction(loop, monkeypatch, deletes=2 if record_after_s == 0 else 0)
 
@@ -358,16 +394,24 @@ def _answered_in_one_transaction(
     assert loop.mqtt.acked_corked >= 2 and not loop.mqtt.corked_now
     assert loop.outbox_kinds() == ["reply", "reply"]
 
-    many: list[list[int]] = []
+    noted: list[list[int]] = []
+    flushed: list[int] = []
     single: list[int] = []
-    ack_many, ack = loop.store.outbox_ack_many, loop.store.outbox_ack
+    later, flush, ack = (
+        loop.store.outbox_ack_later, loop.store.outbox_flush_acked, loop.store.outbox_ack
+    )  # fmt: skip
     monkeypatch.setattr(
-        loop.store, "outbox_ack_many", lambda ids: many.append(list(ids)) or ack_many(ids)
+        loop.store, "outbox_ack_later", lambda ids: noted.append(list(ids)) or later(ids)
     )
+    monkeypatch.setattr(loop.store, "outbox_flush_acked", lambda: flushed.append(flush()) or 0)
     monkeypatch.setattr(loop.store, "outbox_ack", lambda i: single.append(i) or ack(i))
     assert len(loop.mqtt.puback_all()) == 2
     loop.agent.run_until_idle()
-    assert [len(ids) for ids in many] == [2] and single == []  # one delete for the run
+    assert [len(ids) for ids in noted] == [2] and single == []  # one note for the run
+    assert loop.outbox_kinds() == ["reply", "reply"]  # no group commit came: they linger
+    loop.clock.advance(ACK_LINGER_S)
+    loop.agent.run_until_idle()
+    assert flushed == [2]  # then one delete for the run
     assert loop.outbox_kinds() == []
 
 

@@ -114,6 +114,10 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+#: Built once: ``json.loads`` with an option builds a decoder (and its scanner) per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def load_object(payload: bytes, what: str, err: ErrorType) -> dict[str, Any]:
     """Decode UTF-8 JSON that must be an object; everything else is ``err`` naming ``what``."""
     if not payload:
@@ -124,7 +128,9 @@ def load_object(payload: bytes, what: str, err: ErrorType) -> dict[str, Any]:
         bad = bytes(payload[exc.start : exc.start + 4])
         raise err(f"{what}: payload is not UTF-8 (byte {exc.start}: {bad!r})") from exc
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # what json.loads says (its decoder does not check)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise err(
             f"{what}: payload is not JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"

@@ -85,6 +85,10 @@ log = logging.getLogger(__name__)
 #: Events taken from the queue per wake-up at most. A run of finished invocations among them
 #: is answered with one transaction (group commit), a run of PUBACKs deleted with one.
 BATCH_MAX = 256
+#: Seconds a delivered outbox item's row may wait for the next group commit of replies to
+#: delete it (no transaction of its own under load); then the loop deletes it on its own.
+#: A crash meanwhile sends it again after the restart: at least once, as any reply.
+ACK_LINGER_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Agent:
             store,
             self.uplink.publish_item,
             delta_linger_s=config.outbox.delta_linger_ms / 1000.0,
+            ack_linger_s=ACK_LINGER_S,
             clock=clock,
         )
         self.sync = StateSync(
@@ -484,6 +489,8 @@ class Agent:
         self.pool.sweep(self.identities.uids())  # nothing a function started outlives us
         self.sync.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._guarded("deleting the delivered outbox items"):
+            self.outbox.flush_acked()  # or the next start sends them again
         depth = self.store.outbox_depth()
         self.store.close()
         if self._wake is not None:
@@ -683,6 +690,13 @@ class Agent:
         if timers.get("dead_letters", now) <= now:  # cleared or retried by the CLI?
             timers["dead_letters"] = now + 2.0
             self.telemetry.refresh_dead_letters()
+        # Delivered outbox items no group commit deleted within their linger.
+        if timers.get("outbox_acks", now + 1) <= now:
+            timers.pop("outbox_acks")
+            self.outbox.flush_acked()
+        acked_at = self.outbox.acked_due_at()
+        if acked_at is not None:
+            timers["outbox_acks"] = acked_at
         # Refused outbox items waiting out their backoff (none while disconnected).
         if timers.get("outbox_retry", now + 1) <= now:
             self.outbox.retry_due()

@@ -87,6 +87,7 @@ class OutboxPump:
         poison_disconnects: int = 3,
         poison_window_s: float = 5.0,
         delta_linger_s: float = 0.0,
+        ack_linger_s: float = 0.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -111,6 +112,9 @@ class OutboxPump:
         self._strikes: dict[int, int] = {}  # item id -> disconnects right after handing it
         self.delta_linger_s = delta_linger_s
         self._held_until: float | None = None  # a delta is held back (the store knows which)
+        #: Seconds a delivered item's row may wait for a group commit to delete it.
+        self.ack_linger_s = ack_linger_s
+        self._acked_since: float | None = None  # the first delivered item not deleted since
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -151,8 +155,29 @@ class OutboxPump:
         return self._held_until is not None
 
     def idle(self) -> bool:
-        """Nothing queued and nothing awaiting an acknowledgement or a retry."""
-        return not self._mid_to_item and not self._retry_at and self.store.outbox_depth()[0] == 0
+        """Nothing queued and nothing awaiting an acknowledgement or a retry (what the
+        broker took is deleted first)."""
+        if self._mid_to_item or self._retry_at:
+            return False
+        self.flush_acked()
+        return self.store.outbox_depth()[0] == 0
+
+    def flush_acked(self) -> None:
+        """Delete the items the broker took that no group commit has deleted yet
+        (``ack_linger_s`` after the first of them; see :meth:`acknowledged_many`).
+        StoreError: they stay noted, and are due again one linger later."""
+        if self._acked_since is None and not self.store.outbox_acks_noted():
+            return
+        self._acked_since = self._clock()  # if this fails: again one linger later, no spin
+        self.store.outbox_flush_acked()
+        self._acked_since = None
+
+    def acked_due_at(self) -> float | None:
+        """When the delivered items noted for deletion must be deleted on their own
+        (monotonic), or None when none waits."""
+        if self._acked_since is None:
+            return None
+        return self._acked_since + self.ack_linger_s
 
     def drain(self) -> None:
         """Send due retries, then the next items in order, keeping at most ``window`` out."""
@@ -220,10 +245,17 @@ class OutboxPump:
             else:
                 refused.append((item_id, reason_code, reason))
         failure: StoreError | None = None
-        try:
-            self.store.outbox_ack_many(delivered)
-        except StoreError as exc:  # the sweep deletes them once the store recovers
-            failure = exc
+        if delivered and self.ack_linger_s > 0:
+            # Deleted with the next group commit of replies (under load: no transaction of
+            # their own), or by the loop ``ack_linger_s`` after the first (flush_acked).
+            self.store.outbox_ack_later(delivered)
+            if self._acked_since is None:
+                self._acked_since = self._clock()
+        elif delivered:
+            try:
+                self.store.outbox_ack_many(delivered)
+            except StoreError as exc:  # the sweep deletes them once the store recovers
+                failure = exc
         for item_id, reason_code, reason in refused:
             try:
                 self._refused(item_id, reason_code, reason)

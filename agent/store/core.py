@@ -225,6 +225,21 @@ class Store:
         still queued. StoreError: nothing deleted."""
         return self._outbox.ack_many(item_ids)
 
+    def outbox_ack_later(self, item_ids: Sequence[int]) -> None:
+        """The broker took all of these: delete them with the next group commit of replies
+        (:meth:`record_replies`) or :meth:`outbox_flush_acked`, whichever comes first. A
+        crash before that sends them again after the restart (at least once)."""
+        self._outbox.ack_later(item_ids)
+
+    def outbox_flush_acked(self) -> int:
+        """Delete what :meth:`outbox_ack_later` noted, in one transaction; how many were
+        still queued. StoreError: nothing deleted, still noted."""
+        return self._outbox.flush_acked()
+
+    def outbox_acks_noted(self) -> int:
+        """How many acknowledged items :meth:`outbox_ack_later` noted and nothing deleted yet."""
+        return len(self._outbox.acked)
+
     def outbox_hold(self, item_id: int) -> None:
         """The pump claimed delta ``item_id`` but holds it back for a while: state commits
         may merge into it again until :meth:`outbox_release` (one held item at a time)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.store.db import Database
-from agent.store.outbox import Outbox, check_qos
+from agent.store.outbox import Outbox, OutboxItem, check_qos
 
 __all__ = ["Dedupe", "DedupeEntry", "QueuedReply", "ReplyRecord"]
 
@@ -121,11 +121,14 @@ class Dedupe:
         same transaction (the deletes of the accepted invokes these replies answer). Any
         other failure rolls everything back and raises StoreError: nothing is written.
         """
+        outbox = self._outbox
         with self._db.lock:
+            acked = len(outbox.acked)
             with self._db.transaction("record_replies") as conn:
-                out, depth = self._outbox.enqueue_many(
+                base = outbox.delete_acked(conn, outbox.depth)  # the PUBACKs since the last
+                out, depth = outbox.enqueue_many(
                     conn, [(topic, payload, corr) for _, topic, payload, corr in replies],
-                    "reply", ts,
+                    "reply", ts, base=base,
                 )  # fmt: skip
                 remembered = [
                     (request_id, topic, payload, ts)
@@ -136,7 +139,15 @@ class Dedupe:
                     conn.executemany(_DEDUPE_UPSERT, remembered)
                 for sql, params in also:
                     conn.execute(sql, params)
-            self._outbox.depth = depth
+            outbox.depth = depth
+            outbox.acked_deleted(acked)
+            outbox.committed_tail(
+                [
+                    OutboxItem(item_id, topic, payload, 1, False, "reply", None, ts, corr)
+                    for (_, topic, payload, corr), item_id in zip(replies, out, strict=True)
+                    if item_id is not None
+                ]
+            )
         return out
 
     def remember_reply(

@@ -62,6 +62,9 @@ _IDS_PER_STATEMENT = 500
 _OUTBOX_COLUMNS = "id, topic, payload, qos, retain, kind, key, created_ts, correlation"
 #: ``DELETE ... RETURNING`` (SQLite 3.35+; Debian 12 has 3.40): one statement per PUBACK run.
 _RETURNING = sqlite3.sqlite_version_info >= (3, 35)
+#: Committed replies :meth:`Outbox.peek` keeps to hand out without a read (offline they pile
+#: up; past this many it reads them back, as before).
+_TAIL_MAX = 512
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,17 @@ class Outbox:
         self.claimed_id = 0
         #: A delta the pump claimed and holds back (:meth:`hold`): still merged into. 0: none.
         self.held_id = 0
+        #: Items the broker took whose rows are not deleted yet (:meth:`ack_later`): the next
+        #: group commit deletes them in its own transaction (:meth:`delete_acked`), or
+        #: :meth:`flush_acked` does. Under the lock.
+        self.acked: list[int] = []
+        #: Replies the group commits queued (committed, consecutive ids, not yet claimed):
+        #: :meth:`peek` serves them without reading them back (see :meth:`_tail_after`).
+        self._tail: list[OutboxItem] = []
+        #: The id of the last item put in the tail (kept when the tail is claimed empty).
+        self._tail_end = 0
+        #: The highest id an INSERT of this process produced, committed or rolled back.
+        self._last_insert = 0
 
     def load_depth(self, conn: sqlite3.Connection) -> None:
         """Count what is queued (at open, the lock held)."""
@@ -114,6 +128,8 @@ class Outbox:
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
         ).fetchone()
         self.depth = (int(count), int(nbytes))
+        self._tail = []  # a reopened (maybe repaired) file: read it again
+        self._tail_end = self._last_insert = 0
 
     def set_limits(self, *, max_messages: int | None = None, max_bytes: int | None = None) -> None:
         """Change the outbox bounds (at reload); queued items are kept even if now over."""
@@ -184,6 +200,7 @@ class Outbox:
             _OUTBOX_INSERT, (topic, payload, qos, int(retain), kind, key, created_ts, correlation)
         )
         assert cursor.lastrowid is not None  # an INSERT into a rowid table always sets it
+        self._last_insert = max(self._last_insert, cursor.lastrowid)
         return cursor.lastrowid, (new_count, new_bytes)
 
     def _check_room(
@@ -229,8 +246,40 @@ class Outbox:
         conn.executemany(_OUTBOX_INSERT, rows)
         # AUTOINCREMENT ids, one writer inside one transaction: consecutive, the last known.
         (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        self._last_insert = max(self._last_insert, int(last))
         first = int(last) - len(rows) + 1
         return [None if slot is None else first + slot for slot in slots], depth
+
+    def committed_tail(self, items: Sequence[OutboxItem]) -> None:
+        """The caller committed ``items`` (a group commit's replies, ids consecutive, the
+        lock held): the next :meth:`peek` may hand them out without reading them back."""
+        if not items:
+            return
+        if self._tail_end + 1 != items[0].id or len(self._tail) + len(items) > _TAIL_MAX:
+            self._tail.clear()  # not contiguous with what is kept (or too much offline)
+        self._tail.extend(items)
+        self._tail_end = items[-1].id
+
+    def _tail_after(self, after_id: int) -> int | None:
+        """Where ids above ``after_id`` start in the tail, when the tail holds every row
+        with such an id; None when only the table can say.
+
+        It does when the tail reaches back to ``after_id + 1`` (what was claimed is trimmed
+        off) and its end is the last id any INSERT produced: the ids in between are
+        consecutive and committed, none of them is gone (a delete of one drops the tail),
+        and no row above exists. A rolled-back INSERT only makes this fail: a read.
+        """
+        end = self._tail_end
+        if end == 0 or end != self._last_insert or after_id > end:
+            return None
+        start = after_id + 1 - (self._tail[0].id if self._tail else end + 1)
+        return None if start < 0 else start
+
+    def _drop_tail(self, deleted: Sequence[int]) -> None:
+        """Rows ``deleted`` are being deleted: a tail holding one of them is dropped."""
+        if deleted and self._tail and max(deleted) >= self._tail[0].id:
+            self._tail.clear()
+            self._tail_end = 0
 
     def peek(self, limit: int, after_id: int = 0, *, claim: bool = False) -> list[OutboxItem]:
         """Up to ``limit`` queued items with ids above ``after_id``, in delivery order.
@@ -241,14 +290,22 @@ class Outbox:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         with self._db.lock:
-            rows = self._db.read_locked(
-                "outbox_peek",
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
-            )
-            if claim and rows:
-                self.claimed_id = max(self.claimed_id, int(rows[-1][0]))
-        return [_item(row) for row in rows]
+            start = self._tail_after(after_id)
+            if start is not None:  # just committed by a group commit: no need to read back
+                items = self._tail[start : start + limit]
+            else:
+                rows = self._db.read_locked(
+                    "outbox_peek",
+                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                )
+                items = [_item(row) for row in rows]
+            if claim and items:
+                self.claimed_id = max(self.claimed_id, items[-1].id)
+                tail = self._tail
+                if tail and tail[0].id <= self.claimed_id:  # what is claimed is not kept
+                    del tail[: min(len(tail), self.claimed_id - tail[0].id + 1)]
+        return items
 
     def ack(self, item_id: int) -> bool:
         """The broker took item ``item_id``: delete it. False if it was not queued."""
@@ -260,27 +317,67 @@ class Outbox:
         nothing deleted."""
         if not item_ids:
             return 0
-        found = found_bytes = 0
         with self._db.lock:
             with self._db.transaction(what) as conn:
-                for start in range(0, len(item_ids), _IDS_PER_STATEMENT):
-                    ids = tuple(item_ids[start : start + _IDS_PER_STATEMENT])
-                    marks = ",".join("?" * len(ids))
-                    if _RETURNING:  # one statement: what it deleted, and how big
-                        sizes = conn.execute(
-                            f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",
-                            ids,
-                        ).fetchall()
-                    else:
-                        sizes = conn.execute(
-                            f"SELECT length(payload) FROM outbox WHERE id IN ({marks})", ids
-                        ).fetchall()
-                        conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
-                    found += len(sizes)
-                    found_bytes += sum(int(size) for (size,) in sizes)
-            count, nbytes = self.depth
-            self.depth = (count - found, nbytes - found_bytes)
+                depth = self._delete(conn, item_ids, self.depth)
+            found = self.depth[0] - depth[0]
+            self.depth = depth
         return found
+
+    def ack_later(self, item_ids: Sequence[int]) -> None:
+        """The broker took all of these: delete them with the next group commit (or
+        :meth:`flush_acked`). Until then they stay in the table and in the depth: after a
+        crash meanwhile they are sent again (at least once), never lost."""
+        if item_ids:
+            with self._db.lock:
+                self.acked.extend(item_ids)
+
+    def delete_acked(self, conn: sqlite3.Connection, base: tuple[int, int]) -> tuple[int, int]:
+        """Inside the caller's transaction (the lock held): delete what :meth:`ack_later`
+        noted; the depth from ``base`` once committed. The caller calls
+        :meth:`acked_deleted` with how many it took once the transaction committed."""
+        return self._delete(conn, self.acked, base) if self.acked else base
+
+    def acked_deleted(self, taken: int) -> None:
+        """The transaction that deleted the first ``taken`` noted acks committed (the lock held)."""
+        del self.acked[:taken]
+
+    def flush_acked(self) -> int:
+        """Delete what :meth:`ack_later` noted, in one transaction of its own; how many rows
+        were still queued. StoreError: nothing deleted, still noted."""
+        with self._db.lock:
+            if not self.acked:
+                return 0
+            with self._db.transaction("outbox_ack_many") as conn:
+                depth = self._delete(conn, self.acked, self.depth)
+            found = self.depth[0] - depth[0]
+            self.depth = depth
+            self.acked = []
+        return found
+
+    def _delete(
+        self, conn: sqlite3.Connection, item_ids: Sequence[int], base: tuple[int, int]
+    ) -> tuple[int, int]:
+        """Delete these ids inside the caller's transaction; the depth from ``base`` after
+        (a superseded id is simply not found)."""
+        found = found_bytes = 0
+        self._drop_tail(item_ids)
+        for start in range(0, len(item_ids), _IDS_PER_STATEMENT):
+            ids = tuple(item_ids[start : start + _IDS_PER_STATEMENT])
+            marks = ",".join("?" * len(ids))
+            if _RETURNING:  # one statement: what it deleted, and how big
+                sizes = conn.execute(
+                    f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",
+                    ids,
+                ).fetchall()
+            else:
+                sizes = conn.execute(
+                    f"SELECT length(payload) FROM outbox WHERE id IN ({marks})", ids
+                ).fetchall()
+                conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+            found += len(sizes)
+            found_bytes += sum(int(size) for (size,) in sizes)
+        return base[0] - found, base[1] - found_bytes
 
     def hold(self, item_id: int) -> None:
         """The pump claimed delta ``item_id`` but holds it back for a while: state commits
@@ -331,6 +428,7 @@ class Outbox:
                     "SELECT length(payload) FROM outbox WHERE id = ?", (item_id,)
                 ).fetchone()
                 if row is not None:
+                    self._drop_tail((item_id,))
                     conn.execute(
                         "INSERT INTO dead_letter (outbox_id, topic, payload, qos, retain, kind,"
                         " key, created_ts, correlation, reason_code, reason, attempts, dead_ts)"

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import pickle
+import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -141,25 +142,15 @@ def result_json(function_id: str, blob: bytes) -> tuple[Any, bytes | None]:
     ``blob``, or None when an object in it repeats a key (``{1: "a", "1": "b"}`` dumps so;
     a hostile worker may write it): the reply then encodes the value (one key each, the
     last wins, as before), never a duplicate key that readers resolve differently."""
-    unique = True
-
-    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal unique
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            unique = False
-        return obj
-
+    _repeats.seen = False
     try:
-        value = json.loads(
-            blob.decode("utf-8"),
-            parse_constant=_not_json,
-            parse_float=_finite_float,
-            object_pairs_hook=pairs_hook,
-        )
+        text = blob.decode("utf-8")
+        if text.startswith("\ufeff"):  # what json.loads says (its decoder does not check)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _RESULT_DECODER.decode(text)
     except Exception as exc:
         raise _cannot_load(function_id, exc) from exc
-    return value, (blob if unique else None)
+    return value, (None if _repeats.seen else blob)
 
 
 def _cannot_load(function_id: str, exc: Exception) -> HandlerError:
@@ -198,6 +189,24 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of the range of a float")
     return value
+
+
+#: Whether the decode running on this thread met an object with a repeated key (the loop
+#: and executor threads decode results at the same time).
+_repeats = threading.local()
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        _repeats.seen = True
+    return obj
+
+
+#: Built once (``json.loads`` with options builds a decoder, and its scanner, per call).
+_RESULT_DECODER = json.JSONDecoder(
+    parse_constant=_not_json, parse_float=_finite_float, object_pairs_hook=_pairs
+)
 
 
 def _loads(blob: bytes) -> Any:
