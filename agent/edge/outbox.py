@@ -7,9 +7,16 @@ unacknowledged QoS 1 messages with their original ids, and everything past ``las
 is handed over again. After a restart the map is empty and the whole outbox is sent from
 the start (at-least-once). Used only from the daemon's loop thread.
 
+Delete linger (``ack_linger_s``, the daemon's 0.1 s): a delivered item is not deleted at its
+PUBACK but noted (``Store.outbox_ack_later``); the next group commit of replies deletes it
+in its own transaction, and :meth:`OutboxPump.flush_acked` (the loop's timer, at
+:meth:`acked_due_at`) when none came. It is past ``last_sent_id`` no more, so nothing sends
+it again in this process; a restart before the delete sends it again (at least once).
+0 deletes at once, in one transaction per run of PUBACKs.
+
 PUBACK reason codes (MQTT 5; 3.1.1 has none and every PUBACK is a success):
 
-- below 0x80: delivered; the item is deleted.
+- below 0x80: delivered; the item is deleted (or noted for deletion: the delete linger).
 - :data:`PERMANENT_REFUSALS` (0x87 not authorized, 0x90 topic name invalid, 0x95 packet
   too large, 0x99 payload format invalid): sending it again cannot help. The item moves to
   the store's dead letters at once, so everything queued behind it still drains.

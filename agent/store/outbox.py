@@ -25,10 +25,17 @@ Outbox policy:
    invocations with ``overloaded`` until the broker drains the queue. Lowering the limits
    below the current depth keeps what is queued and refuses new items.
 4. Removal. An item leaves the outbox only by :meth:`Store.outbox_ack` (the broker took
-   it; :meth:`Store.outbox_ack_many` deletes a run of them in one transaction), by being
+   it; :meth:`Store.outbox_ack_many` deletes a run of them in one transaction, and
+   :meth:`Store.outbox_ack_later` notes them for the next group commit's transaction or
+   :meth:`Store.outbox_flush_acked`), by being
    superseded, or by :meth:`Store.outbox_dead_letter` (the broker refused it for good: it
    moves, in one transaction, into the ``dead_letter`` table, with the reason
    and a timestamp, so what queued behind it drains).
+
+The tail: the replies a group commit wrote (:meth:`Outbox.committed_tail`) are kept in
+memory until claimed, so the pump's next :meth:`Outbox.peek` hands them out without reading
+them back, as long as no other insert came after them (any other insert, a delete of one of
+them, a reopen or a rolled-back insert only makes the peek read the table, as before).
 
 Dead letters: kept until the operator clears them (:meth:`Store.dead_letters_clear`) or asks
 for them to be sent again (:meth:`Store.dead_letters_request_retry` marks them; the agent's
