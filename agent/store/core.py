@@ -10,7 +10,8 @@ says what it must never do:
 - :mod:`agent.store.outbox`: every message the agent owes the cloud (its policy: order,
   supersede by key, bounds, removal), and the dead letters.
 - :mod:`agent.store.deployments`: the deployed set and the spec each scope asked for.
-- :mod:`agent.store.dedupe`: the request-dedupe window, and replies queued with it.
+- :mod:`agent.store.dedupe`: the request-dedupe window, and replies queued with it; its
+  in-memory filter of the request ids it may hold is :mod:`agent.store.seen`.
 - :mod:`agent.store.state`: the synced reported and desired state.
 - :mod:`agent.store.accepted`: invocations accepted and not yet answered.
 
@@ -20,6 +21,7 @@ drops an outbox message on its own. Here only delegation: no SQL.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -89,7 +91,7 @@ class Store:
         the file first and replace a damaged one (:func:`agent.store.db.check_and_repair`);
         what was done is in :attr:`repaired` and kept in meta ``store_repaired`` (JSON).
         """
-        self.db.open(repair=repair, loaded=self._outbox.load_depth)
+        self.db.open(repair=repair, loaded=self._loaded)
 
     def probe(self, min_free_bytes: int = 1024 * 1024) -> str | None:
         """Whether the store takes writes again after a fault: None if a small write
@@ -98,7 +100,17 @@ class Store:
 
     def close(self) -> None:
         """Close the connection (SQLite checkpoints the WAL); closing twice is harmless."""
-        self.db.close(closed=self._state.forget)
+        self.db.close(closed=self._closed)
+
+    def _loaded(self, conn: sqlite3.Connection) -> None:
+        # At open, the lock held: what the parts keep in memory, from the tables.
+        self._outbox.load_depth(conn)
+        self._dedupe.load(conn)
+
+    def _closed(self) -> None:
+        # At close, the lock held: forget what the parts keep in memory.
+        self._state.forget()
+        self._dedupe.forget()
 
     def __enter__(self) -> Self:
         self.open()

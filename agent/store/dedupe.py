@@ -8,8 +8,19 @@ the original; :meth:`Dedupe.put` replaces an existing entry of the same request 
 :meth:`Dedupe.record_replies` queues many replies in one transaction (the loop's group commit
 of a run of finished invocations), each refused alone when the outbox has no room for it.
 
-Must never: queue a reply without its dedupe row in the same transaction, or let a sqlite3
-object or exception escape.
+In front of the table, a :class:`~agent.store.seen.SeenFilter` of the request ids it may
+hold: :meth:`Dedupe.get` answers an id the filter has certainly never seen without a query
+(nearly every request is new). It holds every request id in the table whenever a reader
+can look: filled from the table at open (:meth:`Dedupe.load`, before anyone can use the
+connection), fed by every write of a row before its transaction commits (an id whose
+transaction then rolls back is only a false positive), trimmed by :meth:`Dedupe.prune` only
+after its DELETE committed, and disabled (every id goes to SQLite) once the store closes.
+A row written behind the store's back (another connection) is not in it: nothing but this
+class writes the table.
+
+Must never: queue a reply without its dedupe row in the same transaction, write a dedupe
+row without adding its request id to the filter first, or let a sqlite3 object or
+exception escape.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from typing import Any
 
 from agent.store.db import Database
 from agent.store.outbox import Outbox, OutboxItem, check_qos
+from agent.store.seen import SeenFilter
 
 __all__ = ["Dedupe", "DedupeEntry", "QueuedReply", "ReplyRecord"]
 
@@ -63,9 +75,25 @@ class Dedupe:
     def __init__(self, db: Database, outbox: Outbox) -> None:
         self._db = db
         self._outbox = outbox
+        #: Request ids the table may hold; disabled (every id "maybe") until :meth:`load`.
+        self.seen = SeenFilter()
+        self.seen.disable()
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """Fill the filter from the table (at open, the lock held, before anyone else can
+        use the connection; a reopen starts again from the table)."""
+        self.seen.replace(conn.execute("SELECT request_id, ts FROM dedupe"))
+
+    def forget(self) -> None:
+        """The store is closing (the lock held): every id goes to SQLite again."""
+        self.seen.disable()
 
     def get(self, request_id: str) -> DedupeEntry | None:
         """The reply already sent for ``request_id``, or None if it is new (or pruned)."""
+        # Without the lock: see "Concurrency" in agent.store.seen (a committed row's id is
+        # in the filter; a write racing this call at worst is not seen, as with SQL).
+        if not self.seen.might_contain(request_id):
+            return None
         rows = self._db.read(
             "dedupe_get",
             "SELECT reply_topic, reply, ts FROM dedupe WHERE request_id = ?",
@@ -78,11 +106,19 @@ class Dedupe:
 
     def put(self, request_id: str, reply_topic: str, reply: bytes, ts: float) -> None:
         """Remember the reply to ``request_id``; replaces an earlier entry of the same id."""
-        self._db.write("dedupe_put", _DEDUPE_UPSERT, (request_id, reply_topic, reply, ts))
+        with self._db.lock:
+            self.seen.add(request_id, ts)
+            with self._db.transaction("dedupe_put") as conn:
+                conn.execute(_DEDUPE_UPSERT, (request_id, reply_topic, reply, ts))
 
     def prune(self, older_than_ts: float) -> int:
         """Forget requests recorded before ``older_than_ts``; how many were forgotten."""
-        return self._db.write("dedupe_prune", "DELETE FROM dedupe WHERE ts < ?", (older_than_ts,))
+        with self._db.lock:
+            with self._db.transaction("dedupe_prune") as conn:
+                pruned = conn.execute("DELETE FROM dedupe WHERE ts < ?", (older_than_ts,)).rowcount
+            # Committed: the rows of the generations it drops are gone (never before).
+            self.seen.forget_before(older_than_ts)
+        return pruned
 
     def record_reply(
         self,
@@ -104,6 +140,7 @@ class Dedupe:
                 item_id, depth = self._outbox.enqueue(
                     conn, topic, payload, qos, False, "reply", None, ts, correlation
                 )
+                self.seen.add(request_id, ts)
                 conn.execute(_DEDUPE_UPSERT, (request_id, topic, payload, ts))
             self._outbox.depth = depth
         return item_id
@@ -136,6 +173,8 @@ class Dedupe:
                     if request_id is not None and item_id is not None
                 ]
                 if remembered:
+                    for request_id, _, _, _ in remembered:
+                        self.seen.add(request_id, ts)
                     conn.executemany(_DEDUPE_UPSERT, remembered)
                 for sql, params in also:
                     conn.execute(sql, params)
@@ -158,11 +197,13 @@ class Dedupe:
         *,
         force: bool = False,
     ) -> tuple[int, tuple[int, int]]:
-        """Queue a reply and remember its request inside the caller's transaction; the
-        outbox id and the depth once committed (which the caller sets)."""
+        """Queue a reply and remember its request inside the caller's transaction (the
+        caller holds the lock); the outbox id and the depth once committed (which the
+        caller sets)."""
         item_id, depth = self._outbox.enqueue(
             conn, reply.topic, reply.payload, 1, False, "reply", None, reply.ts,
             reply.correlation, base=base, force=force,
         )  # fmt: skip
+        self.seen.add(reply.request_id, reply.ts)
         conn.execute(_DEDUPE_UPSERT, (reply.request_id, reply.topic, reply.payload, reply.ts))
         return item_id, depth
