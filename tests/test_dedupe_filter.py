@@ -376,3 +376,17 @@ def test_what_a_new_id_costs(tmp_path: Path) -> None:
         f"open with 100k dedupe rows: {opened * 1e3:.0f} ms; dedupe_get of a new id: "
         f"{with_filter:.0f} ns with the filter, {without:.0f} ns without"
     )
+
+
+def test_a_store_without_the_filter_loads_nothing_and_still_finds_every_id(
+    tmp_path: Path,
+) -> None:
+    """``edge-agent status`` opens the store with ``dedupe_filter=False``: no load at open
+    (it never looks a request up), and a lookup still answers from the table."""
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        store.dedupe_put("r1", "t", b"x", time.time())
+    with Store(path, dedupe_filter=False) as reader:
+        assert reader._dedupe.seen.might_contain("never-seen")  # disabled: all go to SQL
+        assert reader.dedupe_get("r1") is not None
+        assert reader.dedupe_get("never-seen") is None

@@ -167,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not db.exists():
         print(f"edge-agent: no state at {db} (has the agent run yet?)", file=sys.stderr)
         return 1
-    store = Store(db)
+    store = Store(db, dedupe_filter=False)  # it never looks a request up
     try:
         store.open()
         if args.clear_dead_letters:

@@ -59,12 +59,15 @@ class Store:
         durability: str = "normal",
         max_messages: int = 10_000,
         max_bytes: int = 64 * 1024 * 1024,
+        dedupe_filter: bool = True,
     ) -> None:
+        """``dedupe_filter``: keep the in-memory filter of remembered request ids (loaded at
+        open), so a new request id costs no query; False for a reader that never asks."""
         #: The connection and its lock, for the package's other tables (accepted.py).
         self.db = Database(path, durability=durability)
         self._outbox = Outbox(self.db, max_messages=max_messages, max_bytes=max_bytes)
         self._deployments = Deployments(self.db)
-        self._dedupe = Dedupe(self.db, self._outbox)
+        self._dedupe = Dedupe(self.db, self._outbox, use_filter=dedupe_filter)
         self._state = SyncState(self.db, self._outbox, self._dedupe)
 
     @property
