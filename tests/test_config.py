@@ -75,6 +75,7 @@ def test_defaults() -> None:
         shutdown_grace_s=10.0,
         dedupe_window_s=600.0,
         record_accepted_after_s=1.0,
+        commit_delay_ms=1.0,
         durability="normal",
     )
     assert cfg.runtime == RuntimeConfig(

@@ -258,6 +258,14 @@ class AgentSettings:
         "then means the broker delivers it again). Keep it well under the broker's ack "
         "deadline; 0 records every invocation as it is accepted.",
     )
+    commit_delay_ms: float = _key(
+        1.0,
+        number(),
+        "Under load (calls queued behind running ones), the longest a finished invocation's "
+        "reply waits for others to finish, so that one transaction and one publish round "
+        "carry several replies (group commit). One call at a time never waits. 0: every "
+        "answer is committed as soon as the loop reads it.",
+    )
     durability: str = _key(
         "normal",
         choice("normal", "full"),

@@ -283,6 +283,11 @@ class Invocations:
         self._watch(started.fd)
         return True
 
+    def waiting(self) -> int:
+        """Accepted invocations not started yet (queued behind their function's
+        ``concurrency``, or for a worker)."""
+        return len(self.queue) - self.queue.running
+
     @property
     def direct_count(self) -> int:
         """Invocations whose worker's answer the loop waits for itself."""

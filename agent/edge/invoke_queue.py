@@ -63,6 +63,11 @@ class FairQueue(Generic[T]):
         """Accepted and not finished (waiting or running)."""
         return self._total
 
+    @property
+    def running(self) -> int:
+        """Started and not finished."""
+        return self._running
+
     def held(self, function_id: str) -> int:
         fn = self._functions.get(function_id)
         return fn.held if fn is not None else 0

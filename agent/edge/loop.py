@@ -89,6 +89,9 @@ BATCH_MAX = 256
 #: delete it (no transaction of its own under load); then the loop deletes it on its own.
 #: A crash meanwhile sends it again after the restart: at least once, as any reply.
 ACK_LINGER_S = 0.1
+#: Group commit under load (:meth:`Agent._gather_answers`, ``agent.commit_delay_ms``): this
+#: many answers are enough to commit without waiting out the delay.
+COMMIT_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -334,13 +337,9 @@ class Agent:
         batch = self._take([])
         if not batch or self.invocations.direct_count:
             # Workers' answers join the batch (their replies share its transaction).
-            ready = self._wait(0.0 if batch else timeout)
-            with self._guarded("a worker's answer"):
-                for fd in ready:
-                    done = self.invocations.worker_readable(fd)
-                    if done is not None:
-                        batch.append(done)
+            self._answers_into(batch, self._wait(0.0 if batch else timeout))
             batch = self._take(batch)
+            self._gather_answers(batch)
         if self.invocations.direct_count:
             with self._guarded("a worker's deadline"):
                 batch += self.invocations.expire_direct(time.monotonic())
@@ -354,6 +353,39 @@ class Agent:
             if not self.faults.failed(exc, "running timers"):
                 log.error("timer: %s", exc)
         return len(batch)
+
+    def _answers_into(self, batch: list[Any], ready: list[int]) -> int:
+        """The finished invocations of the worker fds ``ready``, appended; how many."""
+        found = 0
+        with self._guarded("a worker's answer"):
+            for fd in ready:
+                done = self.invocations.worker_readable(fd)
+                if done is not None:
+                    batch.append(done)
+                    found += 1
+        return found
+
+    def _gather_answers(self, batch: list[Any]) -> None:
+        """Group commit under load: while other calls run on workers the loop drives and
+        calls wait behind them, wait up to ``agent.commit_delay_ms`` for more answers (or
+        :data:`COMMIT_GROUP` of them), so one transaction and one drain serve several
+        replies: a function's ``concurrency`` bounds what finishes at once. Each answer
+        starts the next waiting call at once, and what is posted meanwhile joins the
+        batch; nothing waits when no call does (one at a time pays no delay)."""
+        delay = self.config.agent.commit_delay_ms / 1000.0
+        invocations = self.invocations
+        if delay <= 0 or not invocations.direct_count or not invocations.waiting():
+            return
+        answers = sum(1 for event in batch if type(event) is InvokeDone)
+        if not answers:
+            return
+        deadline = time.monotonic() + delay
+        while answers < COMMIT_GROUP and invocations.direct_count and invocations.waiting():
+            left = deadline - time.monotonic()
+            if left <= 0 or len(batch) >= BATCH_MAX:
+                break
+            answers += self._answers_into(batch, self._wait(left))
+            self._take(batch)  # what was posted meanwhile joins too (or _wait would spin)
 
     def _take(self, batch: list[Any]) -> list[Any]:
         """``batch`` and whatever is queued now, up to :data:`BATCH_MAX` events."""

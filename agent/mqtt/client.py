@@ -30,6 +30,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
   broker refused the message (not authorised, quota, ...), which is not a delivery.
 - One wake-up per loop batch (:meth:`MqttClient.corked`, :mod:`agent.mqtt.wake`): the
   daemon's publishes and acks of one batch of events wake paho's network thread once.
+- Buffered reads (:mod:`agent.mqtt.bufsock`): paho reads a packet a few bytes per system
+  call; one read serves every packet that arrived together.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
   says it has handled it durably (see :meth:`MqttClient.ack`), so a crash before that makes
   the broker deliver it again.
@@ -54,6 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError, MqttError
+from agent.mqtt.bufsock import BufferedSocket
 from agent.mqtt.events import (
     Connected,
     ConnectFailed,
@@ -85,6 +88,10 @@ class _RotatingClient(paho.Client):
         if self.endpoint is not None:
             self._host, self._port = self.endpoint()
         return super().reconnect()
+
+    def _create_socket(self) -> Any:
+        """paho's socket (TCP or TLS, connected), read through a buffer (:mod:`.bufsock`)."""
+        return BufferedSocket(super()._create_socket())
 
 
 class MqttClient:
