@@ -13,7 +13,10 @@ stay forever, at three levels:
 - the daemon's loop in-process (``testing.fakes``: fake MQTT client, clock and pool);
 - a real agent process on a real Mosquitto (SIGTERM, kill -9, a full disk).
 
-Tests marked ``xfail(strict=True)`` are bugs found here: the reason says what is wrong.
+Bugs found here, fixed, and pinned by the tests named after them: a stop on a failing store
+with acks noted exited 1 (``Agent.shutdown`` let the flush's StoreError out); a lingering
+row took room at the outbox bound (admission and single enqueues now delete the noted rows
+first).
 Nothing sleeps to synchronise: waits poll a condition with a deadline.
 """
 
@@ -559,13 +562,6 @@ def test_offline_past_the_tail_cap_then_online_delivers_every_reply_once_in_orde
         reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a delivered row whose delete lingers still takes room: Outbox.enqueue "
-    "(record_reply, outbox_put, sync_commit) and Outbox.has_room count the depth with the "
-    "noted acks in it, while Dedupe.record_replies deletes them first; the same reply is "
-    "taken by the group commit and refused alone",
-)
 def test_a_single_reply_finds_the_room_a_group_commit_would_find(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db", max_messages=2) as store:
         clock = FakeClock()
@@ -739,13 +735,6 @@ def test_a_stop_deletes_the_noted_rows_of_delivered_replies(tmp_path: Path) -> N
     assert _rows_in(tmp_path / "state" / "state.db") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Agent.shutdown's drain loop calls OutboxPump.idle(), which now writes "
-    "(flush_acked) outside any guard: with acks noted and a failing store (disk full) the "
-    "StoreError escapes shutdown(); `edge-agent run` exits 1 ('local state unusable') "
-    "without stopping the MQTT client, the deployer or the pool",
-)
 def test_a_stop_with_noted_acks_on_a_failing_store_still_stops_cleanly(tmp_path: Path) -> None:
     with booted(tmp_path) as loop:
         loop.deploy("echo")
@@ -765,12 +754,6 @@ def test_a_stop_with_noted_acks_on_a_failing_store_still_stops_cleanly(tmp_path:
         assert loop.pool.closed and loop.mqtt.stopped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: admission (Invocations.handle_invoke -> Store.outbox_has_room) counts rows "
-    "the broker already took but whose delete lingers: at the outbox bound an invoke is "
-    "answered 'overloaded' for up to ACK_LINGER_S after everything was delivered",
-)
 def test_an_invoke_is_admitted_once_the_broker_took_everything(tmp_path: Path) -> None:
     with started_loop(tmp_path) as loop:
         loop.deploy("echo")
@@ -939,12 +922,6 @@ def full_disk_state_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SIGTERM while delivered replies' deletes fail (disk full) makes `edge-agent "
-    "run` exit 1 with CRITICAL 'local state unusable': OutboxPump.idle() raises the flush's "
-    "StoreError out of Agent.shutdown's drain loop (no clean MQTT stop, no pool close)",
-)
 def test_sigterm_on_a_full_disk_with_noted_acks_stops_cleanly(
     broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory, full_disk_state_dir: Path
 ) -> None:

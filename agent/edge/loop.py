@@ -506,7 +506,7 @@ class Agent:
         log.info("stopping: %d invocations in flight, grace %.1fs", len(inflight), grace)
         while inflight and clock() < deadline:
             self.step(min(0.1, deadline - clock()))
-        while self.uplink.connected and not self.outbox.idle() and clock() < deadline:
+        while self.uplink.connected and not self._outbox_drained() and clock() < deadline:
             self.outbox.release_held()  # no delta lingers past the stop
             self.outbox.drain()
             self.step(min(0.1, deadline - clock()))
@@ -530,6 +530,15 @@ class Agent:
             self._wake = None
         log.info("stopped; %d messages left in the outbox for next time", depth[0])
         return 0
+
+    def _outbox_drained(self) -> bool:
+        """Shutdown: nothing left to deliver (or the store fails: the next start sends what
+        is left, and the stop goes on)."""
+        try:
+            return self.outbox.idle()
+        except StoreError as exc:
+            self.faults.failed(exc, "stopping")
+            return True
 
     def _await_puback(self, mid: int, wait: float) -> None:
         """Shutdown only: wait up to ``wait`` seconds for the PUBACK of ``mid``."""
@@ -725,7 +734,8 @@ class Agent:
         # Delivered outbox items no group commit deleted within their linger.
         if timers.get("outbox_acks", now + 1) <= now:
             timers.pop("outbox_acks")
-            self.outbox.flush_acked()
+            with self._guarded("deleting delivered outbox items"):  # not the other timers
+                self.outbox.flush_acked()
         acked_at = self.outbox.acked_due_at()
         if acked_at is not None:
             timers["outbox_acks"] = acked_at

@@ -72,6 +72,7 @@ _RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 #: Committed replies :meth:`Outbox.peek` keeps to hand out without a read (offline they pile
 #: up; past this many it reads them back, as before).
 _TAIL_MAX = 512
+_TAIL_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Outbox:
         self._tail: list[OutboxItem] = []
         #: The id of the last item put in the tail (kept when the tail is claimed empty).
         self._tail_end = 0
+        self._tail_bytes = 0  # the payload bytes it holds
         #: The highest id an INSERT of this process produced, committed or rolled back.
         self._last_insert = 0
 
@@ -136,7 +138,10 @@ class Outbox:
         ).fetchone()
         self.depth = (int(count), int(nbytes))
         self._tail = []  # a reopened (maybe repaired) file: read it again
-        self._tail_end = self._last_insert = 0
+        self._tail_bytes = self._tail_end = self._last_insert = 0
+        # Noted ids name rows of the file as it was (a repaired one starts its ids again):
+        # what they stand for is sent again, at least once, never another row deleted.
+        self.acked = []
 
     def set_limits(self, *, max_messages: int | None = None, max_bytes: int | None = None) -> None:
         """Change the outbox bounds (at reload); queued items are kept even if now over."""
@@ -189,7 +194,39 @@ class Outbox:
         ``base`` is the depth to start from when the transaction already queued others.
         ``force``: past the bounds too (state commits whose invocations were admitted while
         there was room, and are already visible to others: they must not be refused now).
+        At the bound, the rows the broker took and that only linger (:meth:`ack_later`) are
+        deleted in this transaction first; they stay noted (deleting them again finds
+        nothing), so a rollback leaves them noted as before.
         """
+        try:
+            return self._enqueue(
+                conn, topic, payload, qos, retain, kind, key, created_ts, correlation,
+                base=base, force=force,
+            )  # fmt: skip
+        except OutboxFull:
+            if not self.acked:
+                raise
+        base = self._delete(conn, self.acked, self.depth if base is None else base)
+        return self._enqueue(
+            conn, topic, payload, qos, retain, kind, key, created_ts, correlation,
+            base=base, force=force,
+        )  # fmt: skip
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        kind: str,
+        key: str | None,
+        created_ts: float,
+        correlation: bytes | None,
+        *,
+        base: tuple[int, int] | None,
+        force: bool,
+    ) -> tuple[int, tuple[int, int]]:
         count, nbytes = self.depth if base is None else base
         gone_count = gone_bytes = 0
         if key is not None:
@@ -262,9 +299,16 @@ class Outbox:
         lock held): the next :meth:`peek` may hand them out without reading them back."""
         if not items:
             return
-        if self._tail_end + 1 != items[0].id or len(self._tail) + len(items) > _TAIL_MAX:
+        size = sum(len(item.payload) for item in items)
+        if (
+            self._tail_end + 1 != items[0].id
+            or len(self._tail) + len(items) > _TAIL_MAX
+            or self._tail_bytes + size > _TAIL_MAX_BYTES
+        ):
             self._tail.clear()  # not contiguous with what is kept (or too much offline)
+            self._tail_bytes = 0
         self._tail.extend(items)
+        self._tail_bytes += size
         self._tail_end = items[-1].id
 
     def _tail_after(self, after_id: int) -> int | None:
@@ -286,7 +330,7 @@ class Outbox:
         """Rows ``deleted`` are being deleted: a tail holding one of them is dropped."""
         if deleted and self._tail and max(deleted) >= self._tail[0].id:
             self._tail.clear()
-            self._tail_end = 0
+            self._tail_bytes = self._tail_end = 0
 
     def peek(self, limit: int, after_id: int = 0, *, claim: bool = False) -> list[OutboxItem]:
         """Up to ``limit`` queued items with ids above ``after_id``, in delivery order.
@@ -311,7 +355,9 @@ class Outbox:
                 self.claimed_id = max(self.claimed_id, items[-1].id)
                 tail = self._tail
                 if tail and tail[0].id <= self.claimed_id:  # what is claimed is not kept
-                    del tail[: min(len(tail), self.claimed_id - tail[0].id + 1)]
+                    gone = min(len(tail), self.claimed_id - tail[0].id + 1)
+                    self._tail_bytes -= sum(len(item.payload) for item in tail[:gone])
+                    del tail[:gone]
         return items
 
     def ack(self, item_id: int) -> bool:
@@ -514,7 +560,17 @@ class Outbox:
         return moved
 
     def has_room(self, n_bytes: int) -> bool:
-        """Whether one more message of ``n_bytes`` fits (not counting anything it supersedes)."""
+        """Whether one more message of ``n_bytes`` fits (not counting anything it supersedes).
+        At the bound, what the broker took and only lingers is deleted first (StoreError if
+        that fails)."""
+        if self._fits(n_bytes):
+            return True
+        if not self.acked:
+            return False
+        self.flush_acked()
+        return self._fits(n_bytes)
+
+    def _fits(self, n_bytes: int) -> bool:
         count, nbytes = self.depth
         return count + 1 <= self.max_messages and nbytes + n_bytes <= self.max_bytes
 
