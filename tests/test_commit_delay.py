@@ -128,3 +128,47 @@ def test_a_call_answered_alone_is_not_held_for_the_delay(tmp_path: Path, broker:
             took = time.monotonic() - started
             assert reply["result"] == {"echo": n}
             assert took < 2.5, f"a call alone waited {took:.1f}s: held for the commit delay"
+
+
+SLOW = """\
+import time
+
+
+def handler(event):
+    if event == 'slow':
+        time.sleep(30)
+    if event == 'first':
+        time.sleep(0.3)  # the others arrive meanwhile: two run, two wait
+    return event
+"""
+
+
+def test_a_call_past_its_deadline_is_not_held_for_the_delay(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """While the loop waits for more answers (x answered, b started in its place, c waits
+    behind a and b), a running call reaches its deadline (1 s): it is answered timeout
+    then, not when the 5 s delay is over."""
+    with serving(tmp_path, broker, 5000.0) as (agent, cloud):
+        cloud.deploy(agent.node_id, source_spec("mix", SLOW, concurrency=2, timeout_seconds=1))
+        cloud.wait_message(
+            f"edge/nodes/{agent.node_id}/functions/mix/state",
+            lambda m: m["state"] == "active",
+            20,
+        )
+        assert cloud.invoke(agent.node_id, "mix", "warm")["ok"] is True
+        topic = f"edge/nodes/{agent.node_id}/invoke"
+        rids = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("x", "a", "b", "c")}
+        started = time.monotonic()
+        for name, event in (("x", "first"), ("a", "slow"), ("b", "slow"), ("c", "fast")):
+            cloud.publish(topic, {"request_id": rids[name], "function_id": "mix", "payload": event})
+        replies = f"edge/nodes/{agent.node_id}/replies"
+        for name in ("a", "b"):
+            reply = cloud.wait_message(
+                replies, lambda m, n=name: m.get("request_id") == rids[n], 15
+            )
+            took = time.monotonic() - started
+            assert reply["ok"] is False and reply["error"]["type"] == "timeout", reply
+            assert took < 4.0, f"{name} answered {took:.1f}s after it was sent: held for the delay"
+        reply = cloud.wait_message(replies, lambda m: m.get("request_id") == rids["c"], 15)
+        assert reply["ok"] is True and reply["result"] == "fast", reply

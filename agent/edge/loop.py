@@ -381,9 +381,11 @@ class Agent:
             return
         deadline = time.monotonic() + delay
         while answers < COMMIT_GROUP and invocations.direct_count and invocations.waiting():
-            left = deadline - time.monotonic()
-            if left <= 0 or len(batch) >= BATCH_MAX:
-                break
+            now = time.monotonic()
+            left = deadline - now
+            due = invocations.next_direct_deadline()
+            if left <= 0 or len(batch) >= BATCH_MAX or (due is not None and due <= now):
+                break  # (a call past its deadline is answered now, not after the delay)
             answers += self._answers_into(batch, self._wait(left))
             self._take(batch)  # what was posted meanwhile joins too (or _wait would spin)
 
