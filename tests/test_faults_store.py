@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,8 @@ from testing.agent_process import AgentProcess
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
 from testing.specs import source_spec
+from testing.tmpfs import fill
+from testing.tmpfs import small_tmpfs as mounted_tmpfs
 from testing.wait import wait_for
 
 NODE = "gw-test"
@@ -55,35 +56,8 @@ ECHO = "def handler(event):\n    return {'echo': event}\n"
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs at the agent's state dir, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    state = tmp_path / f"state-{NODE}"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(state)])
-    if not os.path.ismount(state):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / f"state-{NODE}") as state:
         yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
-
-
-def fill(path: Path) -> int:
-    """Write zeros into ``path`` until the filesystem is full; the bytes written."""
-    written = 0
-    chunk = bytes(64 * 1024)
-    with open(path, "wb", buffering=0) as out:
-        while True:
-            try:
-                written += out.write(chunk)
-            except OSError:
-                break
-        while True:  # the last partial block too
-            try:
-                written += out.write(b"\0" * 512)
-            except OSError:
-                break
-    return written
 
 
 def replies_by_id(cloud: Cloud) -> dict[str, dict[str, Any]]:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import random
 import signal
 import sqlite3
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -54,6 +52,8 @@ from testing.broker import Mosquitto
 from testing.cloud import Cloud
 from testing.fakes import FakeClock, FakeMqttClient, FakePool, InlineExecutor
 from testing.specs import source_spec
+from testing.tmpfs import fill
+from testing.tmpfs import small_tmpfs as mounted_tmpfs
 from testing.wait import wait_for
 
 AgentFactory = Callable[..., AgentProcess]
@@ -580,26 +580,8 @@ def test_a_full_disk_in_the_middle_keeps_the_noted_acks_the_tail_and_the_depth_e
     """The disk fills while acks are noted: the group commit and the flush both fail and
     roll back, the acks stay noted, peeks and the depth stay the table's; once space is
     back the next group commit deletes them and every reply goes out once."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=False)
-    if not os.path.ismount(mount):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / "small", size="4m") as mount:
         _disk_full_with_noted_acks(mount)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write zeros into ``path`` until its filesystem is full, to the last block."""
-    with open(path, "wb", buffering=0) as out:
-        for size in (64 * 1024, 512):
-            with contextlib.suppress(OSError):
-                while True:
-                    out.write(bytes(size))
 
 
 def _disk_full_with_noted_acks(mount: Path) -> None:
@@ -905,21 +887,9 @@ def test_kill9_while_acks_are_noted_resends_them_and_the_controller_copes(
 
 @pytest.fixture
 def full_disk_state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs at the agent's state dir (as tests/test_faults_store.py), unmounted
-    afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    state = tmp_path / f"state-{RNODE}"
-    state.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(state)], check=False
-    )
-    if not os.path.ismount(state):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    """A 16 MiB tmpfs at the agent's state dir, unmounted afterwards."""
+    with mounted_tmpfs(tmp_path / f"state-{RNODE}") as state:
         yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_sigterm_on_a_full_disk_with_noted_acks_stops_cleanly(

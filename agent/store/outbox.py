@@ -194,40 +194,13 @@ class Outbox:
         ``base`` is the depth to start from when the transaction already queued others.
         ``force``: past the bounds too (state commits whose invocations were admitted while
         there was room, and are already visible to others: they must not be refused now).
-        At the bound, the rows the broker took and that only linger (:meth:`ack_later`) are
-        deleted in this transaction first; they stay noted (deleting them again finds
-        nothing), so a rollback leaves them noted as before.
+        At the bound (what it supersedes not counted), the rows the broker took and that
+        only linger (:meth:`ack_later`) are deleted in this transaction first; they stay
+        noted (deleting them again finds nothing), so a rollback leaves them noted.
         """
-        try:
-            return self._enqueue(
-                conn, topic, payload, qos, retain, kind, key, created_ts, correlation,
-                base=base, force=force,
-            )  # fmt: skip
-        except OutboxFull:
-            if not self.acked:
-                raise
-        base = self._delete(conn, self.acked, self.depth if base is None else base)
-        return self._enqueue(
-            conn, topic, payload, qos, retain, kind, key, created_ts, correlation,
-            base=base, force=force,
-        )  # fmt: skip
-
-    def _enqueue(
-        self,
-        conn: sqlite3.Connection,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        kind: str,
-        key: str | None,
-        created_ts: float,
-        correlation: bytes | None,
-        *,
-        base: tuple[int, int] | None,
-        force: bool,
-    ) -> tuple[int, tuple[int, int]]:
         count, nbytes = self.depth if base is None else base
+        if self.acked and not force and not self._fits(len(payload), (count, nbytes)):
+            count, nbytes = self._delete(conn, self.acked, (count, nbytes))
         gone_count = gone_bytes = 0
         if key is not None:
             gone_count, gone_bytes = conn.execute(
@@ -570,8 +543,8 @@ class Outbox:
         self.flush_acked()
         return self._fits(n_bytes)
 
-    def _fits(self, n_bytes: int) -> bool:
-        count, nbytes = self.depth
+    def _fits(self, n_bytes: int, depth: tuple[int, int] | None = None) -> bool:
+        count, nbytes = self.depth if depth is None else depth
         return count + 1 <= self.max_messages and nbytes + n_bytes <= self.max_bytes
 
 
