@@ -402,3 +402,20 @@ def test_will_hint_names_a_dotted_will_topic() -> None:
     assert will_hint("edge.x/nodes/gw-01/status").startswith(
         "; the Last Will's topic 'edge.x/nodes/gw-01/status' has a '.' or a space"
     )
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_every_puback_frees_its_place_and_is_reported_once(
+    make_client: ClientFactory, cloud: Cloud, protocol: str
+) -> None:
+    """200 QoS 1 publishes through a window of 5, to a topic the cloud subscribes to: the
+    2-byte PUBACKs the broker sends for deliveries (decoded by ``_RotatingClient`` without
+    paho's objects) report a success for every mid, once each, and free paho's in-flight
+    window (or the rest would never go)."""
+    client, events = make_client(protocol=protocol, max_inflight=5)
+    started(client, events)
+    mids = [client.publish(f"edge/out/{i}", b"x" * i, qos=1) for i in range(200)]
+    acked: list[Published] = [events.wait(Published, lambda p: p.mid in mids) for _ in mids]
+    assert sorted(p.mid for p in acked) == sorted(mids)  # each once
+    assert {(p.reason_code, p.reason) for p in acked} == {(0, "Success")}
+    wait_payload(cloud, "edge/out/199", b"x" * 199)

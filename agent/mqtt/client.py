@@ -47,7 +47,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -74,6 +74,11 @@ from agent.mqtt.wake import HeldWake
 log = logging.getLogger("agent.mqtt")
 
 
+#: What a 2-byte PUBACK stands for (read-only: ``MqttClient._on_publish`` reads the value).
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
 class _RotatingClient(paho.Client):
     """paho's client, asking ``endpoint()`` where to go before every (re)connect.
 
@@ -92,6 +97,19 @@ class _RotatingClient(paho.Client):
     def _create_socket(self) -> Any:
         """paho's socket (TCP or TLS, connected), read through a buffer (:mod:`.bufsock`)."""
         return BufferedSocket(super()._create_socket())
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """A 2-byte PUBACK (a success without properties: what a broker sends for every
+        delivery, and every MQTT 3.1.1 PUBACK) means the same each time: paho's own decode
+        built a reason code and a properties object for each. Anything else is paho's."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # as paho: only once per message
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _PUBACK_NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class MqttClient:
