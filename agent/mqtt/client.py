@@ -77,6 +77,8 @@ log = logging.getLogger("agent.mqtt")
 #: What a 2-byte PUBACK stands for (read-only: ``MqttClient._on_publish`` reads the value).
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+#: The properties of a PUBLISH that has none (read-only: ``MqttClient._on_message`` reads).
+_PUBLISH_NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
 class _RotatingClient(paho.Client):
@@ -97,6 +99,32 @@ class _RotatingClient(paho.Client):
     def _create_socket(self) -> Any:
         """paho's socket (TCP or TLS, connected), read through a buffer (:mod:`.bufsock`)."""
         return BufferedSocket(super()._create_socket())
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """An MQTT 5 QoS 1 PUBLISH without properties (an invoke, a spec: nearly all we
+        receive) is decoded here as paho does, without its per-packet properties object
+        and debug formatting; anything else (properties, QoS 0 or 2, 3.1.1, a packet too
+        short to be one) is paho's own, malformed ones included."""
+        packet = self._in_packet["packet"]
+        header = self._in_packet["command"]
+        if self._protocol != paho.MQTTv5 or header & 0x06 != 0x02 or len(packet) < 5:
+            return super()._handle_publish()
+        at = 2 + ((packet[0] << 8) | packet[1])  # after the topic
+        if at == 2 or len(packet) < at + 3 or packet[at + 2] != 0:  # alias, short, properties
+            return super()._handle_publish()
+        message = paho.MQTTMessage(
+            mid=(packet[at] << 8) | packet[at + 1], topic=bytes(packet[2:at])
+        )
+        message.dup = bool(header & 0x08)
+        message.qos = 1
+        message.retain = bool(header & 0x01)
+        message.properties = _PUBLISH_NO_PROPERTIES
+        message.payload = bytes(packet[at + 3 :])
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if self._manual_ack:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)
 
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
         """A 2-byte PUBACK (a success without properties: what a broker sends for every
