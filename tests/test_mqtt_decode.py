@@ -1,12 +1,24 @@
-"""The client's own decoding of the two packets it receives most (``agent.mqtt.client``'s
-``_RotatingClient``): an MQTT 5 QoS 1 PUBLISH without properties and a 2-byte PUBACK. Each
-must give the callbacks exactly what paho's own decoding gives, and leave every other packet
-(properties, QoS 0/2, 3.1.1, malformed) to paho. Packets are fed to both decoders directly."""
+"""The client's own work on paho's hot path (``agent.mqtt.client``'s ``_RotatingClient``),
+against paho's own:
+
+- the decoding of the two packets it receives most, an MQTT 5 QoS 1 PUBLISH without
+  properties and a 2-byte PUBACK: the callbacks get exactly what paho's decoding gives, and
+  every other packet (properties, QoS 0/2, 3.1.1, malformed) is left to paho; packets are
+  fed to both decoders directly;
+- ``write_now``: the daemon's loop writes a small batch itself on plain TCP, in order, and
+  never at the same time as paho's thread (a real broker takes every message intact).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
+import ssl
 import struct
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -15,7 +27,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt.client import _RotatingClient
+from agent.mqtt import MqttSettings
+from agent.mqtt.bufsock import BufferedSocket
+from agent.mqtt.client import WRITE_NOW_MAX, MqttClient, _RotatingClient
+from agent.mqtt.events import Connected, Published
+from testing.broker import Mosquitto
+from testing.cloud import Cloud
+from testing.wait import wait_for
 
 PUBLISH = 0x30
 
@@ -148,3 +166,139 @@ def test_a_two_byte_puback_reports_what_paho_reports(protocol: int) -> None:
         assert info.mid not in client._out_messages  # its place is free
         reports[name] = got
     assert reports["ours"] == reports["paho"] and len(reports["ours"]) == 1, reports
+
+
+# -- the loop writes a small batch itself (write_now) -------------------------------------
+
+
+def _queued_client(sock: Any, packets: list[bytes]) -> Any:
+    client = _RotatingClient(callback_api_version=CallbackAPIVersion.VERSION2, client_id="w")
+    client._sock = sock
+    for packet in packets:
+        client._out_packet.append(
+            {"command": 0x40, "mid": 1, "qos": 1, "pos": 0, "to_process": len(packet),
+             "packet": packet, "info": None}
+        )  # fmt: skip
+    return client
+
+
+def test_write_now_writes_a_small_batch_on_plain_tcp_in_order() -> None:
+    left, right = socket.socketpair()
+    with contextlib.closing(left), contextlib.closing(right):
+        left.setblocking(False)
+        client = _queued_client(BufferedSocket(left), [b"\x40\x02\x00\x01", b"\x40\x02\x00\x02"])
+        assert client.write_now() is True
+        assert right.recv(100) == b"\x40\x02\x00\x01\x40\x02\x00\x02"
+        assert not client._out_packet
+
+
+def test_write_now_leaves_big_batches_and_tls_to_pahos_thread() -> None:
+    left, right = socket.socketpair()
+    with contextlib.closing(left), contextlib.closing(right):
+        left.setblocking(False)
+        many = [bytes([0x40, 2, 0, i]) for i in range(WRITE_NOW_MAX + 1)]
+        client = _queued_client(BufferedSocket(left), many)
+        assert client.write_now() is False and len(client._out_packet) == len(many)
+        tls = ssl.create_default_context().wrap_socket(
+            socket.socket(), server_hostname="x", do_handshake_on_connect=False
+        )
+        with contextlib.closing(tls):
+            client = _queued_client(BufferedSocket(tls), many[:1])
+            assert client.write_now() is False and len(client._out_packet) == 1
+
+
+def test_write_now_keeps_what_the_socket_did_not_take_in_order() -> None:
+    """A full socket buffer: what is left stays queued, the partial packet first, and the
+    answer says paho's thread has work (it selects for writability)."""
+    left, right = socket.socketpair()
+    with contextlib.closing(left), contextlib.closing(right):
+        left.setblocking(False)
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = [bytes([i]) * 400_000 for i in (1, 2)]
+        client = _queued_client(BufferedSocket(left), big)
+        assert client.write_now() is False
+        assert client._out_packet and client._out_packet[0]["packet"] == big[0]
+        got = bytearray()
+        while client._out_packet or len(got) < 800_000:
+            with contextlib.suppress(BlockingIOError):
+                got += right.recv(1 << 20)
+            client._packet_write()
+        assert bytes(got) == big[0] + big[1]
+
+
+def test_the_loop_and_pahos_thread_never_interleave_their_writes(tmp_path: Path) -> None:
+    """A stress check on a real broker: one thread publishes in corked batches of 1-6 (some
+    written by it, some by paho's thread), another uncorked (paho's thread writes those),
+    big messages among them: the broker takes every message, intact, once. (The lock itself
+    is pinned by ``test_write_now_waits_while_pahos_thread_writes``.)"""
+    with contextlib.ExitStack() as stack:
+        broker = Mosquitto(tmp_path).start()
+        stack.callback(broker.stop)
+        cloud = Cloud(broker.port)
+        stack.callback(cloud.close)
+        events: list[Any] = []
+        client = MqttClient(
+            MqttSettings(host="127.0.0.1", port=broker.port, client_id="interleave"),
+            events.append,
+        )
+        client.start()
+        stack.callback(client.stop)
+        assert client.wait_connected(10)
+        sent: list[bytes] = []
+        lock = threading.Lock()
+
+        def corked(tag: str) -> None:
+            rng = random.Random(tag)
+            for n in range(60):
+                with client.corked():
+                    for k in range(rng.randint(1, 6)):
+                        size = rng.choice([0, 100, 3000, 300_000])  # big ones fill the socket
+                        payload = f"{tag}-{n}-{k}-".encode() + b"p" * size
+                        client.publish(f"edge/w/{tag}", payload)
+                        with lock:
+                            sent.append(payload)
+
+        def plain(tag: str) -> None:
+            for n in range(120):
+                payload = f"{tag}-{n}-".encode() + b"q" * (n % 7) * 40_000
+                client.publish(f"edge/w/{tag}", payload)
+                with lock:
+                    sent.append(payload)
+
+        threads = [
+            threading.Thread(target=corked, args=("c",)),
+            threading.Thread(target=plain, args=("u",)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        def received() -> list[bytes]:
+            return [p for topic, p, _ in list(cloud.messages) if topic.startswith("edge/w/")]
+
+        wait_for(lambda: len(received()) >= len(sent), 30, f"not all {len(sent)} arrived")
+        assert sorted(received()) == sorted(sent)
+        assert all(isinstance(e, Connected) for e in events if not isinstance(e, Published))
+
+
+def test_write_now_waits_while_pahos_thread_writes() -> None:
+    """paho's thread holds the client's write lock (inside its own ``_packet_write``): the
+    loop's ``write_now`` writes nothing until it is released, then everything, in order."""
+    left, right = socket.socketpair()
+    with contextlib.closing(left), contextlib.closing(right):
+        left.setblocking(False)
+        right.setblocking(False)
+        client = _queued_client(BufferedSocket(left), [b"\x40\x02\x00\x07"])
+        done: list[bool] = []
+        client._write_lock.acquire()
+        writer = threading.Thread(target=lambda: done.append(client.write_now()))
+        writer.start()
+        deadline = time.monotonic() + 0.5  # a missing lock writes within microseconds
+        while time.monotonic() < deadline:
+            with pytest.raises(BlockingIOError):
+                right.recv(100)
+        client._write_lock.release()
+        writer.join(10)
+        assert done == [True]
+        assert right.recv(100) == b"\x40\x02\x00\x07"

@@ -29,7 +29,8 @@ only turns paho's objects into plain :class:`MqttEvent` values and hands them to
 - PUBACK reason codes (MQTT 5) travel with :class:`Published`: a code >= 0x80 means the
   broker refused the message (not authorised, quota, ...), which is not a delivery.
 - One wake-up per loop batch (:meth:`MqttClient.corked`, :mod:`agent.mqtt.wake`): the
-  daemon's publishes and acks of one batch of events wake paho's network thread once.
+  daemon's publishes and acks of one batch of events wake paho's network thread once; on
+  plain TCP the loop writes them itself and wakes it only for what the socket did not take.
 - Buffered reads (:mod:`agent.mqtt.bufsock`): paho reads a packet a few bytes per system
   call; one read serves every packet that arrived together.
 - Manual acknowledgements: an incoming QoS 1 message is acknowledged only when the daemon
@@ -74,6 +75,10 @@ from agent.mqtt.wake import HeldWake
 log = logging.getLogger("agent.mqtt")
 
 
+#: Packets the daemon's loop writes itself at the end of a batch (``write_now``); more are
+#: left to paho's network thread.
+WRITE_NOW_MAX = 4
+
 #: What a 2-byte PUBACK stands for (read-only: ``MqttClient._on_publish`` reads the value).
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
@@ -90,6 +95,31 @@ class _RotatingClient(paho.Client):
     """
 
     endpoint: Callable[[], tuple[str, int]] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: paho's network thread and :meth:`write_now` (the daemon's loop) both write.
+        self._write_lock = threading.Lock()
+
+    def _packet_write(self) -> MQTTErrorCode:
+        with self._write_lock:
+            return super()._packet_write()
+
+    def write_now(self) -> bool:
+        """From the daemon's loop: write what is queued now instead of waking paho's
+        thread to do it; True when nothing is left for that thread. Only a few packets
+        (one answer: the reply and the request's PUBACK), where the thread hop is the cost;
+        a batch under load is left to paho's thread, off the loop. Only on a plain TCP
+        connection: a TLS connection is read and written by paho's thread alone (OpenSSL
+        takes no read and write of one connection from two threads at once). A failed
+        write is left queued: paho's thread meets the same error and handles it."""
+        raw = getattr(self._sock, "sock", None)
+        if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
+            return False
+        if len(self._out_packet) > WRITE_NOW_MAX:  # under load: paho's thread writes them
+            return False
+        rc = self._packet_write()
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._out_packet
 
     def reconnect(self) -> MQTTErrorCode:
         if self.endpoint is not None:
@@ -275,7 +305,7 @@ class MqttClient:
         try:
             yield
         finally:
-            wake.release()
+            wake.release(getattr(client, "write_now", None))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""

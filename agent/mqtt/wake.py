@@ -7,7 +7,9 @@ daemon's loop cost a whole turn of paho's thread on the loop's own path (hundred
 microseconds on a busy 2-core box). :class:`HeldWake` stands in for that socket: while
 ``held`` the bytes are not sent, and one is sent at :meth:`HeldWake.release` if any was
 wanted. What is queued to paho meanwhile is the same, in the same order; only the wake-up
-is shared (paho's thread, when it runs anyway, writes whatever is queued).
+is shared (paho's thread, when it runs anyway, writes whatever is queued). On a plain TCP
+connection the loop writes the batch itself at ``release`` (``_RotatingClient.write_now``,
+under the client's write lock) and paho's thread is woken only for what is left.
 
 Owns only that socket wrapper; :meth:`agent.mqtt.client.MqttClient.corked` installs it.
 Must never: import paho, drop a wake-up that was wanted, or hold one past ``release``.
@@ -16,8 +18,12 @@ Must never: import paho, drop a wake-up that was wanted, or hold one past ``rele
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("agent.mqtt")
 
 
 class HeldWake:
@@ -38,11 +44,18 @@ class HeldWake:
             # that release may have missed the note, so this wake-up goes out now.
         return self.sock.send(data)
 
-    def release(self) -> None:
-        """Stop holding; one wake-up now if any was wanted meanwhile."""
+    def release(self, write: Callable[[], bool] | None = None) -> None:
+        """Stop holding; if any wake-up was wanted meanwhile, ``write`` (the caller writes
+        what is queued itself; True when nothing is left for paho's thread), else or when
+        something is left, one wake-up now."""
         self.held = False
         if self.wanted:
             self.wanted = False
+            try:
+                if write is not None and write():
+                    return
+            except Exception:  # paho's thread writes it then: never lost
+                log.exception("writing paho's queued packets from the loop")
             with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending
                 self.sock.send(b"0")
 
