@@ -409,7 +409,7 @@ def test_every_puback_frees_its_place_and_is_reported_once(
     make_client: ClientFactory, cloud: Cloud, protocol: str
 ) -> None:
     """200 QoS 1 publishes through a window of 5, to a topic the cloud subscribes to: the
-    2-byte PUBACKs the broker sends for deliveries (decoded by ``_RotatingClient`` without
+    2-byte PUBACKs the broker sends for deliveries (decoded by ``PahoClient`` without
     paho's objects) report a success for every mid, once each, and free paho's in-flight
     window (or the rest would never go)."""
     client, events = make_client(protocol=protocol, max_inflight=5)

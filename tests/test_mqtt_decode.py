@@ -1,4 +1,4 @@
-"""The client's own work on paho's hot path (``agent.mqtt.client``'s ``_RotatingClient``),
+"""The client's own work on paho's hot path (``agent.mqtt.paho_client.PahoClient``),
 against paho's own:
 
 - the decoding of the two packets it receives most, an MQTT 5 QoS 1 PUBLISH without
@@ -29,8 +29,9 @@ from paho.mqtt.properties import Properties
 
 from agent.mqtt import MqttSettings
 from agent.mqtt.bufsock import BufferedSocket
-from agent.mqtt.client import WRITE_NOW_MAX, MqttClient, _RotatingClient
+from agent.mqtt.client import MqttClient
 from agent.mqtt.events import Connected, Published
+from agent.mqtt.paho_client import WRITE_NOW_MAX, PahoClient
 from testing.broker import Mosquitto
 from testing.cloud import Cloud
 from testing.wait import wait_for
@@ -39,7 +40,7 @@ PUBLISH = 0x30
 
 
 def _client(protocol: int = paho.MQTTv5, manual_ack: bool = True) -> tuple[Any, list[Any]]:
-    client = _RotatingClient(
+    client = PahoClient(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id="decode-test",
         protocol=protocol,
@@ -147,7 +148,7 @@ def test_random_packets_decode_the_same_either_way() -> None:
 def test_a_two_byte_puback_reports_what_paho_reports(protocol: int) -> None:
     reports: dict[str, list[Any]] = {}
     for name in ("ours", "paho"):
-        client = _RotatingClient(
+        client = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id="d", protocol=protocol
         )
         got: list[Any] = []
@@ -172,7 +173,7 @@ def test_a_two_byte_puback_reports_what_paho_reports(protocol: int) -> None:
 
 
 def _queued_client(sock: Any, packets: list[bytes]) -> Any:
-    client = _RotatingClient(callback_api_version=CallbackAPIVersion.VERSION2, client_id="w")
+    client = PahoClient(callback_api_version=CallbackAPIVersion.VERSION2, client_id="w")
     client._sock = sock
     for packet in packets:
         client._out_packet.append(

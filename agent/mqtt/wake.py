@@ -8,7 +8,7 @@ microseconds on a busy 2-core box). :class:`HeldWake` stands in for that socket:
 ``held`` the bytes are not sent, and one is sent at :meth:`HeldWake.release` if any was
 wanted. What is queued to paho meanwhile is the same, in the same order; only the wake-up
 is shared (paho's thread, when it runs anyway, writes whatever is queued). On a plain TCP
-connection the loop writes the batch itself at ``release`` (``_RotatingClient.write_now``,
+connection the loop writes the batch itself at ``release`` (``PahoClient.write_now``,
 under the client's write lock) and paho's thread is woken only for what is left.
 
 Owns only that socket wrapper; :meth:`agent.mqtt.client.MqttClient.corked` installs it.
