@@ -10,7 +10,7 @@
 - :meth:`PahoClient.write_now`: the daemon's loop writes a small batch itself on plain TCP,
   under a lock that paho's own writes take.
 
-These override private methods of paho-mqtt (the version ``uv.lock`` pins: ``_create_socket``, ``_handle_publish``,
+These override private methods of paho-mqtt (``_create_socket``, ``_handle_publish``,
 ``_handle_pubackcomp``, ``_packet_write``); ``uv.lock`` pins the version, and the tests
 compare every one of them with paho's own behaviour.
 
