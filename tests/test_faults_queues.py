@@ -189,12 +189,18 @@ def test_flood_of_f_leaves_room_for_g(
         "fair share" in r[0].get("error", {}).get("message", "") for r in replies.values()
     )
     print(f"\nf: {dict(outcomes)} ({displaced} displaced by g); g: 20 of 20 ok")
-    # A call displaced by g was answered overloaded: a restart must not run it again.
+    # A call displaced by g was answered overloaded: a restart must not run it again. A
+    # reply the broker took in the last 0.1 s before the kill may be sent again as it was
+    # (its row's delete lingers: at least once); a call run again would answer anew.
     agent.kill9()
     agent.start()
     assert cloud.invoke("gw-test", "g", "after restart", timeout=30)["ok"]
-    twice = {rid: len(r) for rid, r in _replies(cloud).items() if len(r) > 1}
-    assert not twice, f"answered twice: {list(twice)[:5]}"
+    again = {
+        rid: [r["duration_ms"] for r in replies]
+        for rid, replies in _replies(cloud).items()
+        if len(replies) > 1 and any(r != replies[0] for r in replies)
+    }
+    assert not again, f"answered anew after the restart: {list(again.items())[:5]}"
 
 
 # -- redelivery after kill -9 mid-burst: one reply per request id ---------------------------------
