@@ -1,4 +1,4 @@
-"""Delivery of the outbox: hands queued messages to MQTT in order and deletes them on PUBACK.
+"""Delivery of the outbox: hands queued messages to MQTT in order, deletes them once acked.
 
 The store keeps the messages (:mod:`agent.store`); this class only remembers which outbox
 item each in-flight MQTT message id stands for. At most ``window`` items are out at once
