@@ -344,10 +344,14 @@ class Outbox:
         if not item_ids:
             return 0
         with self._db.lock:
-            with self._db.transaction(what) as conn:
-                depth = self._delete(conn, item_ids, self.depth)
-            found = self.depth[0] - depth[0]
-            self.depth = depth
+            return self._ack_locked(item_ids, what)
+
+    def _ack_locked(self, item_ids: Sequence[int], what: str) -> int:
+        """:meth:`ack_many` with the lock held."""
+        with self._db.transaction(what) as conn:
+            depth = self._delete(conn, item_ids, self.depth)
+        found = self.depth[0] - depth[0]
+        self.depth = depth
         return found
 
     def ack_later(self, item_ids: Sequence[int]) -> None:
@@ -374,10 +378,7 @@ class Outbox:
         with self._db.lock:
             if not self.acked:
                 return 0
-            with self._db.transaction("outbox_ack_many") as conn:
-                depth = self._delete(conn, self.acked, self.depth)
-            found = self.depth[0] - depth[0]
-            self.depth = depth
+            found = self._ack_locked(self.acked, "outbox_ack_many")
             self.acked = []
         return found
 
