@@ -403,6 +403,30 @@ def test_peak_rss_is_the_workers_own(tmp_path: Path) -> None:
     assert 0 < rss_kb < 100 * 1024
 
 
+def test_peak_rss_shows_memory_a_handler_keeps(runtime: EdgeRuntime) -> None:
+    """A success reads the worker's RSS at most once a millisecond (back-to-back fast calls
+    report the peak seen so far); a call that ran longer than that always reads it: the
+    32 MiB it keeps is in its own result, and the peak never goes down afterwards."""
+
+    def grow(mib: int, kept: list[bytearray] = []) -> int:  # noqa: B006 (kept across calls)
+        import time
+
+        start = time.monotonic()
+        if mib:
+            kept.append(bytearray(mib << 20))  # zero-filled: every page touched
+        while time.monotonic() - start < 0.002:  # longer than the read interval
+            pass
+        return len(kept)
+
+    runtime.deploy(EdgeFunction(id="grow", name="grow", handler=grow, memory_mb=256))
+    before = runtime.execute("grow", (0,)).rss_kb
+    grown = runtime.execute("grow", (32,))
+    assert grown.value == 1
+    assert grown.rss_kb >= before + 30 * 1024, (before, grown.rss_kb)
+    fast = [runtime.execute("grow", (0,)).rss_kb for _ in range(20)]
+    assert min(fast) >= grown.rss_kb, (grown.rss_kb, fast)
+
+
 def test_crash_with_small_memory_limit_is_not_memory(runtime: EdgeRuntime) -> None:
     """os._exit(3) with memory_mb=16 is a WorkerCrashed with exit code 3."""
     runtime.deploy(EdgeFunction(id="crash", name="c", handler=_make_crashy(), memory_mb=16))
