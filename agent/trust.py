@@ -22,6 +22,10 @@ key others can read is refused, as OpenSSH does).
 
 Must never: log key material, accept a key file the agent itself (or its group, or anyone)
 could write, or be imported by the worker.
+
+``cryptography`` is imported where a key is first loaded, made or used, not with this module:
+it costs the agent process ~6.7 MB of USS, which an agent without ``[trust] keys`` (and
+``edge-agent status``) does not need. An agent with keys pays it when it reads them at start.
 """
 
 from __future__ import annotations
@@ -34,15 +38,17 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Literal
 
 from agent.config import Config
 from agent.contract import protocol
 from agent.errors import ConfigError, DeploymentRejected
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ _MAX_KEY_FILE_BYTES = 16 * 1024
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """The first 16 hex digits of the SHA-256 of the raw 32-byte public key."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -99,6 +107,9 @@ def check_key_file_permissions(path: Path, key: str = "trust.keys") -> None:
 
 def load_public_key(path: str | Path, key: str = "trust.keys") -> Ed25519PublicKey:
     """One ed25519 public key from a PEM file, its permissions checked; ConfigError if not."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     file = Path(path)
     check_key_file_permissions(file, key)
     try:
@@ -120,6 +131,9 @@ def load_public_key(path: str | Path, key: str = "trust.keys") -> Ed25519PublicK
 def generate_keypair(path: str | Path) -> str:
     """Write a new private key to ``path`` (PEM, 0600) and its public key to ``path.pub``
     (PEM, 0644); refuse to overwrite either. Returns the key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private_path = Path(path)
     public_path = private_path.with_name(private_path.name + ".pub")
     private = Ed25519PrivateKey.generate()
@@ -160,6 +174,9 @@ class Signer:
     @classmethod
     def from_file(cls, path: str | Path) -> Signer:
         """Load a PEM private key; ConfigError when others can read it or it is no ed25519."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         file = Path(path)
         try:
             st = os.stat(file)
@@ -280,6 +297,8 @@ class TrustPolicy:
 
     def verify_signature(self, spec: protocol.FunctionSpec) -> None:
         """The signature is a trusted key's over this spec; DeploymentRejected if not."""
+        from cryptography.exceptions import InvalidSignature
+
         where = f'function spec "{spec.id}"'
         signature = spec.signature
         if not isinstance(signature, protocol.SpecSignature):
