@@ -48,6 +48,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.exec.metrics import percentile
+from agent.trust import generate_keypair
 from testing.bench import (
     ECHO_SOURCE,
     INVOKE_TOPIC,
@@ -367,15 +368,18 @@ def _memory(pid: int) -> tuple[float, float]:
     return info.uss / MB, info.rss / MB
 
 
-def measure_memory(agent_pid: int, bare_pid: int, reads: int = 3) -> dict[str, Any]:
-    """``reads`` readings 1 s apart of the agent, its workers and the bare client."""
-    readings: dict[str, list[tuple[float, float]]] = {"agent": [], "bare": [], "workers": []}
+def measure_memory(agent_pid: int, bare_pid: int | None, reads: int = 3) -> dict[str, Any]:
+    """``reads`` readings 1 s apart of the agent, its workers and the bare client (if any)."""
+    readings: dict[str, list[tuple[float, float]]] = {"agent": [], "workers": []}
+    if bare_pid is not None:
+        readings["bare"] = []
     worker_count = 0
     for i in range(reads):
         if i:
             time.sleep(1.0)  # the interval between readings is the point, not a wait
         readings["agent"].append(_memory(agent_pid))
-        readings["bare"].append(_memory(bare_pid))
+        if bare_pid is not None:
+            readings["bare"].append(_memory(bare_pid))
         workers = psutil.Process(agent_pid).children(recursive=True)
         worker_count = len(workers)
         uss = rss = 0.0
@@ -394,6 +398,28 @@ def measure_memory(agent_pid: int, bare_pid: int, reads: int = 3) -> dict[str, A
             "uss_max_mb": round(max(uss_values), 2),
         }
     return out
+
+
+def measure_trusted_memory(workdir: Path, port: int, requester: Requester) -> dict[str, Any]:
+    """The idle agent once more with a ``[trust]`` key loaded (``require_signed = false``, so
+    the unsigned echo and shout it restores from the same state dir still run): what signed
+    deployments add to its memory (``cryptography``, imported only when there are keys).
+    Its key file must be root's, as the agent requires: {} when not run as root."""
+    if os.geteuid() != 0:
+        return {}
+    keys = workdir / "trust"
+    keys.mkdir(mode=0o755)
+    os.chmod(keys, 0o755)  # whatever the umask: the agent refuses a writable key directory
+    generate_keypair(keys / "bench")
+    trust = {"keys": [str(keys / "bench.pub")], "require_signed": False}
+    agent = bench_agent(workdir, port, trust=trust)
+    agent.start()
+    try:
+        rid, body = invoke_body("echo", 0)  # connected, and echo restored and warm
+        requester.request(INVOKE_TOPIC, rid, body, 30)
+        return measure_memory(agent.pid, None)
+    finally:
+        agent.stop()
 
 
 def measure_restart(
@@ -443,7 +469,9 @@ def measure_restart(
 # -- the section -----------------------------------------------------------------------------
 
 
-def _memory_rows(mem: dict[str, Any], after_load: dict[str, Any]) -> list[dict[str, Any]]:
+def _memory_rows(
+    mem: dict[str, Any], after_load: dict[str, Any], trusted: dict[str, Any]
+) -> list[dict[str, Any]]:
     a, b, w, later = mem["agent"], mem["bare"], mem["workers"], after_load["agent"]
 
     def agent_row(name: str, key: str, m: dict[str, Any]) -> dict[str, Any]:
@@ -481,6 +509,11 @@ def _memory_rows(mem: dict[str, Any], after_load: dict[str, Any]) -> list[dict[s
             f"agent process idle after {after_load['invocations']:,} invocations",
             "agent_memory_after_load",
             later,
+        ),
+        *(
+            [agent_row("agent process idle, a [trust] key loaded", "agent_memory_trust", t)]
+            if (t := trusted.get("agent"))
+            else []
         ),
     ]
 
@@ -534,6 +567,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         agent_returncode = agent.returncode
         # the same state dir: the second agent restores echo and shout from it
         full = measure_full_durability(workdir, broker.port, requester, throughput_n)
+        trusted = measure_trusted_memory(workdir, broker.port, requester)
     seconds = time.monotonic() - section_started
 
     floor = latency_row(
@@ -622,7 +656,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         cpu_row,
         full_floor,
         full_tput,
-        *_memory_rows(memory, memory_after),
+        *_memory_rows(memory, memory_after, trusted),
         restart,
     ]
     notes = [
@@ -664,7 +698,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         "prestarted generic interpreter and the warm workers of echo (2) and shout) are "
         "summed in their own row. The floor is a `python -c` that imports paho.mqtt.client, "
         "psutil, systemd.daemon and systemd.journal and connects to the same broker "
-        "(loop_start), read in the same rounds.",
+        "(loop_start), read in the same rounds. The [trust] row: after the durability row, "
+        "a third agent process (same state dir and functions) with one trust key "
+        "(require_signed = false, so the unsigned functions still run), read 3 times 1 s "
+        "apart after it answered an invoke: signed deployments load `cryptography`, which "
+        "an agent without keys never imports."
+        + ("" if trusted else " (Skipped: not run as root, which the key file must be.)"),
         f"Broker restart ({restarts}x): mosquitto SIGTERM + wait, started again on the same "
         "port; t0 = its first accepted TCP connection (polled every 2 ms). The requester "
         "reconnects first ("
