@@ -1,7 +1,7 @@
 """Signed deployments: ed25519 keys, signing specs (cloud side), verifying them (gateway side).
 
-Owns the only use of ``cryptography`` in the project and the trust rules the agent applies to
-a function spec before anything else touches it:
+Owns the only use of ``cryptography`` (and of libcrypto) in the project and the trust rules
+the agent applies to a function spec before anything else touches it:
 
 - a spec's ``signature{key_id, sig}`` is an ed25519 signature over
   :func:`agent.contract.protocol.signing_bytes` (canonical JSON of every other field);
@@ -23,18 +23,24 @@ key others can read is refused, as OpenSSH does).
 Must never: log key material, accept a key file the agent itself (or its group, or anyone)
 could write, or be imported by the worker.
 
-``cryptography`` is imported where a key is first loaded, made or used, not with this module:
-it costs the agent process ~6.7 MB of USS, which an agent without ``[trust] keys`` (and
-``edge-agent status``) does not need. An agent with keys pays it when it reads them at start.
+The gateway side needs no ``cryptography``: a trusted key file is parsed here (one PEM
+SubjectPublicKeyInfo of an ed25519 key, RFC 8410), and a signature is verified with the EVP
+calls of OpenSSL's libcrypto, the library Python's ``ssl`` module (so paho) has loaded
+already. ``cryptography`` (7.4 MB of the agent's USS measured, against 0.25 MB for ``ctypes``
+and those calls) is imported only by what signs or makes keys (``edgectl``, the controller).
+``tests/test_trust_verify.py`` checks the two against each other.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import ctypes
 import hashlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,10 +51,7 @@ from agent.contract import protocol
 from agent.errors import ConfigError, DeploymentRejected
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +60,133 @@ TrustMode = Literal["signed", "unsigned"]
 #: A PEM public key is ~113 bytes; anything much bigger is not one.
 _MAX_KEY_FILE_BYTES = 16 * 1024
 
+#: The DER of an ed25519 SubjectPublicKeyInfo (RFC 8410) before its raw 32-byte key:
+#: SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING (0 unused bits) }.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+ED25519_KEY_BYTES = 32
+ED25519_SIGNATURE_BYTES = 64
+_PEM_BEGIN, _PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+
+def key_id(raw_public_key: bytes) -> str:
     """The first 16 hex digits of the SHA-256 of the raw 32-byte public key."""
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
+
+
+def _raw_public_key(private: Ed25519PrivateKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    public = private.public_key()
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# -- verifying with the system's libcrypto -----------------------------------------------------
+
+#: sonames of OpenSSL's libcrypto with raw ed25519 keys and one-shot EVP_DigestVerify
+#: (>= 1.1.1); the first is what Debian 12's python3 and its ssl module load.
+_LIBCRYPTO_NAMES = ("libcrypto.so.3", "libcrypto.so.1.1")
+_EVP_PKEY_ED25519 = 1087  # NID_ED25519, the same in every OpenSSL since 1.1.1
+
+
+class _LibCrypto:
+    """The five EVP calls of an ed25519 verification, bound once with their C types."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        ptr, size, buf = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+        self._new_key = lib.EVP_PKEY_new_raw_public_key
+        self._new_key.argtypes = [ctypes.c_int, ptr, buf, size]
+        self._new_key.restype = ptr
+        self._free_key = lib.EVP_PKEY_free
+        self._free_key.argtypes = [ptr]
+        self._free_key.restype = None
+        self._new_ctx = lib.EVP_MD_CTX_new
+        self._new_ctx.argtypes = []
+        self._new_ctx.restype = ptr
+        self._free_ctx = lib.EVP_MD_CTX_free
+        self._free_ctx.argtypes = [ptr]
+        self._free_ctx.restype = None
+        self._init = lib.EVP_DigestVerifyInit
+        self._init.argtypes = [ptr, ptr, ptr, ptr, ptr]
+        self._init.restype = ctypes.c_int
+        self._verify = lib.EVP_DigestVerify
+        self._verify.argtypes = [ptr, buf, size, buf, size]
+        self._verify.restype = ctypes.c_int
+        self._clear_errors = lib.ERR_clear_error
+        self._clear_errors.argtypes = []
+        self._clear_errors.restype = None
+
+    def verify(self, public_key: bytes, signature: bytes, message: bytes) -> bool:
+        """True only when EVP_DigestVerify says 1 (valid); 0 (invalid) and every error
+        (a point that is no key, a failed allocation) are False. Leaves no error on this
+        thread's OpenSSL error queue (the ssl module reads that queue)."""
+        key = self._new_key(_EVP_PKEY_ED25519, None, public_key, len(public_key))
+        ctx = self._new_ctx() if key else None
+        try:
+            if not key or not ctx or self._init(ctx, None, None, None, key) != 1:
+                return False
+            verdict: int = self._verify(ctx, signature, len(signature), message, len(message))
+            return verdict == 1
+        finally:
+            if ctx:
+                self._free_ctx(ctx)
+            if key:
+                self._free_key(key)
+            self._clear_errors()
+
+
+_libcrypto: _LibCrypto | None = None
+_libcrypto_lock = threading.Lock()
+
+
+def libcrypto() -> _LibCrypto:
+    """OpenSSL's libcrypto, bound on first use; ConfigError when there is none to bind."""
+    global _libcrypto
+    with _libcrypto_lock:
+        if _libcrypto is None:
+            problems = []
+            for name in _LIBCRYPTO_NAMES:
+                try:
+                    _libcrypto = _LibCrypto(ctypes.CDLL(name))
+                    break
+                except (OSError, AttributeError) as exc:  # not there, or too old
+                    problems.append(f"{name}: {exc}")
+            else:
+                raise ConfigError(
+                    "trust.keys: cannot verify signatures without OpenSSL's libcrypto "
+                    f"(>= 1.1.1): {'; '.join(problems)}"
+                )
+        return _libcrypto
+
+
+def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s ed25519 signature of ``message`` (raw
+    32-byte key, 64-byte signature: any other length is False)."""
+    if len(public_key) != ED25519_KEY_BYTES or len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    return libcrypto().verify(public_key, signature, message)
+
+
+def parse_public_key_pem(data: bytes) -> bytes:
+    """The raw 32-byte key of one PEM ``PUBLIC KEY`` block holding an ed25519
+    SubjectPublicKeyInfo; ValueError saying what it is instead."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("not a PEM file (it is not ASCII)") from None
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if lines and "PRIVATE KEY" in lines[0]:
+        raise ValueError("it is a PRIVATE key: give the agent the .pub file")
+    blocks = text.count("-----BEGIN")
+    if blocks != 1 or len(lines) < 3 or lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
+        raise ValueError(f"not one PEM block from {_PEM_BEGIN} to {_PEM_END}")
+    try:
+        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("its PEM body is not base64") from None
+    prefix = _ED25519_SPKI_PREFIX
+    if len(der) != len(prefix) + ED25519_KEY_BYTES or not der.startswith(prefix):
+        raise ValueError("not an ed25519 public key (another key type?)")
+    return der[len(prefix) :]
 
 
 # -- keys on disk ------------------------------------------------------------------------------
@@ -105,11 +228,9 @@ def check_key_file_permissions(path: Path, key: str = "trust.keys") -> None:
             )
 
 
-def load_public_key(path: str | Path, key: str = "trust.keys") -> Ed25519PublicKey:
-    """One ed25519 public key from a PEM file, its permissions checked; ConfigError if not."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+def load_public_key(path: str | Path, key: str = "trust.keys") -> bytes:
+    """One ed25519 public key (raw, 32 bytes) from a PEM file, its permissions checked;
+    ConfigError if not."""
     file = Path(path)
     check_key_file_permissions(file, key)
     try:
@@ -120,12 +241,9 @@ def load_public_key(path: str | Path, key: str = "trust.keys") -> Ed25519PublicK
     if len(data) > _MAX_KEY_FILE_BYTES:
         raise ConfigError(f"{key}: {file} is over {_MAX_KEY_FILE_BYTES} bytes: not a public key")
     try:
-        public = serialization.load_pem_public_key(data)
+        return parse_public_key_pem(data)
     except ValueError as exc:
-        raise ConfigError(f"{key}: {file} is not a PEM public key ({exc})") from exc
-    if not isinstance(public, Ed25519PublicKey):
-        raise ConfigError(f"{key}: {file} is a {type(public).__name__}, not an ed25519 key")
-    return public
+        raise ConfigError(f"{key}: {file} is not an ed25519 public key: {exc}") from None
 
 
 def generate_keypair(path: str | Path) -> str:
@@ -149,7 +267,7 @@ def generate_keypair(path: str | Path) -> str:
         raise FileExistsError(f"{public_path} exists: not overwriting a key")
     _write_new(private_path, private_pem, 0o600)
     _write_new(public_path, public_pem, 0o644)
-    return key_id(private.public_key())
+    return key_id(_raw_public_key(private))
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -169,7 +287,7 @@ class Signer:
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._key = private_key
-        self.key_id = key_id(private_key.public_key())
+        self.key_id = key_id(_raw_public_key(private_key))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Signer:
@@ -213,7 +331,8 @@ class Signer:
 class TrustedKey:
     key_id: str
     path: str
-    public_key: Ed25519PublicKey
+    #: The raw 32-byte ed25519 public key.
+    public_key: bytes
 
 
 class TrustPolicy:
@@ -237,6 +356,8 @@ class TrustPolicy:
         for index, path in enumerate(paths):
             public = load_public_key(path, f"trust.keys[{index}]")
             keys.append(TrustedKey(key_id(public), str(path), public))
+        if keys:
+            libcrypto()  # no libcrypto to verify with: refuse to start now, not at a deploy
         required = require_signed and bool(keys)
         policy = cls(keys, require_signed=required, node_id=node_id)
         if not keys:
@@ -297,8 +418,6 @@ class TrustPolicy:
 
     def verify_signature(self, spec: protocol.FunctionSpec) -> None:
         """The signature is a trusted key's over this spec; DeploymentRejected if not."""
-        from cryptography.exceptions import InvalidSignature
-
         where = f'function spec "{spec.id}"'
         signature = spec.signature
         if not isinstance(signature, protocol.SpecSignature):
@@ -310,11 +429,12 @@ class TrustPolicy:
             )
         try:
             raw = base64.b64decode(signature.sig, validate=True)
-            trusted.public_key.verify(raw, protocol.signing_bytes(spec))
-        except (ValueError, InvalidSignature):
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not ed25519_verify(trusted.public_key, raw, protocol.signing_bytes(spec)):
             raise DeploymentRejected(
                 f"{where}: signature: does not verify with key {signature.key_id}"
-            ) from None
+            )
 
     def still_trusted(self, spec: protocol.FunctionSpec) -> str | None:
         """Why a spec accepted earlier may no longer run (revoked key, now unsigned), or None.

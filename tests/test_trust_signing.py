@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -134,26 +133,6 @@ def test_agent_without_keys_says_unsigned_and_warns(
     assert status["trust"] == "unsigned"
     assert cloud.wait_message(f"edge/nodes/{NODE}/heartbeat")["trust"] == "unsigned"
     agent.wait_log("accepting UNSIGNED function specs")
-
-
-def test_cryptography_is_loaded_only_when_trust_keys_are(tmp_path: Path) -> None:
-    """An agent without [trust] keys never imports ``cryptography`` (~6.7 MB of USS); one
-    with keys loads it with them. A fresh interpreter, so the test's own imports do not count."""
-    _, public = keypair(tmp_path / "keys", "k")
-    script = (
-        "import sys\n"
-        "import agent, agent.edge.cli, agent.edge.loop, agent.edge.reload\n"
-        "from agent.trust import TrustPolicy\n"
-        "TrustPolicy.from_files([], node_id='gw')\n"
-        "print('cryptography' in sys.modules)\n"
-        "print(TrustPolicy.from_files([sys.argv[1]], node_id='gw').mode)\n"
-        "print('cryptography' in sys.modules)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, public], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "signed", "True"], done.stdout
 
 
 def test_key_rotation_two_keys_are_both_trusted(
