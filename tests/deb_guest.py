@@ -22,6 +22,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,31 +141,39 @@ def journal_sync() -> None:
 def mqtt_wait(
     topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any]:
-    """The first JSON message on ``topic`` (retained ones included) that matches."""
+    """The first JSON message on ``topic`` (retained ones included) that matches.
+
+    Reads the pipe with ``os.read`` and splits lines itself: a retained message and a live
+    one often come in one read, and ``select`` on a buffered file would not see the second.
+    """
     proc = subprocess.Popen(
         ["mosquitto_sub", "-h", BROKER, "-t", topic, "-q", "1", "-F", "%p", "-V", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     seen: list[str] = []
+    pending = b""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+            ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
             if not ready:
                 break
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            seen.append(line.strip())
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict) and predicate(message):
-                return message
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").strip()
+                seen.append(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(message, dict) and predicate(message):
+                    return message
     finally:
         proc.kill()
         proc.wait(10)
@@ -282,6 +291,7 @@ class Guest:
             ("kill9_restart", self.check_kill9_restart),
             ("watchdog_restart", self.check_watchdog_restart),
             ("reload", self.check_reload),
+            ("signed_deploy", self.check_signed_deploy),
             ("security_score", self.check_security_score),
             ("upgrade_keeps_state", self.check_upgrade),
             ("purge", self.check_purge),
@@ -594,6 +604,70 @@ class Guest:
         expect(main_pid() == pid, "reload restarted the agent")
         invoke(self.node, "probe", {"n": 4})
         return f"RELOADING=1 then READY=1 from pid {pid} within {seconds:.2f} s; same pid"
+
+    # -- signed specs verified by the installed agent (the system's libcrypto, no cryptography)
+
+    def check_signed_deploy(self) -> str:
+        keys = Path("/root/edge-keys")  # the cloud's private key: not on the gateway's paths
+        keys.mkdir(mode=0o700, exist_ok=True)
+        sh(["edgectl", "keygen", str(keys / "cloud")])
+        trust = CONFIG.parent / "trust"
+        trust.mkdir(mode=0o755, exist_ok=True)
+        shutil.copyfile(keys / "cloud.pub", trust / "cloud.pub")
+        (trust / "cloud.pub").chmod(0o644)
+        text = CONFIG.read_text()
+        # require_signed = false: the unsigned probe and fail keep running for what follows
+        keyed = text.replace("keys = []", f'keys = ["{trust}/cloud.pub"]', 1).replace(
+            "require_signed = true", "require_signed = false", 1
+        )
+        expect(keyed.count("cloud.pub") == 1, "agent.toml has no `keys = []` to set")
+        CONFIG.write_text(keyed)
+        sh(["systemctl", "restart", UNIT])
+        mqtt_wait(f"{PREFIX}/nodes/{self.node}/status", lambda m: m.get("status") == "online", 30)
+        source = "def handler(event):\n    return {'signed': event}\n"
+        spec = keys / "spec.json"
+        spec.write_text(json.dumps(source_spec("signed", source)))
+        signed = json.loads(
+            sh(
+                [
+                    "/opt/edge-agent/bin/python3",
+                    "-c",
+                    "import sys\n"
+                    "from agent.contract import protocol\n"
+                    "from agent.trust import Signer\n"
+                    "spec = protocol.decode_spec(open(sys.argv[2], 'rb').read())\n"
+                    "signer = Signer.from_file(sys.argv[1])\n"
+                    "signed = signer.sign(spec, target='fleet', sequence=1)\n"
+                    "print(protocol.encode_spec(signed).decode())\n",
+                    str(keys / "cloud"),
+                    str(spec),
+                ]
+            )
+        )
+        topic = f"{PREFIX}/fleet/functions/signed"
+        forged = {**signed, "timeout_seconds": 9}  # its signature no longer covers it
+        publish(topic, forged, retain=True)
+        state = mqtt_wait(
+            self.state_topic.format("signed"), lambda m: m.get("state") == "rejected", 30
+        )
+        message = (state.get("error") or {}).get("message", "")
+        expect("does not verify" in message, f"the forged spec: {state}")
+        publish(topic, signed, retain=True)
+        mqtt_wait(self.state_topic.format("signed"), lambda m: m.get("state") == "active", 30)
+        reply = invoke(self.node, "signed", 7)
+        expect(reply.get("result") == {"signed": 7}, f"the signed function: {reply}")
+        pid = main_pid()
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        expect("cryptography" not in maps, "the agent loaded cryptography to verify")
+        CONFIG.write_text(text)  # back to no keys for the checks that follow
+        shutil.rmtree(trust)
+        sh(["systemctl", "restart", UNIT])
+        mqtt_wait(f"{PREFIX}/nodes/{self.node}/status", lambda m: m.get("status") == "online", 30)
+        # an empty retained spec removes it: the checks that follow see probe and fail only
+        sh(["mosquitto_pub", "-h", BROKER, "-t", topic, "-q", "1", "-V", "5", "-r", "-n"])
+        mqtt_wait(self.state_topic.format("signed"), lambda m: m.get("state") == "removed", 30)
+        invoke(self.node, "probe", {"n": 5})
+        return "a forged spec rejected, the signed one active and answering; no cryptography"
 
     # -- systemd-analyze security, recorded for the README
 
