@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import hashlib
 import logging
 import os
@@ -51,6 +50,8 @@ from agent.contract import protocol
 from agent.errors import ConfigError, DeploymentRejected
 
 if TYPE_CHECKING:
+    import ctypes
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class _LibCrypto:
     """The five EVP calls of an ed25519 verification, bound once with their C types."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        import ctypes
+
         ptr, size, buf = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
         self._new_key = lib.EVP_PKEY_new_raw_public_key
         self._new_key.argtypes = [ctypes.c_int, ptr, buf, size]
@@ -143,6 +146,8 @@ def libcrypto() -> _LibCrypto:
     global _libcrypto
     with _libcrypto_lock:
         if _libcrypto is None:
+            import ctypes  # here: an agent without keys never loads it (~0.2 MB)
+
             problems = []
             for name in _LIBCRYPTO_NAMES:
                 try:

@@ -206,8 +206,9 @@ def test_load_public_key_says_which_file_and_why(tmp_path: Path) -> None:
 
 
 def test_the_agent_with_keys_verifies_without_importing_cryptography(tmp_path: Path) -> None:
-    """A fresh interpreter with the daemon's modules and a trust key: a spec signed by
-    edgectl's Signer passes, a tampered one is refused, and cryptography was never loaded."""
+    """A fresh interpreter with the daemon's modules: without keys not even ctypes is loaded;
+    with a trust key a spec signed by edgectl's Signer passes, a tampered one is refused, and
+    cryptography was never loaded."""
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o755)
     os.chmod(keys, 0o755)
@@ -227,6 +228,8 @@ def test_the_agent_with_keys_verifies_without_importing_cryptography(tmp_path: P
         "from agent.contract import protocol\n"
         "from agent.errors import DeploymentRejected\n"
         "from agent.trust import TrustPolicy\n"
+        "TrustPolicy.from_files([], node_id='gw')\n"
+        "print('ctypes' in sys.modules)\n"
         "policy = TrustPolicy.from_files([sys.argv[1]], node_id='gw')\n"
         "print(policy.mode)\n"
         "print(policy.check(protocol.decode_spec(open(sys.argv[2], 'rb').read()), 'fleet'))\n"
@@ -251,5 +254,5 @@ def test_the_agent_with_keys_verifies_without_importing_cryptography(tmp_path: P
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["signed", "3", "rejected", "False"], done.stdout
+    assert done.stdout.split() == ["False", "signed", "3", "rejected", "False"], done.stdout
     assert TrustPolicy.from_files([str(keys / "k.pub")], node_id="gw").keys[signer.key_id]
