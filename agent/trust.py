@@ -68,6 +68,44 @@ ED25519_KEY_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
 _PEM_BEGIN, _PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 
+#: edwards25519: the field prime and the curve constant d = -121665/121666.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+
+
+def _sqrt_mod_p(a: int) -> int | None:
+    """A square root of ``a`` modulo :data:`_P` (p = 5 mod 8), or None when it has none."""
+    a %= _P
+    root = pow(a, (_P + 3) // 8, _P)
+    if root * root % _P != a:
+        root = root * pow(2, (_P - 1) // 4, _P) % _P
+    return root if root * root % _P == a else None
+
+
+def _small_order_ys() -> frozenset[int]:
+    """The y of the 8 points of order 1, 2, 4 and 8: 1 (the identity), -1, 0, and the +-y of
+    the four of order 8, whose y^2 solves d*y^4 + 2*y^2 - 1 = 0 (their double has y = 0)."""
+    ys = {1, _P - 1, 0}
+    root = _sqrt_mod_p(1 + _D)
+    assert root is not None, "1 + d is a square on edwards25519"
+    inverse_d = pow(_D, _P - 2, _P)
+    for y2 in ((-1 + root) * inverse_d, (-1 - root) * inverse_d):
+        y = _sqrt_mod_p(y2)
+        if y is not None:
+            ys |= {y, _P - y}
+    return frozenset(ys)
+
+
+_SMALL_ORDER_YS = _small_order_ys()
+
+
+def is_small_order(raw_public_key: bytes) -> bool:
+    """Whether a 32-byte ed25519 key encodes a point of small order (in any of its encodings,
+    y >= p included). Under such a key one signature verifies for every message (R = the
+    identity, S = 0): it must never be trusted, whoever put it in a key file."""
+    y = int.from_bytes(raw_public_key, "little") & ((1 << 255) - 1)
+    return y % _P in _SMALL_ORDER_YS
+
 
 def key_id(raw_public_key: bytes) -> str:
     """The first 16 hex digits of the SHA-256 of the raw 32-byte public key."""
@@ -141,15 +179,29 @@ _libcrypto: _LibCrypto | None = None
 _libcrypto_lock = threading.Lock()
 
 
+def _mapped_libcrypto() -> list[str]:
+    """The paths of the libcrypto this process has mapped already (the ssl module's)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcrypto.so" in line}
+    except OSError:
+        return []
+    return sorted(path for path in paths if path.startswith("/"))
+
+
 def libcrypto() -> _LibCrypto:
-    """OpenSSL's libcrypto, bound on first use; ConfigError when there is none to bind."""
+    """OpenSSL's libcrypto, bound on first use; ConfigError when there is none to bind.
+
+    The one the ssl module loaded comes first (no second copy in memory); then the sonames.
+    A Python whose ``_ssl`` has OpenSSL built in maps none, and the soname loads a copy."""
     global _libcrypto
     with _libcrypto_lock:
         if _libcrypto is None:
             import ctypes  # here: an agent without keys never loads it (~0.2 MB)
+            import ssl  # noqa: F401 (maps its libcrypto, if it has one: paho loaded it anyway)
 
             problems = []
-            for name in _LIBCRYPTO_NAMES:
+            for name in (*_mapped_libcrypto(), *_LIBCRYPTO_NAMES):
                 try:
                     _libcrypto = _LibCrypto(ctypes.CDLL(name))
                     break
@@ -165,33 +217,41 @@ def libcrypto() -> _LibCrypto:
 
 def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Whether ``signature`` is ``public_key``'s ed25519 signature of ``message`` (raw
-    32-byte key, 64-byte signature: any other length is False)."""
+    32-byte key, 64-byte signature: any other length is False; so is a small-order key)."""
     if len(public_key) != ED25519_KEY_BYTES or len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    if is_small_order(public_key):
         return False
     return libcrypto().verify(public_key, signature, message)
 
 
 def parse_public_key_pem(data: bytes) -> bytes:
-    """The raw 32-byte key of one PEM ``PUBLIC KEY`` block holding an ed25519
-    SubjectPublicKeyInfo; ValueError saying what it is instead."""
+    """The raw 32-byte key of the one PEM ``PUBLIC KEY`` block in ``data``, which must hold
+    an ed25519 SubjectPublicKeyInfo of a key that is not of small order; ValueError saying
+    what it is instead. Text around the block (comments, ``openssl pkey -text``) and
+    whitespace inside it are ignored, as OpenSSL's PEM reader does; a private key anywhere
+    in the file is refused."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         raise ValueError("not a PEM file (it is not ASCII)") from None
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if lines and "PRIVATE KEY" in lines[0]:
-        raise ValueError("it is a PRIVATE key: give the agent the .pub file")
-    blocks = text.count("-----BEGIN")
-    if blocks != 1 or len(lines) < 3 or lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
-        raise ValueError(f"not one PEM block from {_PEM_BEGIN} to {_PEM_END}")
+    if "PRIVATE KEY-----" in text:
+        raise ValueError("it holds a PRIVATE key: give the agent the .pub file")
+    start, end = text.find(_PEM_BEGIN), text.find(_PEM_END)
+    if text.count(_PEM_BEGIN) != 1 or text.count(_PEM_END) != 1 or not 0 <= start < end:
+        raise ValueError(f"not exactly one PEM block from {_PEM_BEGIN} to {_PEM_END}")
+    body = "".join(text[start + len(_PEM_BEGIN) : end].split())
     try:
-        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+        der = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("its PEM body is not base64") from None
     prefix = _ED25519_SPKI_PREFIX
     if len(der) != len(prefix) + ED25519_KEY_BYTES or not der.startswith(prefix):
         raise ValueError("not an ed25519 public key (another key type?)")
-    return der[len(prefix) :]
+    raw = der[len(prefix) :]
+    if is_small_order(raw):
+        raise ValueError("a degenerate ed25519 key (small order): it would verify anything")
+    return raw
 
 
 # -- keys on disk ------------------------------------------------------------------------------
@@ -436,6 +496,8 @@ class TrustPolicy:
             raw = base64.b64decode(signature.sig, validate=True)
         except (binascii.Error, ValueError):
             raw = b""
+        if base64.b64encode(raw).decode("ascii") != signature.sig:
+            raw = b""  # one signature, one spelling (unused low bits of the last char set)
         if not ed25519_verify(trusted.public_key, raw, protocol.signing_bytes(spec)):
             raise DeploymentRejected(
                 f"{where}: signature: does not verify with key {signature.key_id}"

@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.contract import protocol
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DeploymentRejected
 from agent.trust import (
     Signer,
     TrustPolicy,
     ed25519_verify,
     generate_keypair,
+    is_small_order,
     key_id,
     libcrypto,
     load_public_key,
@@ -163,11 +164,11 @@ def test_pem_parsing_gives_the_raw_key_cryptography_gives() -> None:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
-            "PRIVATE key",
+            "holds a PRIVATE key",
         ),
-        (b"", "not one PEM block"),
+        (b"", "not exactly one PEM block"),
         (b"\xff\xfe not ascii", "not ASCII"),
-        (b"-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n", "not one PEM block"),
+        (b"-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n", "not an ed25519 public key"),
         (b"-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n", "not base64"),
         (
             b"-----BEGIN PUBLIC KEY-----\n"
@@ -183,13 +184,129 @@ def test_pem_parsing_gives_the_raw_key_cryptography_gives() -> None:
         ),
         (
             _pem(Ed25519PrivateKey.generate().public_key()) * 2,  # two blocks
-            "not one PEM block",
+            "not exactly one PEM block",
         ),
     ],
 )
 def test_pem_parsing_refuses_what_is_not_one_ed25519_public_key(data: bytes, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         parse_public_key_pem(data)
+
+
+# -- edwards25519 by hand, to check the small-order list independently -------------------------
+
+P = 2**255 - 19
+D = -121665 * pow(121666, P - 2, P) % P
+#: libsodium's blocklist spells the two ys of the order-8 points so (ge25519_has_small_order).
+ORDER8_Y = [
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+]
+
+
+def _sqrt(a: int) -> int | None:
+    a %= P
+    root = pow(a, (P + 3) // 8, P)
+    if root * root % P != a:
+        root = root * pow(2, (P - 1) // 4, P) % P
+    return root if root * root % P == a else None
+
+
+def _points(y: int) -> set[tuple[int, int]]:
+    """The points with this y: x^2 = (y^2 - 1) / (d y^2 + 1), both signs of x."""
+    x = _sqrt((y * y - 1) * pow(D * y * y + 1, P - 2, P))
+    return set() if x is None else {(x, y), ((P - x) % P, y)}
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The twisted Edwards addition law (a = -1)."""
+    (x1, y1), (x2, y2) = a, b
+    t = D * x1 * x2 * y1 * y2 % P
+    x3 = (x1 * y2 + x2 * y1) * pow(1 + t, P - 2, P) % P
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, P - 2, P) % P
+    return (x3, y3)
+
+
+def _encodings(y: int) -> list[bytes]:
+    """Every 32-byte spelling of this y: both sign bits, and y + p when it fits in 255 bits."""
+    out = []
+    for value in (y, y + P):
+        if value < 2**255:
+            out += [value.to_bytes(32, "little"), (value | 1 << 255).to_bytes(32, "little")]
+    return out
+
+
+def test_small_order_keys_are_refused_everywhere_and_they_are_exactly_the_eight() -> None:
+    """The ys refused are those of the 8 points P with 8P = identity (checked with the
+    addition law: 8 distinct points, the whole 8-torsion), in all their encodings; the key
+    parser and verify refuse them, while OpenSSL itself lets one signature (R = identity,
+    S = 0) verify every message under the identity key."""
+    ys = [1, P - 1, 0, *(int.from_bytes(bytes.fromhex(h), "little") for h in ORDER8_Y)]
+    points = set().union(*(_points(y) for y in ys))
+    assert len(points) == 8, points
+    for point in points:
+        eight = point
+        for _ in range(3):
+            eight = _add(eight, eight)
+        assert eight == (0, 1), f"{point} is not of small order"
+    for y in ys:
+        for raw in _encodings(y):
+            assert is_small_order(raw), raw.hex()
+            pem = (
+                b"-----BEGIN PUBLIC KEY-----\n"
+                + base64.b64encode(bytes.fromhex("302a300506032b6570032100") + raw)
+                + b"\n-----END PUBLIC KEY-----\n"
+            )
+            with pytest.raises(ValueError, match="small order"):
+                parse_public_key_pem(pem)
+    identity = (1).to_bytes(32, "little")
+    anything = identity + bytes(32)  # R = the identity, S = 0
+    assert libcrypto().verify(identity, anything, b"any spec at all")  # why the check exists
+    assert not ed25519_verify(identity, anything, b"any spec at all")
+    for _ in range(200):
+        assert not is_small_order(_raw(Ed25519PrivateKey.generate()))
+
+
+def test_pem_parsing_ignores_text_around_the_block_and_whitespace_in_it() -> None:
+    """What OpenSSL's PEM reader (and so the agent before) took: comments around the block,
+    `openssl pkey -text` output, a re-wrapped body, a certificate next to it."""
+    private = Ed25519PrivateKey.generate()
+    pem = _pem(private.public_key())
+    lines = pem.decode().splitlines()
+    body = "".join(lines[1:-1])
+    variants = [
+        b"# the cloud's key, 2026\n" + pem + b"\nrotated yearly\n",
+        b"ED25519 Public-Key:\npub:\n    aa:bb\n" + pem,
+        f"{lines[0]}\n{body[:10]}\n {body[10:30]}\t\n{body[30:]}\n{lines[-1]}\n".encode(),
+        b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n" + pem,
+    ]
+    for data in variants:
+        assert parse_public_key_pem(data) == _raw(private), data
+
+
+def test_a_signature_spelled_another_way_is_refused(tmp_path: Path) -> None:
+    """Base64 of 64 bytes leaves 4 unused bits in its last character: a spec whose signature
+    string differs only there is another spec on the wire; it does not verify."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o755)
+    os.chmod(keys, 0o755)
+    generate_keypair(keys / "k")
+    signer = Signer.from_file(keys / "k")
+    policy = TrustPolicy.from_files([str(keys / "k.pub")], node_id="gw")
+    spec = source_spec("f", "def handler(e):\n    return e\n")
+    unsigned = protocol.decode_spec(json.dumps(spec).encode())
+    signed = json.loads(protocol.encode_spec(signer.sign(unsigned, target="fleet", sequence=1)))
+    assert policy.check(protocol.decode_spec(json.dumps(signed).encode()), "fleet") == 1
+    sig = signed["signature"]["sig"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = sig.rstrip("=")[-1]
+    other = alphabet[alphabet.index(last) ^ 1]  # a low, unused bit
+    data = sig.rstrip("=")
+    respelled = data[:-1] + other + sig[len(data) :]
+    assert base64.b64decode(respelled) == base64.b64decode(sig)
+    signed["signature"]["sig"] = respelled
+    with pytest.raises(DeploymentRejected, match="does not verify"):
+        policy.check(protocol.decode_spec(json.dumps(signed).encode()), "fleet")
 
 
 def test_load_public_key_says_which_file_and_why(tmp_path: Path) -> None:
@@ -201,7 +318,7 @@ def test_load_public_key_says_which_file_and_why(tmp_path: Path) -> None:
     private_given = keys / "k"
     os.chmod(private_given, 0o600)
     with pytest.raises(ConfigError, match=r"trust.keys\[0\]: .*/k is not an ed25519 public "
-                       r"key: it is a PRIVATE key"):  # fmt: skip
+                       r"key: it holds a PRIVATE key"):  # fmt: skip
         load_public_key(private_given, "trust.keys[0]")
 
 
