@@ -295,6 +295,9 @@ def test_a_committed_id_is_found_while_another_thread_writes(store: Store) -> No
     committed: list[tuple[str, float]] = []
     cut = [TS - 1]  # the newest prune's cut, set before that prune starts
     enough = threading.Event()  # the reader has done its lookups
+    # The reader made a lookup since the writer last looked: each batch waits for one, so a
+    # starved reader (a busy machine, the GIL) cannot let the writer run out of batches.
+    progressed = threading.Event()
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -310,6 +313,8 @@ def test_a_committed_id_is_found_while_another_thread_writes(store: Store) -> No
                     store.dedupe_prune(cut[0])
                     store.outbox_ack_many([i.id for i in store.outbox_peek(10_000)])
                 batch += 1
+                progressed.wait(10)
+                progressed.clear()
         except BaseException as exc:  # reported by the main thread
             failure.append(exc)
 
@@ -328,6 +333,7 @@ def test_a_committed_id_is_found_while_another_thread_writes(store: Store) -> No
                     assert ts < cut[0], f"{rid} (ts {ts}) committed, not pruned, not found"
                     pruned += 1
                 checks += 1
+            progressed.set()
             if checks >= 5000:
                 enough.set()
     finally:
