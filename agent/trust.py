@@ -87,7 +87,8 @@ def _small_order_ys() -> frozenset[int]:
     the four of order 8, whose y^2 solves d*y^4 + 2*y^2 - 1 = 0 (their double has y = 0)."""
     ys = {1, _P - 1, 0}
     root = _sqrt_mod_p(1 + _D)
-    assert root is not None, "1 + d is a square on edwards25519"
+    if root is None:  # it is: a constant of the curve, kept out of ``assert`` for -O
+        raise ArithmeticError("1 + d has no square root: not edwards25519's constants")
     inverse_d = pow(_D, _P - 2, _P)
     for y2 in ((-1 + root) * inverse_d, (-1 - root) * inverse_d):
         y = _sqrt_mod_p(y2)
