@@ -68,36 +68,25 @@ ED25519_KEY_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
 _PEM_BEGIN, _PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 
-#: edwards25519: the field prime and the curve constant d = -121665/121666.
+#: edwards25519's field prime, and the y of its 8 points of small order (order 1, 2, 4, 8):
+#: 1 (the identity), -1, 0, and the +-y of the four of order 8, as libsodium's blocklist
+#: spells them. ``tests/test_trust_verify.py`` checks with the curve's addition law that
+#: these are exactly the 8 points P with 8P = identity.
 _P = 2**255 - 19
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-
-
-def _sqrt_mod_p(a: int) -> int | None:
-    """A square root of ``a`` modulo :data:`_P` (p = 5 mod 8), or None when it has none."""
-    a %= _P
-    root = pow(a, (_P + 3) // 8, _P)
-    if root * root % _P != a:
-        root = root * pow(2, (_P - 1) // 4, _P) % _P
-    return root if root * root % _P == a else None
-
-
-def _small_order_ys() -> frozenset[int]:
-    """The y of the 8 points of order 1, 2, 4 and 8: 1 (the identity), -1, 0, and the +-y of
-    the four of order 8, whose y^2 solves d*y^4 + 2*y^2 - 1 = 0 (their double has y = 0)."""
-    ys = {1, _P - 1, 0}
-    root = _sqrt_mod_p(1 + _D)
-    if root is None:  # it is: a constant of the curve, kept out of ``assert`` for -O
-        raise ArithmeticError("1 + d has no square root: not edwards25519's constants")
-    inverse_d = pow(_D, _P - 2, _P)
-    for y2 in ((-1 + root) * inverse_d, (-1 - root) * inverse_d):
-        y = _sqrt_mod_p(y2)
-        if y is not None:
-            ys |= {y, _P - y}
-    return frozenset(ys)
-
-
-_SMALL_ORDER_YS = _small_order_ys()
+_SMALL_ORDER_YS = frozenset(
+    {
+        1,
+        _P - 1,
+        0,
+        *(
+            int.from_bytes(bytes.fromhex(y), "little")
+            for y in (
+                "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+                "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+            )
+        ),
+    }
+)
 
 
 def is_small_order(raw_public_key: bytes) -> bool:

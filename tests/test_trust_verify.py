@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import trust
 from agent.contract import protocol
 from agent.errors import ConfigError, DeploymentRejected
 from agent.trust import (
@@ -242,6 +243,7 @@ def test_small_order_keys_are_refused_everywhere_and_they_are_exactly_the_eight(
     parser and verify refuse them, while OpenSSL itself lets one signature (R = identity,
     S = 0) verify every message under the identity key."""
     ys = [1, P - 1, 0, *(int.from_bytes(bytes.fromhex(h), "little") for h in ORDER8_Y)]
+    assert set(ys) == trust._SMALL_ORDER_YS
     points = set().union(*(_points(y) for y in ys))
     assert len(points) == 8, points
     for point in points:
