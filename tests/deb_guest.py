@@ -180,6 +180,12 @@ def mqtt_wait(
     raise CheckFailed(f"no matching message on {topic} within {timeout:g} s; saw {seen[-5:]}")
 
 
+def wait_online(node: str, timeout: float) -> dict[str, Any]:
+    """The node's status once it says online (the retained one, or the next)."""
+    topic = f"{PREFIX}/nodes/{node}/status"
+    return mqtt_wait(topic, lambda m: m.get("status") == "online", timeout)
+
+
 def publish(topic: str, payload: dict[str, Any] | str, *, retain: bool = False) -> None:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     argv = ["mosquitto_pub", "-h", BROKER, "-t", topic, "-q", "1", "-V", "5", "-m", data]
@@ -418,7 +424,7 @@ class Guest:
 
     def check_status_online(self) -> str:
         topic = f"{PREFIX}/nodes/{self.node}/status"
-        message = mqtt_wait(topic, lambda m: m.get("status") == "online", 15)
+        message = wait_online(self.node, 15)
         expect(message.get("node_id") == self.node, f"status of another node: {message}")
         return f"retained {topic}: online, agent_version {message.get('agent_version')}"
 
@@ -623,7 +629,7 @@ class Guest:
         expect(keyed.count("cloud.pub") == 1, "agent.toml has no `keys = []` to set")
         CONFIG.write_text(keyed)
         sh(["systemctl", "restart", UNIT])
-        mqtt_wait(f"{PREFIX}/nodes/{self.node}/status", lambda m: m.get("status") == "online", 30)
+        wait_online(self.node, 30)
         source = "def handler(event):\n    return {'signed': event}\n"
         spec = keys / "spec.json"
         spec.write_text(json.dumps(source_spec("signed", source)))
@@ -662,7 +668,7 @@ class Guest:
         CONFIG.write_text(text)  # back to no keys for the checks that follow
         shutil.rmtree(trust)
         sh(["systemctl", "restart", UNIT])
-        mqtt_wait(f"{PREFIX}/nodes/{self.node}/status", lambda m: m.get("status") == "online", 30)
+        wait_online(self.node, 30)
         # an empty retained spec removes it: the checks that follow see probe and fail only
         sh(["mosquitto_pub", "-h", BROKER, "-t", topic, "-q", "1", "-V", "5", "-r", "-n"])
         mqtt_wait(self.state_topic.format("signed"), lambda m: m.get("state") == "removed", 30)
@@ -776,8 +782,7 @@ class Guest:
         )
         state = show("ActiveState")["ActiveState"]
         expect(state == "active", f"a provisioned gateway's agent is {state} after install")
-        topic = f"{PREFIX}/nodes/provisioned-{self.node}/status"
-        mqtt_wait(topic, lambda m: m.get("status") == "online", 15)
+        wait_online(f"provisioned-{self.node}", 15)
         return "config kept, repaired to root:edge-agent 0640; agent started by the install"
 
 

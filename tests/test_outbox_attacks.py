@@ -822,6 +822,26 @@ def _serving(cloud: Cloud, agent_factory: AgentFactory, **agent: Any) -> AgentPr
     return process
 
 
+@contextlib.contextmanager
+def _pubacks_held(
+    broker: Mosquitto, cloud: Cloud, agent: AgentProcess, prefix: str, count: int
+) -> Iterator[list[str]]:
+    """Publish ``count`` echo invokes; once one is answered, SIGSTOP the broker so the
+    PUBACKs of the replies still going out wait, and yield their request ids once a reply
+    sits in the outbox waiting for its PUBACK. SIGCONT on the way out."""
+    assert broker.proc is not None
+    rids = [f"{prefix}-{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
+    for i, rid in enumerate(rids):
+        cloud.publish(INVOKE, {"request_id": rid, "function_id": "echo", "payload": i})
+    wait_for(lambda: _replies(cloud), 10, "no reply at all")
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: _outbox_rows(agent), 10, "no reply waited for its PUBACK")
+        yield rids
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+
+
 def test_sigterm_while_pubacks_are_due_exits_0_with_no_delivered_row_left(
     broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory
 ) -> None:
@@ -830,18 +850,9 @@ def test_sigterm_while_pubacks_are_due_exits_0_with_no_delivered_row_left(
     reply the cloud got, so the next start sends none again. Requests the broker delivers
     during the stop are not taken (nor acknowledged): the next start answers them, once."""
     agent = _serving(cloud, agent_factory)
-    assert broker.proc is not None
-    rids = [f"term-{i}-{uuid.uuid4().hex[:6]}" for i in range(20)]
-    for i, rid in enumerate(rids):
-        cloud.publish(INVOKE, {"request_id": rid, "function_id": "echo", "payload": i})
-    wait_for(lambda: _replies(cloud), 10, "no reply at all")
-    broker.proc.send_signal(signal.SIGSTOP)  # the PUBACKs of what follows wait
-    try:
-        wait_for(lambda: _outbox_rows(agent), 10, "no reply waited for its PUBACK")
+    with _pubacks_held(broker, cloud, agent, "term", 20) as rids:
         agent.signal(signal.SIGTERM)
         agent.wait_log("received SIGTERM")
-    finally:
-        broker.proc.send_signal(signal.SIGCONT)
     assert agent.wait_exit(15) == 0, agent.log_tail()
     assert _outbox_rows(agent) == [], "a delivered reply stays for the next start to resend"
     assert "stopped; 0 messages left in the outbox" in agent.log(), agent.log_tail()
@@ -901,17 +912,8 @@ def test_sigterm_on_a_full_disk_with_noted_acks_stops_cleanly(
     broker: Mosquitto, cloud: Cloud, agent_factory: AgentFactory, full_disk_state_dir: Path
 ) -> None:
     agent = _serving(cloud, agent_factory)
-    assert broker.proc is not None
-    rids = [f"full-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)]
-    for i, rid in enumerate(rids):
-        cloud.publish(INVOKE, {"request_id": rid, "function_id": "echo", "payload": i})
-    wait_for(lambda: _replies(cloud), 10, "no reply at all")
-    broker.proc.send_signal(signal.SIGSTOP)  # replies go out, their PUBACKs wait
-    try:
-        wait_for(lambda: _outbox_rows(agent), 10, "no reply waited for its PUBACK")
+    with _pubacks_held(broker, cloud, agent, "full", 10) as rids:
         fill(full_disk_state_dir / "filler")
-    finally:
-        broker.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: set(rids) <= set(_replies(cloud)), 15, "replies lost on the full disk")
     agent.wait_log("outbox_ack_many failed")  # the noted acks' delete failed: still noted
     agent.signal(signal.SIGTERM)
